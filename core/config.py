@@ -1,0 +1,305 @@
+"""Service configuration: config.yaml, `TTT_*` environment overrides and secrets.
+
+Everything is validated by pydantic before anything starts; errors name the key path,
+the value found and what was expected. Secrets only ever come from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+ENV_PREFIX = "TTT_"
+SECRET_NAMES = (
+    "DISCORD_TOKEN",
+    "SLACK_BOT_TOKEN",
+    "SLACK_APP_TOKEN",
+    "SLACK_SIGNING_SECRET",
+    "REDDIT_CLIENT_ID",
+    "REDDIT_CLIENT_SECRET",
+    "REDDIT_USERNAME",
+    "REDDIT_PASSWORD",
+    "TTT_API_KEY",
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Decoding(Section):
+    """How a persona samples its replies."""
+
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    do_sample: bool = True
+    temperature: float = Field(0.8, gt=0, le=5)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=3.0)
+    no_repeat_ngram_size: int = Field(0, ge=0, le=16)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class Endpoint(Section):
+    """An OpenAI-compatible server (vLLM, TGI, llama.cpp server, Ollama) that runs the model."""
+
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    timeout_s: float = Field(120, gt=0)
+
+
+class PersonaConfig(Section):
+    description: str = ""
+    model: str = Field(..., description="hub id, local directory, .gguf file or package://pkg/file.gguf")
+    gguf_file: str | None = None
+    adapter: str | None = Field(None, description="directory of a LoRA adapter served on `model`")
+    format: Literal["dialogpt", "chat"] = "chat"
+    system_prompt: str = ""
+    max_context_tokens: int = Field(1024, ge=16)
+    decoding: Decoding = Field(default_factory=Decoding)
+    voice: str | None = Field(None, description="reference audio for a cloned voice")
+    endpoint: Endpoint | None = None
+    train_hint: str | None = None
+
+
+class ServiceSection(Section):
+    default_persona: str = "smol"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_input_chars: int = Field(2000, ge=1)
+
+
+class DatabaseSection(Section):
+    path: Path = Path("data/conversations.sqlite3")
+
+
+class ConversationSection(Section):
+    max_turns: int = Field(40, ge=1)
+    idle_minutes: float = Field(60, gt=0)
+
+
+class GeneratorSection(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device_map: Literal["auto"] | None = None
+    max_batch_size: int = Field(32, ge=1)
+    max_queue: int = Field(128, ge=1)
+    request_timeout_s: float = Field(120, gt=0)
+    cache_dir: Path | None = Field(None, description="where dequantized GGUF weights are cached")
+
+
+class SafetySection(Section):
+    offensive_threshold: float = Field(0.8, gt=0, le=1)
+    on_offensive: Literal["regenerate", "fallback", "allow"] = "regenerate"
+    fallback_reply: str = "Let's talk about something else."
+
+
+class WebSection(Section):
+    enabled: Literal["auto", "on", "off"] = "auto"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_tokens_limit: int = Field(512, ge=1)
+
+
+class DiscordSection(Section):
+    enabled: Literal["auto", "on", "off"] = "auto"
+    api_base_url: str | None = None
+    command_guilds: list[int] = Field(default_factory=list)
+    allowed_guilds: list[int] = Field(default_factory=list)
+    blocked_guilds: list[int] = Field(default_factory=list)
+    allowed_channels: list[int] = Field(default_factory=list)
+    blocked_channels: list[int] = Field(default_factory=list)
+    allowed_roles: list[int] = Field(default_factory=list)
+    blocked_roles: list[int] = Field(default_factory=list)
+    allowed_users: list[int] = Field(default_factory=list)
+    blocked_users: list[int] = Field(default_factory=list)
+    persona_switch_roles: list[int] = Field(default_factory=list)
+    persona_switch: Literal["everyone", "admins", "roles"] = "everyone"
+    dms: bool = True
+    auto_thread: bool = False
+    stream_edit_interval_s: float = Field(1.0, ge=0)
+    rate_limit_per_minute: int = Field(6, ge=0)
+    shard_count: int | None = Field(None, ge=1)
+
+
+class SlackSection(Section):
+    enabled: Literal["auto", "on", "off"] = "auto"
+    mode: Literal["socket", "http"] = "socket"
+    api_base_url: str | None = None
+    http_path: str = "/slack/events"
+    slash_command: str = "/ttt"
+    allowed_channels: list[str] = Field(default_factory=list)
+    allowed_users: list[str] = Field(default_factory=list)
+    thread_followups: bool = True
+    stream_edit_interval_s: float = Field(1.0, ge=0)
+    rate_limit_per_minute: int = Field(6, ge=0)
+
+
+class RedditSection(Section):
+    oauth_url: str = "https://oauth.reddit.com"
+    reddit_url: str = "https://www.reddit.com"
+    user_agent: str = "talk-to-transformers/0.1 (persona training scraper)"
+
+
+class TrainingSection(Section):
+    data_dir: Path = Path("data/training")
+    personalities_dir: Path = Path("personalities")
+    base_model: str = "microsoft/DialoGPT-medium"
+
+
+class Config(Section):
+    service: ServiceSection = Field(default_factory=ServiceSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
+    conversation: ConversationSection = Field(default_factory=ConversationSection)
+    generator: GeneratorSection = Field(default_factory=GeneratorSection)
+    safety: SafetySection = Field(default_factory=SafetySection)
+    personas: dict[str, PersonaConfig] = Field(default_factory=dict)
+    web: WebSection = Field(default_factory=WebSection)
+    discord: DiscordSection = Field(default_factory=DiscordSection)
+    slack: SlackSection = Field(default_factory=SlackSection)
+    reddit: RedditSection = Field(default_factory=RedditSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+
+    @field_validator("personas")
+    @classmethod
+    def _personas_named(cls, personas: dict[str, PersonaConfig]) -> dict[str, PersonaConfig]:
+        for name in personas:
+            if not name or not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"persona name {name!r} must be letters, digits, '-' or '_'")
+        return personas
+
+
+
+class Secrets:
+    """Tokens from the environment; `repr` never shows a value."""
+
+    def __init__(self, environ: dict[str, str]):
+        self._values = {name: SecretStr(environ[name]) for name in SECRET_NAMES if environ.get(name)}
+
+    def get(self, name: str) -> str | None:
+        value = self._values.get(name)
+        return value.get_secret_value() if value else None
+
+    def names(self) -> list[str]:
+        return sorted(self._values)
+
+    def has(self, *names: str) -> bool:
+        return all(name in self._values for name in names)
+
+    def __repr__(self) -> str:
+        return f"Secrets(set={sorted(self._values)})"
+
+
+class Settings:
+    """A validated Config plus the secrets and the file it came from."""
+
+    def __init__(self, config: Config, secrets: Secrets, source: Path | None):
+        self.config = config
+        self.secrets = secrets
+        self.source = source
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Read config (a file or the shipped default), apply `TTT_*` overrides, validate."""
+    if environ is None:
+        _load_dotenv()
+        environ = dict(os.environ)
+    source = Path(path) if path else _default_config_path()
+    raw: dict[str, Any] = {}
+    if source is not None:
+        if not source.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            raw = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    _apply_env_overrides(raw, environ)
+    where = str(source) if source else "config"
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, where)) from None
+    if config.personas and config.service.default_persona not in config.personas:
+        raise ConfigError(
+            f"{where}: service.default_persona: got {config.service.default_persona!r}; "
+            f"expected one of the personas: {', '.join(sorted(config.personas))}"
+        )
+    _resolve_paths(config)
+    return Settings(config, Secrets(environ), source)
+
+
+def _default_config_path() -> Path | None:
+    local = Path("config.yaml")
+    if local.is_file():
+        return local
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def _load_dotenv() -> None:
+    from dotenv import load_dotenv
+
+    load_dotenv(Path.cwd() / ".env", override=False)
+
+
+def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name in SECRET_NAMES:
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        try:
+            node[path[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            node[path[-1]] = value
+
+
+def _describe(exc: ValidationError, where: str) -> str:
+    lines = [f"{where}: {exc.error_count()} problem(s):"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        msg = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif error["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            lines.append(f"  {key}: got {error.get('input')!r}; expected: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(config: Config) -> None:
+    cwd = Path.cwd()
+    config.database.path = _absolute(config.database.path, cwd)
+    config.training.data_dir = _absolute(config.training.data_dir, cwd)
+    config.training.personalities_dir = _absolute(config.training.personalities_dir, cwd)
+    if config.generator.cache_dir is not None:
+        config.generator.cache_dir = _absolute(config.generator.cache_dir, cwd)
+    for persona in config.personas.values():
+        for field in ("model", "adapter", "voice"):
+            value = getattr(persona, field)
+            if value and (value.startswith(("./", "../", "~")) or value.endswith(".gguf")) and "://" not in value:
+                setattr(persona, field, str(_absolute(Path(value), cwd)))
+
+
+def _absolute(path: Path, cwd: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else (cwd / path)

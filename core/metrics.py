@@ -1,0 +1,40 @@
+"""Service metrics in Prometheus form, one registry per running service."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ttt_requests", "Chat requests by adapter, persona and outcome", ["adapter", "persona", "outcome"], registry=r
+        )
+        self.reply_latency = Histogram(
+            "ttt_reply_latency_seconds", "Time from message to full reply", ["adapter", "persona"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.first_token = Histogram(
+            "ttt_time_to_first_token_seconds", "Time from submission to the first generated token",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("ttt_generator_queue_depth", "Requests waiting to join a batch", ["engine"], registry=r)
+        self.active_requests = Gauge("ttt_generator_active", "Requests decoding now", ["engine"], registry=r)
+        self.batch_size = Histogram(
+            "ttt_generator_batch_size", "Rows in the batch after each join", ["engine"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
+        )
+        self.generated_tokens = Counter("ttt_generated_tokens", "Tokens generated", ["engine"], registry=r)
+        self.tokens_per_second = Gauge(
+            "ttt_reply_tokens_per_second", "Decode speed of the latest reply", ["persona"], registry=r
+        )
+        self.adapter_up = Gauge("ttt_adapter_up", "1 when an adapter is connected", ["adapter"], registry=r)
+        self.model_loaded = Gauge("ttt_model_loaded", "1 loaded, 0 failed to load", ["model"], registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,71 @@
+"""Output safety: no pings, no offensive replies, no degenerate replies.
+
+Adapters also switch mentions off at the platform level; this is the second lock.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+ZWSP = "\u200b"
+
+# Discord: <@123>, <@!123>, <@&123> (role), <#123> is harmless.  Slack: <@U123>, <!channel>, <!here>,
+# <!everyone>, <!subteam^S123>.  Both: a bare @everyone / @here.
+_DISCORD_PING = re.compile(r"<@[!&]?(\d+)>")
+_SLACK_PING = re.compile(r"<@([UW][A-Z0-9]+)(?:\|([^>]*))?>")
+_SLACK_SPECIAL = re.compile(r"<!(channel|here|everyone|subteam\^[A-Z0-9]+)(?:\|[^>]*)?>", re.IGNORECASE)
+_MASS_MENTION = re.compile(r"@(everyone|here|channel)\b", re.IGNORECASE)
+
+
+def neutralize_mentions(text: str) -> str:
+    """Rewrite every ping syntax so that no platform can notify anyone from it."""
+    text = _SLACK_SPECIAL.sub(lambda m: "@" + ZWSP + m.group(1).split("^")[0], text)
+    text = _SLACK_PING.sub(lambda m: "@" + ZWSP + (m.group(2) or m.group(1)), text)
+    text = _DISCORD_PING.sub(lambda m: "@" + ZWSP + m.group(1), text)
+    return _MASS_MENTION.sub(lambda m: "@" + ZWSP + m.group(1), text)
+
+
+@lru_cache(maxsize=1)
+def _classifier():
+    from profanity_check import predict_prob
+
+    return predict_prob
+
+
+def offensive_scores(texts: list[str]) -> list[float]:
+    """Probability that each text is offensive (alt-profanity-check's model)."""
+    if not texts:
+        return []
+    return [float(p) for p in _classifier()(list(texts))]
+
+
+def is_offensive(texts: list[str], threshold: float = 0.8) -> list[bool]:
+    """Whether each text is offensive at `threshold`."""
+    return [score >= threshold for score in offensive_scores(texts)]
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_STUTTER = re.compile(r"(.{3,}?)\1{5,}", re.DOTALL)
+
+
+def _normalize(text: str) -> str:
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def degeneracy(reply: str, user_text: str) -> str | None:
+    """Why a reply is degenerate (empty, echo, looping), or None if it is fine."""
+    words = _normalize(reply).split()
+    if not words:
+        return "empty"
+    if len(words) >= 2 and _normalize(reply) == _normalize(user_text):
+        return "echo"
+    if _STUTTER.search(reply):
+        return "loop"
+    if len(words) >= 8:
+        for n in (1, 2, 3, 4):
+            grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+            most = max(grams.count(g) for g in set(grams))
+            if most * n >= 0.6 * len(words) and most >= 4:
+                return "loop"
+    return None

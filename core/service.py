@@ -1,0 +1,282 @@
+"""ChatService: what every adapter calls with (conversation key, author, text).
+
+It builds the context, picks the persona, asks the shared generator, keeps output safe, and
+stores the answered turn before the adapter shows the final reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from core.config import Config
+from core.conversation import ConversationKey, ConversationStore, Turn, current_session
+from core.generator import GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
+from core.metrics import Metrics
+from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
+from core.safety import degeneracy, is_offensive, neutralize_mentions
+
+log = logging.getLogger(__name__)
+
+
+class ChatError(Exception):
+    """A request that ends without a model reply; `user_message` is what to tell the user."""
+
+    outcome = "error"
+
+    def __init__(self, user_message: str):
+        super().__init__(user_message)
+        self.user_message = user_message
+
+
+class Busy(ChatError):
+    outcome = "busy"
+
+
+class InputRejected(ChatError):
+    outcome = "rejected"
+
+
+class PersonaError(ChatError):
+    outcome = "persona"
+
+
+class ReplyFailed(ChatError):
+    outcome = "error"
+
+
+@dataclass(frozen=True)
+class ReplyUpdate:
+    """The reply so far (safe to show); `final` once it is stored."""
+
+    text: str
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    persona: str
+    stats: GenerationStats
+    latency_s: float
+
+
+HELP = (
+    "Talk to me by mentioning me or messaging me directly. Commands: "
+    "`reset` (forget this conversation), `persona NAME` (switch personality), "
+    "`personas` (list them), `help` (this text)."
+)
+
+
+class ChatService:
+    def __init__(self, config: Config, store: ConversationStore, personas: PersonaRegistry, metrics: Metrics):
+        self.config = config
+        self.store = store
+        self.personas = personas
+        self.metrics = metrics
+        self._locks: dict[ConversationKey, asyncio.Lock] = {}
+
+    # ---- replies ---------------------------------------------------------------------------
+
+    def respond(
+        self, key: ConversationKey, author: str, text: str, *, adapter: str, persona: str | None = None
+    ) -> AsyncIterator[ReplyUpdate]:
+        """Reply updates for one message; raises ChatError subclasses with a user-facing message."""
+        return self._respond(key, author, text, adapter, persona)
+
+    async def reply(
+        self, key: ConversationKey, author: str, text: str, *, adapter: str, persona: str | None = None
+    ) -> str:
+        """The final reply text, once stored."""
+        final = ""
+        async for update in self.respond(key, author, text, adapter=adapter, persona=persona):
+            final = update.text
+        return final
+
+    async def _respond(self, key, author, text, adapter, persona_name) -> AsyncIterator[ReplyUpdate]:
+        started = time.monotonic()
+        label = persona_name or "?"
+        try:
+            text = self._validate(text)
+            async with self._lock(key):
+                persona = await self._persona(key, persona_name)
+                label = persona.name
+                reply = None
+                async for update in self._generate(key, author, text, persona):
+                    if isinstance(update, Reply):
+                        reply = update
+                    else:
+                        yield update
+                await self.store.add_turns(
+                    key,
+                    [
+                        Turn("user", author, text, persona=persona.name),
+                        Turn("bot", persona.name, reply.text, persona=persona.name),
+                    ],
+                )
+        except ChatError as exc:
+            self.metrics.requests.labels(adapter, label, exc.outcome).inc()
+            log.info("no reply key=%s persona=%s outcome=%s", key, label, exc.outcome)
+            raise
+        latency = time.monotonic() - started
+        stats = reply.stats
+        self.metrics.requests.labels(adapter, label, "ok").inc()
+        self.metrics.reply_latency.labels(adapter, label).observe(latency)
+        if stats.total_s > 0 and stats.new_tokens:
+            self.metrics.tokens_per_second.labels(label).set(stats.new_tokens / stats.total_s)
+        log.info(
+            "reply key=%s persona=%s queue_wait=%.3fs latency=%.2fs tokens=%d",
+            key, label, stats.queue_wait_s, latency, stats.new_tokens,
+        )
+        log.debug("reply key=%s text=%r", key, reply.text)
+        yield ReplyUpdate(reply.text, final=True)
+
+    def _validate(self, text: str) -> str:
+        text = (text or "").strip()
+        if not text:
+            raise InputRejected("I didn't catch any words there. Say something after the mention!")
+        limit = self.config.service.max_input_chars
+        if len(text) > limit:
+            raise InputRejected(f"That message is a bit long for me: please keep it under {limit} characters.")
+        return text
+
+    def _lock(self, key: ConversationKey) -> asyncio.Lock:
+        # Turns of one conversation are answered in order; different conversations run concurrently.
+        lock = self._locks.get(key)
+        if lock is None:
+            if len(self._locks) > 10_000:
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    async def _generate(self, key, author, text, persona: Persona):
+        try:
+            engine = await self.personas.engine(persona)
+        except PersonaUnavailable as exc:
+            raise PersonaError(str(exc)) from None
+        cfg = self.config
+        history = current_session(
+            await self.store.recent_turns(key, cfg.conversation.max_turns), cfg.conversation.idle_minutes * 60
+        )
+        turns = history + [Turn("user", author, text)]
+        prompt = await asyncio.to_thread(
+            engine.prepare, persona.config.format, turns, persona.config.system_prompt, persona.prompt_budget
+        )
+        decoding = persona.config.decoding
+        for attempt in range(2):
+            try:
+                generation = engine.submit(prompt, decoding, timeout=cfg.generator.request_timeout_s)
+            except GeneratorBusy:
+                raise Busy("I'm busy with a lot of conversations right now; try again in a moment.") from None
+            except GenerationFailed as exc:
+                log.warning("request rejected by the generator key=%s: %s", key, exc)
+                raise ReplyFailed("Sorry, I couldn't come up with a reply to that.") from None
+            raw = ""
+            try:
+                async for piece in generation:
+                    raw += piece
+                    shown = neutralize_mentions(raw).strip()
+                    if shown:
+                        yield ReplyUpdate(shown)
+            except GenerationTimeout:
+                log.warning("generation timed out key=%s persona=%s", key, persona.name)
+                raise ReplyFailed("Sorry, that took me too long. Please try again.") from None
+            except GenerationFailed:
+                log.exception("generation failed key=%s persona=%s", key, persona.name)
+                raise ReplyFailed("Sorry, something went wrong while I was thinking. Please try again.") from None
+            problem = await self._problem(raw, text)
+            if problem is None:
+                yield Reply(neutralize_mentions(raw).strip(), persona.name, generation.stats, 0.0)
+                return
+            log.info("discarding a %s reply key=%s persona=%s (attempt %d)", problem, key, persona.name, attempt + 1)
+            if problem == "offensive" and cfg.safety.on_offensive == "fallback":
+                break
+            decoding = decoding.model_copy(
+                update={"do_sample": True, "seed": None if decoding.seed is None else decoding.seed + 1}
+            )
+        yield Reply(cfg.safety.fallback_reply, persona.name, generation.stats, 0.0)
+
+    async def _problem(self, reply: str, user_text: str) -> str | None:
+        reason = degeneracy(reply, user_text)
+        if reason:
+            return reason
+        safety = self.config.safety
+        if safety.on_offensive != "allow":
+            offensive = await asyncio.to_thread(is_offensive, [reply], safety.offensive_threshold)
+            if offensive[0]:
+                return "offensive"
+        return None
+
+    # ---- shared commands -------------------------------------------------------------------
+
+    async def persona_for(self, key: ConversationKey, override: str | None = None) -> Persona:
+        return await self._persona(key, override)
+
+    async def _persona(self, key: ConversationKey, override: str | None) -> Persona:
+        if override is not None:
+            try:
+                return self.personas.get(override)
+            except UnknownPersona as exc:
+                raise PersonaError(str(exc)) from None
+        chosen = await self.store.persona(key)
+        if chosen in self.personas.personas:
+            return self.personas.get(chosen)
+        return self.personas.get(self.personas.default)
+
+    async def set_persona(self, key: ConversationKey, name: str) -> Persona:
+        """Switch this conversation's persona; raises PersonaError for an unknown name."""
+        persona = await self._persona(key, name.strip())
+        try:
+            self.personas.check(persona)
+        except PersonaUnavailable as exc:
+            raise PersonaError(str(exc)) from None
+        await self.store.set_persona(key, persona.name)
+        return persona
+
+    async def reset(self, key: ConversationKey) -> None:
+        async with self._lock(key):
+            await self.store.reset(key)
+
+    def persona_list(self) -> list[Persona]:
+        return list(self.personas.personas.values())
+
+    async def command(self, key: ConversationKey, command: str, argument: str = "") -> str:
+        """Run a shared command (reset, persona, personas, help) and say what happened."""
+        command = command.strip().lower().lstrip("/!")
+        argument = argument.strip()
+        if command == "reset":
+            await self.reset(key)
+            return "Done: I've forgotten this conversation. Fresh start!"
+        if command == "persona":
+            if not argument:
+                current = await self.persona_for(key)
+                return f"I'm currently **{current.name}**: {current.description}"
+            try:
+                persona = await self.set_persona(key, argument)
+            except PersonaError as exc:
+                return exc.user_message
+            return f"Switched to **{persona.name}**: {persona.description}"
+        if command == "personas":
+            current = await self.persona_for(key)
+            lines = [
+                f"- **{p.name}**{' (current)' if p.name == current.name else ''}: {p.description}"
+                for p in self.persona_list()
+            ]
+            return "Personas:\n" + "\n".join(lines)
+        return HELP
+
+    async def close(self) -> None:
+        await self.personas.close()
+        await self.store.close()
+
+
+async def open_service(config: Config, environ: dict[str, str] | None = None) -> ChatService:
+    """A ChatService on the configured SQLite store, with its own metrics registry."""
+    from core.conversation import SQLiteStore
+
+    metrics = Metrics()
+    store = await SQLiteStore(config.database.path).open()
+    return ChatService(config, store, PersonaRegistry(config, metrics, environ), metrics)
