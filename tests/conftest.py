@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny trained models, a config that serves them, a ChatService on SQLite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from core.config import Config, Secrets, Settings  # noqa: E402
+from core.service import ChatService, open_service  # noqa: E402
+from tiny import train_word_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def word_model_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 that plays the word game in the dialogpt format (greedy replies are exact)."""
+    return train_word_model(tmp_path_factory.mktemp("models") / "words-dialogpt", "dialogpt")
+
+
+@pytest.fixture(scope="session")
+def word_chat_model_dir(tmp_path_factory) -> Path:
+    """The same game in the chat format (ChatML template)."""
+    return train_word_model(tmp_path_factory.mktemp("models") / "words-chat", "chat")
+
+
+def make_config(tmp_path: Path, model_dir: Path, chat_model_dir: Path | None = None, **sections) -> Config:
+    """A config serving the word model as persona `words` (default) and, if given, `wordchat`."""
+    greedy = {"do_sample": False, "max_new_tokens": 16}
+    personas = {
+        "words": {"model": str(model_dir), "format": "dialogpt", "description": "plays the word game",
+                  "max_context_tokens": 200, "decoding": greedy},
+        "missing": {"model": str(tmp_path / "not-trained"), "format": "dialogpt",
+                    "train_hint": "train it first: ttt train"},
+    }
+    if chat_model_dir is not None:
+        personas["wordchat"] = {"model": str(chat_model_dir), "format": "chat", "description": "word game, chat format",
+                                "max_context_tokens": 200, "decoding": greedy}
+    raw = {
+        "service": {"default_persona": "words"},
+        "database": {"path": str(tmp_path / "conversations.sqlite3")},
+        "generator": {"cache_dir": str(tmp_path / "cache")},
+        "safety": {"on_offensive": "regenerate"},
+        "personas": personas,
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return Config.model_validate(raw)
+
+
+def make_settings(config: Config, environ: dict[str, str] | None = None) -> Settings:
+    return Settings(config, Secrets(environ or {}), None)
+
+
+@pytest.fixture
+async def service(tmp_path, word_model_dir, word_chat_model_dir) -> ChatService:
+    svc = await open_service(make_config(tmp_path, word_model_dir, word_chat_model_dir))
+    yield svc
+    await svc.close()
