@@ -338,6 +338,7 @@ class LocalEngine(Engine):
             return "stop"
         row.tokens.append(token)
         row.sampler.append(token)
+        stats.new_tokens = len(row.tokens)
         text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
         stop = row.sampler.decoding.stop
         cut = min((text.find(s) for s in stop if s in text), default=-1)
@@ -359,7 +360,6 @@ class LocalEngine(Engine):
 
     def _finish(self, row: _Row, reason: str) -> None:
         stats = row.generation.stats
-        stats.new_tokens = len(row.tokens)
         stats.total_s = time.monotonic() - row.generation.submitted
         stats.finish_reason = reason
         if self.metrics:
