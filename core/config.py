@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "TTT_"
 SECRET_NAMES = (
@@ -70,6 +70,12 @@ class PersonaConfig(Section):
     voice: str | None = Field(None, description="reference audio for a cloned voice")
     endpoint: Endpoint | None = None
     train_hint: str | None = None
+
+    @model_validator(mode="after")
+    def _adapter_needs_local_model(self) -> "PersonaConfig":
+        if self.adapter and self.endpoint:
+            raise ValueError("a LoRA `adapter` is served on a local `model`, not on an `endpoint`")
+        return self
 
 
 class ServiceSection(Section):

@@ -27,6 +27,8 @@ from core.sampling import RowSampler, sample
 
 log = logging.getLogger(__name__)
 
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
 
 class GeneratorBusy(Exception):
     """The queue is full; try again in a moment."""
@@ -107,7 +109,7 @@ class Engine:
     def prepare(self, fmt: str, turns: Sequence[Turn], system_prompt: str, budget: int):
         raise NotImplementedError
 
-    def submit(self, prompt, decoding: Decoding, timeout: float | None = None) -> Generation:
+    def submit(self, prompt, decoding: Decoding, timeout: float | None = None, adapter: str | None = None) -> Generation:
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -121,6 +123,7 @@ class _Row:
     sampler: RowSampler
     max_new_tokens: int
     position: int
+    adapter: str = BASE_ADAPTER
     tokens: list[int] = field(default_factory=list)
     emitted: str = ""
 
@@ -157,6 +160,8 @@ class LocalEngine(Engine):
         self._mask: torch.Tensor | None = None
         self._next: torch.Tensor | None = None
         self._cv = threading.Condition()
+        self._model_lock = threading.Lock()
+        self._adapters: dict[str, str] = {}  # adapter directory -> peft adapter name
         self._closing = False
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -166,7 +171,26 @@ class LocalEngine(Engine):
     def prepare(self, fmt: str, turns: Sequence[Turn], system_prompt: str, budget: int) -> list[int]:
         return prompts.fit_to_budget(fmt, self.tokenizer, turns, system_prompt, budget)[1]
 
-    def submit(self, prompt: list[int], decoding: Decoding, timeout: float | None = None) -> Generation:
+    def load_adapter(self, path: str) -> None:
+        """Load a LoRA adapter onto the shared base model (blocking: call it off the event loop)."""
+        from peft import PeftModel
+
+        with self._model_lock:
+            if path in self._adapters:
+                return
+            name = f"adapter{len(self._adapters)}"
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.model.eval()
+            self._adapters[path] = name
+
+    def submit(
+        self, prompt: list[int], decoding: Decoding, timeout: float | None = None, adapter: str | None = None
+    ) -> Generation:
+        if adapter is not None and adapter not in self._adapters:
+            raise GenerationFailed(f"adapter {adapter} is not loaded")
         generation = Generation(asyncio.get_running_loop(), timeout)
         if not prompt:
             raise GenerationFailed("empty prompt")
@@ -177,7 +201,8 @@ class LocalEngine(Engine):
                     f"prompt of {len(prompt)} tokens does not fit the model's {self.max_positions} positions"
                 )
             max_new = min(max_new, self.max_positions - len(prompt))
-        row = _Row(generation, list(prompt), RowSampler(decoding, prompt), max_new, len(prompt))
+        row = _Row(generation, list(prompt), RowSampler(decoding, prompt), max_new, len(prompt),
+                   self._adapters[adapter] if adapter else BASE_ADAPTER)
         with self._cv:
             if self._closing:
                 raise GeneratorBusy("the generator is shutting down")
@@ -262,14 +287,20 @@ class LocalEngine(Engine):
             ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
             mask[i, width - len(row.prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
+        out = self._forward(
+            rows,
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
-            use_cache=True,
             logits_to_keep=1,
         )
         return out.past_key_values, mask.to(self.device), out.logits[:, -1, :]
+
+    def _forward(self, rows: list[_Row], **inputs):
+        with self._model_lock:
+            if self._adapters:
+                inputs["adapter_names"] = [row.adapter for row in rows]
+            return self.model(use_cache=True, **inputs)
 
     def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
         """Append prefilled rows to the running batch, left-padding whichever cache is shorter."""
@@ -295,12 +326,12 @@ class LocalEngine(Engine):
         self._mask = F.pad(self._mask, (0, 1), value=1)
         positions = torch.tensor([[r.position] for r in self._rows], device=self.device)
         try:
-            out = self.model(
+            out = self._forward(
+                self._rows,
                 input_ids=self._next[:, None],
                 attention_mask=self._mask,
                 position_ids=positions,
                 past_key_values=self._cache,
-                use_cache=True,
             )
             tokens = sample([r.sampler for r in self._rows], out.logits[:, -1, :])
         except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving

@@ -42,7 +42,9 @@ class OpenAIEngine(Engine):
             return {"prompt": "".join(t.text + "<|endoftext|>" for t in kept)}
         return {"messages": chat_messages(kept, system_prompt)}
 
-    def submit(self, prompt: dict, decoding: Decoding, timeout: float | None = None) -> Generation:
+    def submit(
+        self, prompt: dict, decoding: Decoding, timeout: float | None = None, adapter: str | None = None
+    ) -> Generation:
         if len(self._in_flight) >= self._max_queue:
             raise GeneratorBusy("the remote generator's queue is full")
         generation = Generation(asyncio.get_running_loop(), timeout or self.endpoint.timeout_s)

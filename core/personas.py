@@ -38,11 +38,6 @@ class Persona:
     def description(self) -> str:
         return self.config.description or self.config.model
 
-    @property
-    def prompt_budget(self) -> int:
-        """Tokens left for the prompt once the reply has room."""
-        return max(16, self.config.max_context_tokens - self.config.decoding.max_new_tokens)
-
 
 class PersonaRegistry:
     """Every configured persona, loading each engine on first use and sharing it."""
@@ -97,11 +92,23 @@ class PersonaRegistry:
             raise PersonaUnavailable(self._explain(persona, str(exc))) from None
         if key in self._failures:
             raise PersonaUnavailable(self._explain(persona, self._failures[key]))
-        if isinstance(key, ModelSource) and Path(key.model).is_absolute() and not Path(key.model).exists():
-            raise PersonaUnavailable(self._explain(persona, f"{key.model} does not exist"))
+        for path in (key.model if isinstance(key, ModelSource) else None, persona.config.adapter):
+            if path and Path(path).is_absolute() and not Path(path).exists():
+                raise PersonaUnavailable(self._explain(persona, f"{path} does not exist"))
 
     async def engine(self, persona: Persona) -> Engine:
-        """The shared engine for this persona, loading it (off the event loop) on first use."""
+        """The shared engine for this persona, loading it (and its adapter) off the event loop on first use."""
+        engine = await self._base_engine(persona)
+        adapter = persona.config.adapter
+        if adapter and isinstance(engine, LocalEngine):
+            try:
+                await asyncio.to_thread(engine.load_adapter, adapter)
+            except Exception as exc:  # noqa: BLE001 - a bad adapter fails its persona only
+                log.warning("could not load adapter %s", adapter, exc_info=True)
+                raise PersonaUnavailable(self._explain(persona, f"adapter {adapter}: {exc}")) from None
+        return engine
+
+    async def _base_engine(self, persona: Persona) -> Engine:
         try:
             key = self.engine_key(persona)
         except ModelUnavailable as exc:
@@ -136,8 +143,8 @@ class PersonaRegistry:
         return OpenAIEngine(endpoint, api_key=api_key, max_queue=g.max_queue, metrics=self._metrics)
 
     def _explain(self, persona: Persona, problem: str) -> str:
-        model = Path(persona.config.model)
-        if persona.config.train_hint and not model.exists():
+        trained = Path(persona.config.adapter or persona.config.model)
+        if persona.config.train_hint and not trained.exists():
             return f"Persona {persona.name!r} has not been trained yet: {persona.config.train_hint}"
         return f"Persona {persona.name!r} is unavailable: {problem}"
 

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from core.config import Config
+from core.config import Config, Decoding
 from core.conversation import ConversationKey, ConversationStore, Turn, current_session
-from core.generator import GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
+from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
 from core.safety import degeneracy, is_offensive, neutralize_mentions
@@ -152,28 +152,41 @@ class ChatService:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def _generate(self, key, author, text, persona: Persona):
+    async def generate(
+        self, persona: Persona, turns: list[Turn], *, system_prompt: str | None = None, decoding: Decoding | None = None
+    ) -> Generation:
+        """Submit `turns` (nothing is stored) to the persona's shared engine; raises ChatError subclasses.
+
+        `system_prompt` and `decoding` override the persona's; the prompt is trimmed to leave room
+        for `decoding.max_new_tokens`.
+        """
         try:
             engine = await self.personas.engine(persona)
         except PersonaUnavailable as exc:
             raise PersonaError(str(exc)) from None
+        decoding = decoding or persona.config.decoding
+        system = persona.config.system_prompt if system_prompt is None else system_prompt
+        budget = max(16, persona.config.max_context_tokens - decoding.max_new_tokens)
+        prompt = await asyncio.to_thread(engine.prepare, persona.config.format, turns, system, budget)
+        try:
+            return engine.submit(
+                prompt, decoding, timeout=self.config.generator.request_timeout_s, adapter=persona.config.adapter
+            )
+        except GeneratorBusy:
+            raise Busy("I'm busy with a lot of conversations right now; try again in a moment.") from None
+        except GenerationFailed as exc:
+            log.warning("request rejected by the generator persona=%s: %s", persona.name, exc)
+            raise ReplyFailed("Sorry, I couldn't come up with a reply to that.") from None
+
+    async def _generate(self, key, author, text, persona: Persona):
         cfg = self.config
         history = current_session(
             await self.store.recent_turns(key, cfg.conversation.max_turns), cfg.conversation.idle_minutes * 60
         )
         turns = history + [Turn("user", author, text)]
-        prompt = await asyncio.to_thread(
-            engine.prepare, persona.config.format, turns, persona.config.system_prompt, persona.prompt_budget
-        )
         decoding = persona.config.decoding
         for attempt in range(2):
-            try:
-                generation = engine.submit(prompt, decoding, timeout=cfg.generator.request_timeout_s)
-            except GeneratorBusy:
-                raise Busy("I'm busy with a lot of conversations right now; try again in a moment.") from None
-            except GenerationFailed as exc:
-                log.warning("request rejected by the generator key=%s: %s", key, exc)
-                raise ReplyFailed("Sorry, I couldn't come up with a reply to that.") from None
+            generation = await self.generate(persona, turns, decoding=decoding)
             raw = ""
             try:
                 async for piece in generation:

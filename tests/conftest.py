@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,22 +13,45 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from a second thread, and on a busy 2-core machine threads spin against each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from core.config import Config, Secrets, Settings  # noqa: E402
 from core.service import ChatService, open_service  # noqa: E402
 from tiny import train_word_model  # noqa: E402
 
 
+def _cached_model(fmt: str) -> Path:
+    """Train once per version of tests/tiny.py; later test runs on this machine reuse the result."""
+    source = (Path(__file__).parent / "tiny.py").read_bytes() + torch.__version__.encode()
+    digest = hashlib.sha256(source + fmt.encode()).hexdigest()[:12]
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "talk-to-transformers" / "test-models"
+    target = root / f"words-{fmt}-{digest}"
+    if not (target / "config.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=root, prefix=".partial-"))
+        train_word_model(partial, fmt)
+        try:
+            partial.rename(target)
+        except OSError:  # another process got there first
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
 @pytest.fixture(scope="session")
-def word_model_dir(tmp_path_factory) -> Path:
+def word_model_dir() -> Path:
     """A tiny GPT-2 that plays the word game in the dialogpt format (greedy replies are exact)."""
-    return train_word_model(tmp_path_factory.mktemp("models") / "words-dialogpt", "dialogpt")
+    return _cached_model("dialogpt")
 
 
 @pytest.fixture(scope="session")
-def word_chat_model_dir(tmp_path_factory) -> Path:
+def word_chat_model_dir() -> Path:
     """The same game in the chat format (ChatML template)."""
-    return train_word_model(tmp_path_factory.mktemp("models") / "words-chat", "chat")
+    return _cached_model("chat")
 
 
 def make_config(tmp_path: Path, model_dir: Path, chat_model_dir: Path | None = None, **sections) -> Config:

@@ -1,0 +1,387 @@
+"""The OpenAI-compatible API: `POST /v1/chat/completions` and `GET /v1/models`, one model per persona.
+
+The API is stateless: each request carries the whole conversation, nothing is stored. System
+(or developer) messages replace the persona's system prompt; without one the persona's applies.
+Decoding parameters override the persona's within the configured limits: temperature 0 means
+greedy, `stop` adds to the persona's stop strings, `max_tokens` above `web.max_tokens_limit` is
+refused. The persona's engine is called directly, so its batching and queue are shared with
+every other adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from core.config import Config, Decoding
+from core.conversation import Turn
+from core.generator import GenerationFailed, GenerationTimeout
+from core.personas import Persona
+from core.safety import neutralize_mentions
+from core.service import Busy, ChatService, PersonaError, ReplyFailed
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "openai"
+OWNER = "talk-to-transformers"
+
+
+class ApiError(Exception):
+    """An error answered as JSON in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, outcome: str = "rejected"):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.outcome = outcome
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        if self.status == 503:
+            headers["Retry-After"] = "1"
+        return web.json_response(self.body(), status=self.status, headers=headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def unknown_model(name: str, known: list[str], param: str = "model") -> ApiError:
+    return ApiError(404, f"There is no persona called {name!r}. Try one of: {', '.join(known)}.",
+                    param=param, code="model_not_found")
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message, type="server_error", code="model_unavailable", outcome="persona")
+
+
+def busy(message: str = "The generator is busy with other conversations; try again in a moment.") -> ApiError:
+    return ApiError(503, message, type="server_error", code="busy", outcome="busy")
+
+
+async def read_json(request: web.Request) -> object:
+    """The request body as JSON, or a 400 that says what is wrong with it."""
+    raw = await request.read()
+    if not raw.strip():
+        raise bad_request("The request body is empty: send a JSON object.", code="invalid_json")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    persona: Persona
+    turns: list[Turn]
+    system_prompt: str
+    decoding: Decoding
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat_request(body: object, service: ChatService, config: Config) -> ChatRequest:
+    """Validate a chat completion request; raise ApiError (4xx) on anything out of bounds."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("`model` is required: a persona name (GET /v1/models lists them).", param="model")
+    if model not in service.personas.personas:
+        raise unknown_model(model, service.personas.names)
+    persona = service.personas.get(model)
+    system_prompts, turns = _conversation(body.get("messages"), persona, config.service.max_input_chars)
+    system = "\n\n".join(system_prompts) if system_prompts else persona.config.system_prompt
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad_request("Only n=1 is supported.", param="n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise bad_request("`stream` must be true or false.", param="stream")
+    options = body.get("stream_options") or {}
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    decoding = _decoding(body, persona.config.decoding, config.web.max_tokens_limit)
+    # Same window as chat conversations: the newest turns only.
+    return ChatRequest(persona, turns[-config.conversation.max_turns:], system, decoding, stream, include_usage)
+
+
+def _conversation(messages: object, persona: Persona, max_chars: int) -> tuple[list[str], list[Turn]]:
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` must be a non-empty list of {role, content} objects.", param="messages")
+    systems: list[str] = []
+    turns: list[Turn] = []
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{param} must be an object with `role` and `content`.", param=param)
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise bad_request(f"{param}.role {role!r} is not supported: use system, user or assistant.",
+                              param=f"{param}.role")
+        text = _text(message.get("content"), f"{param}.content").strip()
+        if not text:
+            raise bad_request(f"{param}.content is empty.", param=f"{param}.content", code="empty_message")
+        if len(text) > max_chars:
+            raise bad_request(
+                f"{param}.content is {len(text)} characters long; the limit is {max_chars}.",
+                param=f"{param}.content", code="message_too_long",
+            )
+        if role in ("system", "developer"):
+            systems.append(text)
+        elif role == "user":
+            name = message.get("name")
+            turns.append(Turn("user", name if isinstance(name, str) and name else "user", text))
+        else:
+            turns.append(Turn("bot", persona.name, text, persona=persona.name))
+    if not turns or turns[-1].role != "user":
+        raise bad_request("The last message (other than system ones) must be from the user.", param="messages")
+    return systems, turns
+
+
+def _text(content: object, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"{param}: only text content parts are supported.", param=param)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"{param} must be a string or a list of text parts.", param=param)
+
+
+def _number(body: dict, name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise bad_request(f"`{name}` must be a number from {low} to {high}; got {value!r}.", param=name)
+    return float(value)
+
+
+def _decoding(body: dict, base: Decoding, max_tokens_limit: int) -> Decoding:
+    update: dict = {}
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    asked = body.get(name)
+    if asked is None:
+        update["max_new_tokens"] = min(base.max_new_tokens, max_tokens_limit)
+    elif isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+        raise bad_request(f"`{name}` must be a positive integer; got {asked!r}.", param=name)
+    elif asked > max_tokens_limit:
+        raise bad_request(
+            f"`{name}` is {asked}; this server allows at most {max_tokens_limit}.", param=name,
+            code="max_tokens_exceeded",
+        )
+    else:
+        update["max_new_tokens"] = asked
+    temperature = _number(body, "temperature", 0, 2)
+    if temperature == 0:
+        update["do_sample"] = False
+    elif temperature is not None:
+        update.update(do_sample=True, temperature=temperature)
+    top_p = _number(body, "top_p", 0, 1)
+    if top_p == 0:
+        update["do_sample"] = False
+    elif top_p is not None:
+        update["top_p"] = top_p
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+            raise bad_request("`stop` must be a string or a list of up to 4 non-empty strings.", param="stop")
+        update["stop"] = list(dict.fromkeys(base.stop + stop))
+    seed = body.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise bad_request(f"`seed` must be an integer; got {seed!r}.", param="seed")
+        update["seed"] = seed
+    return base.model_copy(update=update)
+
+
+class SafeText:
+    """Turns raw model pieces into deltas that are safe to show and never need taking back.
+
+    Text that could still become a ping (an unclosed `<`, a trailing `@word`) and trailing
+    whitespace are held back until more text arrives or the reply ends.
+    """
+
+    _TRAILING_AT = re.compile(r"@\w*$")
+
+    def __init__(self) -> None:
+        self.raw = ""
+        self.sent = ""
+
+    def feed(self, piece: str) -> str:
+        self.raw += piece
+        end = len(self.raw)
+        last_open = self.raw.rfind("<")
+        if last_open >= 0 and ">" not in self.raw[last_open:]:
+            end = last_open
+        at = self._TRAILING_AT.search(self.raw[:end])
+        if at:
+            end = at.start()
+        return self._delta(neutralize_mentions(self.raw[:end]).strip())
+
+    def finish(self) -> str:
+        return self._delta(self.text)
+
+    @property
+    def text(self) -> str:
+        return neutralize_mentions(self.raw).strip()
+
+    def _delta(self, shown: str) -> str:
+        if len(shown) <= len(self.sent) or not shown.startswith(self.sent):
+            return ""
+        delta, self.sent = shown[len(self.sent):], shown
+        return delta
+
+
+def _finish_reason(reason: str) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+class OpenAIRoutes:
+    """Handlers of the OpenAI-compatible API on one ChatService."""
+
+    def __init__(self, service: ChatService, config: Config):
+        self.service = service
+        self.config = config
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+
+    def _model(self, persona: Persona) -> dict:
+        return {"id": persona.name, "object": "model", "created": 0, "owned_by": OWNER,
+                "description": persona.description}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model(p) for p in self.service.persona_list()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.service.personas.personas:
+            raise unknown_model(name, self.service.personas.names)
+        return web.json_response(self._model(self.service.personas.get(name)))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        label = "?"
+        metrics = self.service.metrics
+        try:
+            body = await read_json(request)
+            if isinstance(body, dict) and body.get("model") in self.service.personas.personas:
+                label = body["model"]
+            chat = parse_chat_request(body, self.service, self.config)
+            generation = await self._submit(chat)
+            if chat.stream:
+                response, outcome = await self._stream(request, chat, generation)
+            else:
+                response, outcome = await self._complete(chat, generation), "ok"
+        except ApiError as exc:
+            metrics.requests.labels(ADAPTER, label, exc.outcome).inc()
+            log.info("openai request refused persona=%s status=%d: %s", label, exc.status, exc.message)
+            raise
+        metrics.requests.labels(ADAPTER, label, outcome).inc()
+        if outcome == "ok":
+            stats = generation.stats
+            metrics.reply_latency.labels(ADAPTER, label).observe(time.monotonic() - started)
+            if stats.total_s > 0 and stats.new_tokens:
+                metrics.tokens_per_second.labels(label).set(stats.new_tokens / stats.total_s)
+        return response
+
+    async def _submit(self, chat: ChatRequest):
+        try:
+            return await self.service.generate(
+                chat.persona, chat.turns, system_prompt=chat.system_prompt, decoding=chat.decoding
+            )
+        except PersonaError as exc:
+            raise unavailable(exc.user_message) from None
+        except Busy:
+            raise busy() from None
+        except ReplyFailed:
+            raise bad_request("This conversation cannot be generated.", code="context_length_exceeded") from None
+
+    async def _complete(self, chat: ChatRequest, generation) -> web.Response:
+        try:
+            text = neutralize_mentions(await generation.text()).strip()
+        except GenerationTimeout:
+            raise ApiError(504, "The reply took too long; try again.", type="server_error", code="timeout",
+                           outcome="error") from None
+        except GenerationFailed as exc:
+            log.warning("openai generation failed persona=%s: %s", chat.persona.name, exc)
+            raise ApiError(500, "The reply failed; try again.", type="server_error", outcome="error") from None
+        stats = generation.stats
+        message = {"role": "assistant", "content": text}
+        return web.json_response({
+            **_envelope("chat.completion", chat.persona.name),
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": _finish_reason(stats.finish_reason)}],
+            "usage": _usage(stats),
+        })
+
+    async def _stream(self, request: web.Request, chat: ChatRequest, generation) -> tuple[web.StreamResponse, str]:
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+        })
+        await response.prepare(request)
+        envelope = _envelope("chat.completion.chunk", chat.persona.name)
+        extra = {"usage": None} if chat.include_usage else {}
+
+        async def send(payload: dict | str) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+            await response.write(f"data: {data}\n\n".encode())
+
+        def chunk(delta: dict, finish: str | None = None) -> dict:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**envelope, "choices": [choice], **extra}
+
+        safe = SafeText()
+        try:
+            await send(chunk({"role": "assistant", "content": ""}))
+            async for piece in generation:
+                delta = safe.feed(piece)
+                if delta:
+                    await send(chunk({"content": delta}))
+            delta = safe.finish()
+            if delta:
+                await send(chunk({"content": delta}))
+            await send(chunk({}, _finish_reason(generation.stats.finish_reason)))
+            if chat.include_usage:
+                await send({**envelope, "choices": [], "usage": _usage(generation.stats)})
+            await send("[DONE]")
+        except ConnectionResetError:
+            generation.cancel()  # nobody is reading any more
+            return response, "cancelled"
+        except GenerationFailed as exc:
+            log.warning("openai stream failed persona=%s: %s", chat.persona.name, exc)
+            code = "timeout" if isinstance(exc, GenerationTimeout) else None
+            error = ApiError(500, "The reply failed part way; try again.", type="server_error", code=code)
+            try:
+                await send(error.body())
+            except ConnectionResetError:
+                pass
+            return response, "error"
+        await response.write_eof()
+        return response, "ok"
+
+
+def _envelope(kind: str, model: str) -> dict:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model,
+            "system_fingerprint": None}
+
+
+def _usage(stats) -> dict:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+            "total_tokens": stats.prompt_tokens + stats.new_tokens}

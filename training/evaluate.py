@@ -1,0 +1,202 @@
+"""Evaluate a personality on held-out sessions and write a Markdown report.
+
+Numbers for the base model, the fine-tune and the human replies: validation perplexity (on the
+persona's target tokens, as in training), distinct-1/2 (unique word n-grams / all word n-grams
+over the replies, Li et al. 2016) and the average reply length in words. Replies are greedy
+(no_repeat_ngram_size 3, so a looping model does not drown the numbers) to the first held-out
+contexts, base and fine-tuned side by side. Models load the way the service loads them
+(core.models.load_model); a LoRA personality is its base with the adapter, and the base's own
+replies come from the same model with the adapter switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from core.conversation import Turn
+from core.models import ModelSource, ModelUnavailable, choose_placement, load_model
+from core.prompts import fit_to_budget
+from training.train import encode_all, make_loader, read_sessions, session_turns, stop_token_ids, validation_loss
+
+NO_REPEAT_NGRAM_SIZE = 3
+
+
+@dataclass
+class EvalConfig:
+    personality: Path  # written by `ttt train`
+    data_dir: Path | None = None  # validation.jsonl; default: the folder it was trained on
+    base_model: str | None = None  # default: the personality's base model
+    report: Path | None = None  # default: PERSONALITY/eval.md
+    samples: int = 20  # held-out contexts replied to
+    max_new_tokens: int = 40
+    batch_size: int = 8  # perplexity batches
+
+
+class EvalError(Exception):
+    """The evaluation cannot run; the message says why, in one line."""
+
+
+@dataclass
+class Scores:
+    perplexity: float | None
+    distinct_1: float
+    distinct_2: float
+    reply_words: float
+
+
+@dataclass
+class Sample:
+    context: list[Turn]
+    human: str
+    base: str
+    tuned: str
+
+
+@dataclass
+class EvalResult:
+    report: Path
+    base: Scores
+    tuned: Scores
+    human: Scores
+    samples: list[Sample] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rows = [("", "base", "fine-tuned", "human")] + [
+            (label, *(_number(getattr(s, key)) for s in (self.base, self.tuned, self.human)))
+            for label, key in _METRICS
+        ]
+        return "\n".join(f"{a:<30}{b:>12}{c:>12}{d:>12}" for a, b, c, d in rows)
+
+
+_METRICS = [("validation perplexity", "perplexity"), ("distinct-1", "distinct_1"), ("distinct-2", "distinct_2"),
+            ("average reply length (words)", "reply_words")]
+
+
+def distinct_n(replies: list[str], n: int) -> float:
+    """Unique word n-grams / all word n-grams over the replies (0 when there are none)."""
+    grams = [tuple(words[i:i + n]) for words in (r.lower().split() for r in replies)
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def scores(replies: list[str], perplexity: float | None) -> Scores:
+    words = [len(r.split()) for r in replies]
+    return Scores(perplexity, distinct_n(replies, 1), distinct_n(replies, 2), sum(words) / max(1, len(words)))
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Score the personality and its base on held-out sessions; write the report."""
+    from accelerate import Accelerator
+
+    card_path = cfg.personality / "persona.json"
+    if not card_path.is_file():
+        raise EvalError(f"{cfg.personality} is not a personality directory written by `ttt train` (no persona.json)")
+    card = json.loads(card_path.read_text())
+    fmt, system_prompt, max_length = card["format"], card.get("system_prompt", ""), card["training"]["max_length"]
+    data_dir = cfg.data_dir or Path(card["data"]["dir"])
+    validation = data_dir / "validation.jsonl"
+    if not validation.is_file():
+        raise EvalError(f"no held-out sessions: {validation} does not exist (pass --data)")
+    sessions = read_sessions(validation)
+    base_name = cfg.base_model or card["base_model"]
+
+    placement = choose_placement()
+    print(f"loading {cfg.personality} and {base_name} on {placement.device}")
+    if card["lora"] and base_name != card["base_model"]:
+        raise EvalError("a LoRA personality is compared with its own base model: drop --base-model")
+    try:
+        if card["lora"]:
+            from peft import PeftModel
+
+            base, tokenizer = load_model(ModelSource(base_name), placement)
+            tuned = PeftModel.from_pretrained(base, str(cfg.personality)).eval()
+            base_context = tuned.disable_adapter
+        else:
+            tuned, tokenizer = load_model(ModelSource(str(cfg.personality)), placement)
+            base, _ = load_model(ModelSource(base_name), placement)
+            base_context = nullcontext
+    except ModelUnavailable as exc:
+        raise EvalError(str(exc)) from None
+    base_model = tuned if card["lora"] else base
+
+    accelerator = Accelerator(cpu=placement.device == "cpu")
+    examples, _ = encode_all(sessions, fmt, tokenizer, max_length, system_prompt, "encoding validation")
+    if not examples:
+        raise EvalError(f"{validation} holds no session with a reply to score")
+    loader = accelerator.prepare(make_loader(examples, cfg.batch_size, tokenizer.pad_token_id, shuffle=False))
+    tuned_ppl = math.exp(validation_loss(tuned, loader, accelerator))
+    with base_context():
+        base_ppl = math.exp(validation_loss(base_model, loader, accelerator))
+    print(f"validation perplexity: base {base_ppl:.2f}, fine-tuned {tuned_ppl:.2f} ({len(examples)} sessions)")
+
+    stops = sorted(set(stop_token_ids(fmt, tokenizer) + [tokenizer.eos_token_id]))
+    budget = max(16, max_length - cfg.max_new_tokens)
+    samples = []
+    for session in tqdm(sessions[: cfg.samples], desc="replying", unit="context"):
+        turns = session_turns(session["turns"], fmt)
+        context, human = turns[:-1], turns[-1].text
+        _, prompt = fit_to_budget(fmt, tokenizer, context, system_prompt, budget)
+        with base_context():
+            base_reply = _reply(base_model, tokenizer, prompt, stops, cfg.max_new_tokens)
+        samples.append(Sample(context, human, base_reply, _reply(tuned, tokenizer, prompt, stops, cfg.max_new_tokens)))
+
+    result = EvalResult(
+        report=cfg.report or cfg.personality / "eval.md",
+        base=scores([s.base for s in samples], base_ppl), tuned=scores([s.tuned for s in samples], tuned_ppl),
+        human=scores([s.human for s in samples], None), samples=samples,
+    )
+    result.report.parent.mkdir(parents=True, exist_ok=True)
+    result.report.write_text(_markdown(result, card, cfg, base_name, validation, len(examples)), encoding="utf-8")
+    return result
+
+
+@torch.no_grad()
+def _reply(model, tokenizer, prompt: list[int], stops: list[int], max_new_tokens: int) -> str:
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+    )
+    return tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}" if value >= 1 or value == 0 else f"{value:.3f}"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|") or "*(empty)*"
+
+
+def _markdown(result: EvalResult, card: dict, cfg: EvalConfig, base_name: str, validation: Path, n: int) -> str:
+    table = ["| | base | fine-tuned | human reference |", "|---|---:|---:|---:|"]
+    for label, key in _METRICS:
+        table.append(f"| {label} | " + " | ".join(_number(getattr(s, key)) for s in
+                                                   (result.base, result.tuned, result.human)) + " |")
+    blocks = []
+    for i, s in enumerate(result.samples, 1):
+        context = "\n".join(f"> **{_cell(t.author)}:** {_cell(t.text)}  " for t in s.context)
+        blocks.append(f"### {i}\n\n{context}\n\n| | reply |\n|---|---|\n| human | {_cell(s.human)} |\n"
+                      f"| base | {_cell(s.base)} |\n| fine-tuned | {_cell(s.tuned)} |\n")
+    kind = "LoRA adapter" if card["lora"] else "fine-tune"
+    return f"""# Evaluation of persona `{card['name']}`
+
+{kind} `{cfg.personality}` against base `{base_name}`, on {n} held-out sessions of
+`{validation}` ({card['format']} format), {datetime.now(timezone.utc).isoformat(timespec='seconds')}.
+Replies: greedy, no_repeat_ngram_size {NO_REPEAT_NGRAM_SIZE}, at most {cfg.max_new_tokens} new tokens, to the
+first {len(result.samples)} held-out contexts; distinct-n counts unique word n-grams over all replies.
+
+{chr(10).join(table)}
+
+## Replies on held-out contexts
+
+{chr(10).join(blocks)}"""
