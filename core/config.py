@@ -141,6 +141,8 @@ class SlackSection(Section):
     enabled: Literal["auto", "on", "off"] = "auto"
     mode: Literal["socket", "http"] = "socket"
     api_base_url: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(3000, ge=0, le=65535)
     http_path: str = "/slack/events"
     slash_command: str = "/ttt"
     allowed_channels: list[str] = Field(default_factory=list)

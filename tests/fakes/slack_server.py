@@ -169,6 +169,11 @@ class FakeSlack:
         """Wait until n websocket connections were accepted in total and one is open."""
         await self.wait_for(lambda: self.connections >= n and self._sockets, timeout, f"{n} connections")
 
+    @property
+    def open_sockets(self) -> int:
+        """Socket Mode connections open now."""
+        return len(self._sockets)
+
     def summary(self) -> str:
         return (
             f"calls={[c.method for c in self.calls]}, posted={[(m['channel'], m['text']) for m in self.posted]}, "
