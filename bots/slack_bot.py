@@ -31,6 +31,7 @@ from bots.slack_format import LiveReply, mentioned_users, readable, stream_reply
 from core.config import Settings
 from core.conversation import ConversationKey
 from core.service import ChatError, ChatService
+from core.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -298,22 +299,6 @@ class RecentKeys:
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._keys
-
-
-class RateLimiter:
-    """At most `per_minute` events per key in any 60 seconds (0: unlimited).
-
-    Platform-neutral, same contract as the Discord adapter's: one copy could live in core/.
-    """
-
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
-        self._recent: dict[Hashable, deque[float]] = {}
-
-    def check(self, key: Hashable) -> float:
-        """Count an event for `key` and return 0, or return the seconds until it would be allowed."""
-        if self.per_minute <= 0:
-            return 0.0
         now = time.monotonic()
         if len(self._recent) > 10_000:
             self._recent = {k: v for k, v in self._recent.items() if v and now - v[-1] < 60}

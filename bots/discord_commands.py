@@ -1,0 +1,139 @@
+"""Slash commands: /reset, /persona [name], /personas, /help, each about the channel it is used in.
+
+Refusals and errors are ephemeral (only the caller sees them); what changes the channel's
+conversation (a reset, a persona switch) is said in the open.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import discord
+from discord import app_commands
+
+from core.config import DiscordSection
+from core.conversation import ConversationKey
+from core.service import ChatService, PersonaError
+
+log = logging.getLogger(__name__)
+
+HELP = (
+    "Mention me, reply to one of my messages or message me directly to chat. "
+    "`/reset` forgets this channel's conversation, `/persona` shows or switches who I am here, "
+    "`/personas` lists who I can be."
+)
+APOLOGY = "Sorry, something went wrong with that command. Please try again."
+
+
+def conversation_key(channel_id: int) -> ConversationKey:
+    """A Discord conversation: a channel, a thread or a DM channel."""
+    return ConversationKey("discord", str(channel_id))
+
+
+def add_commands(
+    tree: app_commands.CommandTree,
+    service: ChatService,
+    config: DiscordSection,
+    refusal: Callable[[discord.Interaction], str | None],
+) -> None:
+    """Register the chat commands on `tree`; `refusal` says why an interaction may not be served."""
+
+    async def refused(interaction: discord.Interaction) -> bool:
+        reason = refusal(interaction)
+        if reason:
+            await interaction.response.send_message(reason, ephemeral=True)
+        return reason is not None
+
+    @tree.command(name="reset", description="Forget this channel's conversation with me")
+    async def reset(interaction: discord.Interaction) -> None:
+        if await refused(interaction):
+            return
+        await interaction.response.defer()  # waits for a reply in progress here: may pass the 3 s
+        await interaction.followup.send(await service.command(conversation_key(interaction.channel_id), "reset"))
+
+    async def persona_choices(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        current = current.strip().lower()
+        return [
+            app_commands.Choice(name=f"{p.name}: {p.description}"[:100], value=p.name)
+            for p in service.persona_list()
+            if current in p.name.lower()
+        ][:25]
+
+    @tree.command(name="persona", description="Show or switch who I am in this channel")
+    @app_commands.describe(name="the persona to switch to (leave out to see the current one)")
+    @app_commands.autocomplete(name=persona_choices)
+    async def persona(interaction: discord.Interaction, name: str | None = None) -> None:
+        if await refused(interaction):
+            return
+        key = conversation_key(interaction.channel_id)
+        if not name:
+            await interaction.response.send_message(await service.command(key, "persona"), ephemeral=True)
+            return
+        if not may_switch_persona(interaction, config):
+            await interaction.response.send_message(switch_rule(config), ephemeral=True)
+            return
+        try:
+            chosen = await service.set_persona(key, name)
+        except PersonaError as exc:
+            await interaction.response.send_message(exc.user_message, ephemeral=True)
+            return
+        await interaction.response.send_message(f"Switched to **{chosen.name}**: {chosen.description}")
+
+    @tree.command(name="personas", description="List who I can be")
+    async def personas(interaction: discord.Interaction) -> None:
+        if await refused(interaction):
+            return
+        text = await service.command(conversation_key(interaction.channel_id), "personas")
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @tree.command(name="help", description="How to talk to me")
+    async def help_(interaction: discord.Interaction) -> None:
+        if await refused(interaction):
+            return
+        await interaction.response.send_message(HELP, ephemeral=True)
+
+    @tree.error
+    async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        log.error("slash command failed in channel %s", interaction.channel_id, exc_info=error)
+        if interaction.is_expired():
+            return
+        if interaction.response.is_done():
+            await interaction.followup.send(APOLOGY, ephemeral=True)
+        else:
+            await interaction.response.send_message(APOLOGY, ephemeral=True)
+
+
+def may_switch_persona(interaction: discord.Interaction, config: DiscordSection) -> bool:
+    """Admins (Manage Server) may always switch; others as `persona_switch` says. DMs: anyone."""
+    if interaction.guild is None:
+        return True
+    permissions = interaction.permissions
+    if permissions.administrator or permissions.manage_guild:
+        return True
+    if config.persona_switch == "everyone":
+        return True
+    if config.persona_switch == "roles":
+        return any(role.id in config.persona_switch_roles for role in getattr(interaction.user, "roles", ()))
+    return False
+
+
+def switch_rule(config: DiscordSection) -> str:
+    if config.persona_switch == "roles":
+        return "Only admins and members with a persona-switching role can switch my persona here."
+    return "Only admins (Manage Server) can switch my persona here."
+
+
+async def sync_commands(tree: app_commands.CommandTree, guild_ids: list[int]) -> None:
+    """Publish the commands to these guilds (at once) or, with none, globally (Discord may take a while)."""
+    targets = [discord.Object(guild_id) for guild_id in guild_ids] or [None]
+    for guild in targets:
+        if guild is not None:
+            tree.copy_global_to(guild=guild)
+        try:
+            await tree.sync(guild=guild)
+        except discord.HTTPException as exc:
+            log.error(
+                "could not register slash commands %s (%s): was the bot invited with the "
+                "applications.commands scope?", f"in guild {guild.id}" if guild else "globally", exc,
+            )
