@@ -23,7 +23,7 @@ from discord import app_commands
 from bots.discord_commands import add_commands, conversation_key, sync_commands
 from bots.discord_format import invite_url, model_text, split_message, thread_name
 from core.config import DiscordSection, Settings
-from core.conversation import ConversationKey
+from core.conversation import KeyedLocks
 from core.service import ChatError, ChatService
 from core.ratelimit import RateLimiter
 
@@ -65,7 +65,7 @@ class DiscordAdapter:
         add_commands(self.tree, service, self.config, self.command_refusal)
         self._accepting = False
         self._tasks: set[asyncio.Task] = set()
-        self._locks: dict[ConversationKey, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
         self._gateway_task: asyncio.Task | None = None
         self._replaced_endpoints: tuple[str, yarl.URL] | None = None
         self._listen()
@@ -219,7 +219,7 @@ class DiscordAdapter:
         key = conversation_key(channel.id)
         # The service orders the turns of a conversation; this lock also keeps its replies in order
         # on Discord (a split reply's last piece lands before the next reply starts).
-        async with self._lock(key):
+        async with self._locks.hold(key):
             reply = ReplyMessages(channel, reply_to, self.config.stream_edit_interval_s)
             try:
                 async with channel.typing():
@@ -242,14 +242,6 @@ class DiscordAdapter:
             log.warning("discord: could not open a thread in %s: %s", message.channel.id, exc)
             return message.channel, message
         return thread, None  # the thread hangs off the message: no reply reference needed
-
-    def _lock(self, key: ConversationKey) -> asyncio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            if len(self._locks) > 10_000:
-                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
-            lock = self._locks[key] = asyncio.Lock()
-        return lock
 
     def _spawn(self, work) -> None:
         task = asyncio.create_task(work)
@@ -287,8 +279,14 @@ class ReplyMessages:
         """Show the reply so far; a partial one only when streaming is on and the interval has passed."""
         if not final and (not self.interval_s or time.monotonic() - self._shown_at < self.interval_s):
             return
-        await self._render(split_message(text))
         self._shown_at = time.monotonic()
+        if final:
+            await self._render(split_message(text))
+            return
+        try:
+            await self._render(split_message(text))
+        except discord.HTTPException:  # a lost partial edit is not worth losing the reply over
+            log.warning("discord: a streamed edit in channel %s failed; carrying on", self.channel.id)
 
     async def fail(self, notice: str) -> None:
         """Say why there is no reply (replacing whatever was streamed)."""

@@ -91,8 +91,8 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     service = await open_service(settings.config, dict(os.environ))
     adapters: list[Adapter] = []
+    preload = asyncio.create_task(_preload(service))
     try:
-        asyncio.create_task(_preload(service))
         for plan in plans:
             adapter = importlib.import_module(plan.module).create_adapter(service, settings)
             await adapter.start()
@@ -101,6 +101,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         await stop.wait()
         log.info("shutting down: finishing replies in flight")
     finally:
+        preload.cancel()
         for adapter in reversed(adapters):
             try:
                 await adapter.stop()

@@ -15,8 +15,7 @@ import asyncio
 import json
 import logging
 import math
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Hashable
 
@@ -299,16 +298,6 @@ class RecentKeys:
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._keys
-        now = time.monotonic()
-        if len(self._recent) > 10_000:
-            self._recent = {k: v for k, v in self._recent.items() if v and now - v[-1] < 60}
-        window = self._recent.setdefault(key, deque())
-        while window and now - window[0] >= 60:
-            window.popleft()
-        if len(window) >= self.per_minute:
-            return 60 - (now - window[0])
-        window.append(now)
-        return 0.0
 
 
 def _from_bot(event: dict) -> bool:

@@ -10,10 +10,10 @@ import asyncio
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Hashable, Literal, Protocol, Sequence
 
 Role = Literal["user", "bot"]
 
@@ -197,3 +197,22 @@ def current_session(turns: Sequence[Turn], idle_seconds: float, now: float | Non
         kept.append(turn)
         later = turn.time
     return kept[::-1]
+
+
+class KeyedLocks:
+    """One asyncio lock per conversation, alive only while someone holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, list] = {}  # key -> [lock, users]
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable):
+        entry = self._entries.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._entries[key]

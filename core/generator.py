@@ -42,6 +42,10 @@ class GenerationTimeout(GenerationFailed):
     """The request ran past its deadline."""
 
 
+class GenerationCancelled(GenerationFailed):
+    """The caller gave up on this request."""
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -171,6 +175,9 @@ class LocalEngine(Engine):
     def prepare(self, fmt: str, turns: Sequence[Turn], system_prompt: str, budget: int) -> list[int]:
         return prompts.fit_to_budget(fmt, self.tokenizer, turns, system_prompt, budget)[1]
 
+    def has_adapter(self, path: str) -> bool:
+        return path in self._adapters
+
     def load_adapter(self, path: str) -> None:
         """Load a LoRA adapter onto the shared base model (blocking: call it off the event loop)."""
         from peft import PeftModel
@@ -214,10 +221,6 @@ class LocalEngine(Engine):
         return generation
 
     @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
-    @property
     def active(self) -> int:
         return len(self._rows)
 
@@ -240,20 +243,30 @@ class LocalEngine(Engine):
                         return
                     room = self.max_batch_size - len(self._rows)
                     admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-                admitted = [row for row in admitted if self._still_wanted(row)]
-                now = time.monotonic()
-                for row in admitted:
-                    row.generation.stats.queue_wait_s = now - row.generation.submitted
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._step()
+                try:
+                    self._iterate(admitted)
+                except Exception as exc:  # noqa: BLE001 - the worker must outlive any one failure
+                    log.exception("generator step failed; failing %d request(s)", len(self._rows) + len(admitted))
+                    for row in {id(r): r for r in self._rows + admitted}.values():
+                        row.generation.push("error", GenerationFailed(f"generation failed: {exc}"))
+                    self._rows, self._cache, self._mask, self._next = [], None, None, None
                 self._gauge()
+
+    def _iterate(self, admitted: list[_Row]) -> None:
+        """One round: prefill the newly admitted requests, then one decode step for the whole batch."""
+        admitted = [row for row in admitted if self._still_wanted(row)]
+        now = time.monotonic()
+        for row in admitted:
+            row.generation.stats.queue_wait_s = now - row.generation.submitted
+        if admitted:
+            self._prefill(admitted)
+        if self._rows:
+            self._step()
 
     def _still_wanted(self, row: _Row) -> bool:
         generation = row.generation
         if generation.cancelled:
-            generation.push("error", asyncio.CancelledError())
+            generation.push("error", GenerationCancelled("cancelled"))
             return False
         if generation.deadline is not None and time.monotonic() > generation.deadline:
             generation.push("error", GenerationTimeout("the reply took too long (queued past its deadline)"))
@@ -366,6 +379,8 @@ class LocalEngine(Engine):
             if self.metrics:
                 self.metrics.first_token.observe(stats.first_token_s)
         if token in self.eos_ids:
+            # Text held back in case it began a stop string is part of the reply after all.
+            self._emit(row, self.tokenizer.decode(row.tokens, skip_special_tokens=True))
             return "stop"
         row.tokens.append(token)
         row.sampler.append(token)

@@ -93,8 +93,8 @@ class OpenAIEngine(Engine):
             generation.push("done", stats)
         except GenerationFailed as exc:
             generation.push("error", exc)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            log.warning("model server %s failed: %s", self.endpoint.base_url, exc)
+        except Exception as exc:  # noqa: BLE001 - any failure ends this request, never leaves it hanging
+            log.warning("model server %s failed: %r", self.endpoint.base_url, exc)
             generation.push("error", GenerationFailed(f"the model server failed: {type(exc).__name__}"))
 
     async def _client(self) -> aiohttp.ClientSession:

@@ -100,12 +100,15 @@ class PersonaRegistry:
         """The shared engine for this persona, loading it (and its adapter) off the event loop on first use."""
         engine = await self._base_engine(persona)
         adapter = persona.config.adapter
-        if adapter and isinstance(engine, LocalEngine):
+        if adapter and isinstance(engine, LocalEngine) and not engine.has_adapter(adapter):
+            if adapter in self._failures:
+                raise PersonaUnavailable(self._explain(persona, self._failures[adapter]))
             try:
                 await asyncio.to_thread(engine.load_adapter, adapter)
             except Exception as exc:  # noqa: BLE001 - a bad adapter fails its persona only
                 log.warning("could not load adapter %s", adapter, exc_info=True)
-                raise PersonaUnavailable(self._explain(persona, f"adapter {adapter}: {exc}")) from None
+                self._failures[adapter] = f"adapter {adapter}: {exc}"
+                raise PersonaUnavailable(self._explain(persona, self._failures[adapter])) from None
         return engine
 
     async def _base_engine(self, persona: Persona) -> Engine:
@@ -133,7 +136,8 @@ class PersonaRegistry:
     async def _build(self, persona: Persona, key: object) -> Engine:
         g = self._config.generator
         if isinstance(key, ModelSource):
-            model, tokenizer = await asyncio.to_thread(load_model, key, self.placement, g.cache_dir)
+            placement = await asyncio.to_thread(lambda: self.placement)  # CUDA probing can take a while
+            model, tokenizer = await asyncio.to_thread(load_model, key, placement, g.cache_dir)
             return LocalEngine(
                 model, tokenizer, name=_label(key), max_batch_size=g.max_batch_size, max_queue=g.max_queue,
                 metrics=self._metrics,
@@ -157,4 +161,6 @@ class PersonaRegistry:
 def _label(key: object) -> str:
     if isinstance(key, ModelSource):
         return key.label
+    if isinstance(key, str):  # an adapter directory
+        return key
     return f"{key[1]}#{key[2]}"

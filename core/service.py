@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from core.config import Config, Decoding
-from core.conversation import ConversationKey, ConversationStore, Turn, current_session
+from core.conversation import ConversationKey, ConversationStore, KeyedLocks, Turn, current_session
 from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
@@ -61,7 +61,6 @@ class Reply:
     text: str
     persona: str
     stats: GenerationStats
-    latency_s: float
 
 
 HELP = (
@@ -77,7 +76,7 @@ class ChatService:
         self.store = store
         self.personas = personas
         self.metrics = metrics
-        self._locks: dict[ConversationKey, asyncio.Lock] = {}
+        self._locks = KeyedLocks()
 
     # ---- replies ---------------------------------------------------------------------------
 
@@ -101,7 +100,7 @@ class ChatService:
         label = persona_name or "?"
         try:
             text = self._validate(text)
-            async with self._lock(key):
+            async with self._locks.hold(key):
                 persona = await self._persona(key, persona_name)
                 label = persona.name
                 reply = None
@@ -143,15 +142,6 @@ class ChatService:
             raise InputRejected(f"That message is a bit long for me: please keep it under {limit} characters.")
         return text
 
-    def _lock(self, key: ConversationKey) -> asyncio.Lock:
-        # Turns of one conversation are answered in order; different conversations run concurrently.
-        lock = self._locks.get(key)
-        if lock is None:
-            if len(self._locks) > 10_000:
-                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
-            lock = self._locks[key] = asyncio.Lock()
-        return lock
-
     async def generate(
         self, persona: Persona, turns: list[Turn], *, system_prompt: str | None = None, decoding: Decoding | None = None
     ) -> Generation:
@@ -188,21 +178,28 @@ class ChatService:
         for attempt in range(2):
             generation = await self.generate(persona, turns, decoding=decoding)
             raw = ""
+            problem = None
             try:
                 async for piece in generation:
                     raw += piece
                     shown = neutralize_mentions(raw).strip()
-                    if shown:
-                        yield ReplyUpdate(shown)
+                    if not shown:
+                        continue
+                    # Partial text is screened too: users must never see what the final check would reject.
+                    if await self._offensive(shown):
+                        problem = "offensive"
+                        generation.cancel()
+                        break
+                    yield ReplyUpdate(shown)
             except GenerationTimeout:
                 log.warning("generation timed out key=%s persona=%s", key, persona.name)
                 raise ReplyFailed("Sorry, that took me too long. Please try again.") from None
             except GenerationFailed:
                 log.exception("generation failed key=%s persona=%s", key, persona.name)
                 raise ReplyFailed("Sorry, something went wrong while I was thinking. Please try again.") from None
-            problem = await self._problem(raw, text)
+            problem = problem or await self._problem(raw, text)
             if problem is None:
-                yield Reply(neutralize_mentions(raw).strip(), persona.name, generation.stats, 0.0)
+                yield Reply(neutralize_mentions(raw).strip(), persona.name, generation.stats)
                 return
             log.info("discarding a %s reply key=%s persona=%s (attempt %d)", problem, key, persona.name, attempt + 1)
             if problem == "offensive" and cfg.safety.on_offensive == "fallback":
@@ -210,18 +207,16 @@ class ChatService:
             decoding = decoding.model_copy(
                 update={"do_sample": True, "seed": None if decoding.seed is None else decoding.seed + 1}
             )
-        yield Reply(cfg.safety.fallback_reply, persona.name, generation.stats, 0.0)
+        yield Reply(cfg.safety.fallback_reply, persona.name, generation.stats)
 
     async def _problem(self, reply: str, user_text: str) -> str | None:
-        reason = degeneracy(reply, user_text)
-        if reason:
-            return reason
+        return degeneracy(reply, user_text) or ("offensive" if await self._offensive(reply) else None)
+
+    async def _offensive(self, text: str) -> bool:
         safety = self.config.safety
-        if safety.on_offensive != "allow":
-            offensive = await asyncio.to_thread(is_offensive, [reply], safety.offensive_threshold)
-            if offensive[0]:
-                return "offensive"
-        return None
+        if safety.on_offensive == "allow":
+            return False
+        return (await asyncio.to_thread(is_offensive, [text], safety.offensive_threshold))[0]
 
     # ---- shared commands -------------------------------------------------------------------
 
@@ -250,7 +245,7 @@ class ChatService:
         return persona
 
     async def reset(self, key: ConversationKey) -> None:
-        async with self._lock(key):
+        async with self._locks.hold(key):
             await self.store.reset(key)
 
     def persona_list(self) -> list[Persona]:

@@ -81,6 +81,24 @@ async def test_streaming_pieces_and_stop_strings(word_model):
     stopped = engine.submit(prompt_for(engine, "castle"), GREEDY.model_copy(update={"stop": ["tle"]}))
     assert await stopped.text() == "cas"
     assert stopped.stats.finish_reason == "stop" and stopped.stats.new_tokens >= 1
+    # Text held back in case it starts a stop string still arrives when the reply simply ends.
+    unmatched = engine.submit(prompt_for(engine, "castle"), GREEDY.model_copy(update={"stop": ["zzzzzz"]}))
+    assert await unmatched.text() == "castle!"
+    await engine.close()
+
+
+@pytest.mark.timeout(120)
+async def test_worker_survives_an_unexpected_failure(word_model_dir):
+    # A tokenizer that cannot decode what the model produces breaks the worker's own bookkeeping
+    # (not the forward pass): the affected requests fail, and the engine keeps serving.
+    model, tokenizer = load_model(ModelSource(str(word_model_dir)), choose_placement("cpu"))
+    engine = LocalEngine(model, tokenizer)
+    original = tokenizer.decode
+    tokenizer.decode = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("decoder exploded"))
+    with pytest.raises(GenerationFailed, match="decoder exploded"):
+        await engine.submit(prompt_for(engine, "harbor"), GREEDY, timeout=30).text()
+    tokenizer.decode = original
+    assert await engine.submit(prompt_for(engine, "harbor"), GREEDY, timeout=30).text() == "harbor!"
     await engine.close()
 
 

@@ -100,12 +100,15 @@ async def test_busy_generator_answers_busy_and_stores_nothing_for_it(tmp_path, w
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("action", ["regenerate", "fallback"])
-async def test_offensive_replies_are_replaced(tmp_path, word_model_dir, action):
+@pytest.mark.parametrize("action, generations", [("regenerate", 2), ("fallback", 1)])
+async def test_offensive_replies_are_replaced(tmp_path, word_model_dir, action, generations, caplog):
     # A threshold this low makes the real classifier flag every reply.
     config = make_config(tmp_path, word_model_dir, safety={"offensive_threshold": 1e-9, "on_offensive": action})
     service = await open_service(config)
-    assert await service.reply(KEY, "alice", "the word is apple", adapter="test") == config.safety.fallback_reply
+    with caplog.at_level("INFO", logger="core.service"):
+        updates = [u async for u in service.respond(KEY, "alice", "the word is apple", adapter="test")]
+    assert [u.text for u in updates] == [config.safety.fallback_reply]  # nothing flagged was ever shown
+    assert len([r for r in caplog.records if "discarding a offensive reply" in r.getMessage()]) == generations
     stored = await service.store.recent_turns(KEY, 10)
     assert stored[-1].text == config.safety.fallback_reply
     await service.close()
