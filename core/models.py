@@ -144,7 +144,9 @@ def _load_gguf(source: ModelSource, placement: Placement, cache_dir: Path | None
 
 
 def _gguf_cache_path(gguf_path: Path, cache_dir: Path | None) -> Path:
-    stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # Keyed by content (size and the first MiB), not by path: every install of the same file shares one cache.
+    with gguf_path.open("rb") as handle:
+        head = handle.read(1 << 20)
+    digest = hashlib.sha256(head + str(gguf_path.stat().st_size).encode()).hexdigest()[:16]
     base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "talk-to-transformers"
     return base / "gguf" / f"{gguf_path.stem}-{digest}"
