@@ -170,6 +170,8 @@ def _health(service: ChatService):
         adapters = adapter_states(service.metrics)
         body = {
             "status": "ok" if problem is None and all(adapters.values()) else "degraded",
+            # Ready: the default model is loaded and every adapter is connected.
+            "ready": problem is None and all(adapters.values()) and personas.is_loaded(personas.get(personas.default)),
             "default_persona": personas.default,
             "models": personas.loaded(),
             "adapters": adapters,

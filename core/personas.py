@@ -96,6 +96,13 @@ class PersonaRegistry:
             if path and Path(path).is_absolute() and not Path(path).exists():
                 raise PersonaUnavailable(self._explain(persona, f"{path} does not exist"))
 
+    def is_loaded(self, persona: Persona) -> bool:
+        """Whether the persona's engine is up (so its first reply will not wait for a model load)."""
+        try:
+            return self.engine_key(persona) in self._engines
+        except ModelUnavailable:
+            return False
+
     async def engine(self, persona: Persona) -> Engine:
         """The shared engine for this persona, loading it (and its adapter) off the event loop on first use."""
         engine = await self._base_engine(persona)

@@ -31,7 +31,8 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60) -> dict
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
                 health = json.load(response)
-                if all(health["models"].values()) and health["models"]:
+                if health["ready"]:
+                    assert all(health["models"].values()) and health["models"]
                     return health
         except (urllib.error.URLError, ConnectionError):
             pass

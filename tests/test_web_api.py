@@ -413,8 +413,8 @@ async def test_healthz_reflects_a_model_that_failed_to_load(tmp_path, word_model
     try:
         async with s.http.get(f"{s.url}/healthz") as r:
             assert r.status == 200
-            assert await r.json() == {"status": "ok", "default_persona": "broken", "models": {},
-                                      "adapters": {"web": True}}
+            assert await r.json() == {"status": "ok", "ready": False, "default_persona": "broken", "models": {},
+                                      "adapters": {"web": True}}  # alive, but its model is not loaded yet
         got, answer = await s.chat({"model": "words", "messages": [user("the word is apple")]})
         assert got == 200
         got, answer = await s.chat({"model": "broken", "messages": [user("the word is apple")]})
@@ -422,7 +422,7 @@ async def test_healthz_reflects_a_model_that_failed_to_load(tmp_path, word_model
         async with s.http.get(f"{s.url}/healthz") as r:
             assert r.status == 503
             health = await r.json()
-        assert health["status"] == "degraded"
+        assert health["status"] == "degraded" and health["ready"] is False
         assert health["models"] == {str(word_model_dir): True, str(broken): False}
         assert "not a valid JSON" in health["problem"]
         assert await s.metric("ttt_model_loaded", model=str(broken)) == 0
