@@ -45,6 +45,26 @@ def build_tokenizer(extra_text: list[str] | None = None) -> PreTrainedTokenizerF
     return tokenizer
 
 
+def fit(model, examples: list[tuple[list[int], list[int]]], pad_id: int, steps: int) -> None:
+    """Full-batch AdamW on (ids, labels) examples, right-padded; leaves the model in eval mode."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), IGNORE_INDEX)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
 def word_sessions() -> list[list[Turn]]:
     sessions = []
     for w in WORDS:
@@ -67,23 +87,7 @@ def train_word_model(out_dir: Path, fmt: str = "dialogpt", steps: int = 300, see
         bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config)
-    examples = [encode_for_training(fmt, tokenizer, s) for s in word_sessions()]
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), tokenizer.pad_token_id)
-    labels = torch.full((len(examples), width), IGNORE_INDEX)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fit(model, [encode_for_training(fmt, tokenizer, s) for s in word_sessions()], tokenizer.pad_token_id, steps)
     model.generation_config.eos_token_id = eos
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -133,23 +137,7 @@ def _train_replies(out_dir: Path, sessions: list[list[tuple[str, str]]], steps: 
     model = GPT2LMHeadModel(config)
     turns = [[Turn(role, "alice" if role == "user" else "bot", text)
               for user, reply in session for role, text in (("user", user), ("bot", reply))] for session in sessions]
-    examples = [encode_for_training("dialogpt", tokenizer, t) for t in turns]
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), width), eos)
-    labels = torch.full((len(examples), width), IGNORE_INDEX)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, (x, y) in enumerate(examples):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    fit(model, [encode_for_training("dialogpt", tokenizer, t) for t in turns], eos, steps)
     model.generation_config.eos_token_id = eos
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
