@@ -60,7 +60,7 @@ def plan_adapters(settings: Settings) -> list[AdapterPlan]:
     platforms = any(p.starts for p in plans)
     wanted = cfg.web.enabled == "on" or (cfg.web.enabled == "auto" and not platforms)
     problem = None
-    if cfg.web.host not in ("127.0.0.1", "localhost", "::1") and not secrets.has("TTT_API_KEY"):
+    if not cfg.web.loopback_only and not secrets.has("TTT_API_KEY"):
         problem = f"web.host is {cfg.web.host}: binding beyond this machine needs TTT_API_KEY set"
     plans.append(_plan("web", "bots.web", wanted, problem))
     return plans

@@ -30,7 +30,6 @@ from core.service import ChatService
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PROTECTED = ("/api/", "/v1/")
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -53,7 +52,7 @@ class WebAdapter:
     def __init__(self, service: ChatService, settings: Settings):
         cfg = settings.config.web
         api_key = settings.secrets.get("TTT_API_KEY")
-        if cfg.host not in LOOPBACK and not api_key:
+        if not cfg.loopback_only and not api_key:
             raise ValueError(f"web.host is {cfg.host}: binding beyond this machine needs TTT_API_KEY set")
         self.service = service
         self.host = cfg.host

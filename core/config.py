@@ -115,6 +115,11 @@ class WebSection(Section):
     port: int = Field(8080, ge=0, le=65535)
     max_tokens_limit: int = Field(512, ge=1)
 
+    @property
+    def loopback_only(self) -> bool:
+        """Bound to this machine only; anything else requires TTT_API_KEY."""
+        return self.host in ("127.0.0.1", "localhost", "::1")
+
 
 class DiscordSection(Section):
     enabled: Literal["auto", "on", "off"] = "auto"

@@ -101,7 +101,7 @@ class ChatService:
         try:
             text = self._validate(text)
             async with self._locks.hold(key):
-                persona = await self._persona(key, persona_name)
+                persona = await self.persona_for(key, persona_name)
                 label = persona.name
                 reply = None
                 async for update in self._generate(key, author, text, persona):
@@ -221,9 +221,7 @@ class ChatService:
     # ---- shared commands -------------------------------------------------------------------
 
     async def persona_for(self, key: ConversationKey, override: str | None = None) -> Persona:
-        return await self._persona(key, override)
-
-    async def _persona(self, key: ConversationKey, override: str | None) -> Persona:
+        """`override` if given (it must exist), else the conversation's chosen persona, else the default."""
         if override is not None:
             try:
                 return self.personas.get(override)
@@ -236,7 +234,7 @@ class ChatService:
 
     async def set_persona(self, key: ConversationKey, name: str) -> Persona:
         """Switch this conversation's persona; raises PersonaError for an unknown name."""
-        persona = await self._persona(key, name.strip())
+        persona = await self.persona_for(key, name.strip())
         try:
             self.personas.check(persona)
         except PersonaUnavailable as exc:
