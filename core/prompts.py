@@ -20,6 +20,14 @@ CHATML_TEMPLATE = (
 IGNORE_INDEX = -100
 
 
+class PromptTooLong(ValueError):
+    """The newest turn (with the system prompt) alone does not fit the persona's token budget."""
+
+
+class SystemPromptTooLong(PromptTooLong):
+    """The system prompt alone fills the persona's token budget."""
+
+
 def encode(fmt: FormatName, tokenizer, turns: Sequence[Turn], system_prompt: str = "") -> list[int]:
     """Token ids of a prompt that asks the model for the next (bot) turn."""
     if fmt == "dialogpt":
@@ -47,6 +55,18 @@ def encode_for_training(
         ids = prefix
         labels += piece if turns[i].role == "bot" else [IGNORE_INDEX] * len(piece)
     return ids, labels
+
+
+def end_of_turn_ids(fmt: FormatName, tokenizer) -> list[int]:
+    """Tokens that end a persona turn, which serving must stop on: eos in the dialogpt format; in the
+    chat format the last special token of an assistant message (<|im_end|> for ChatML), which is not
+    always the tokenizer's eos (Qwen2.5 bases, for instance)."""
+    if fmt == "dialogpt":
+        return [tokenizer.eos_token_id]
+    ids, labels = encode_for_training(fmt, tokenizer, [Turn("user", "u", "hi"), Turn("bot", "b", "hello")])
+    special = set(tokenizer.all_special_ids)
+    ends = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX and t in special]
+    return [ends[-1]] if ends else [tokenizer.eos_token_id]
 
 
 def fit_to_budget(

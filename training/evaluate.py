@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from core.conversation import Turn
 from core.models import ModelSource, ModelUnavailable, choose_placement, load_model
-from core.prompts import fit_to_budget
-from training.train import encode_all, make_loader, read_sessions, session_turns, stop_token_ids, validation_loss
+from core.prompts import end_of_turn_ids, fit_to_budget
+from training.train import encode_all, make_loader, read_sessions, session_turns, validation_loss
 
 NO_REPEAT_NGRAM_SIZE = 3
 
@@ -137,7 +137,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         base_ppl = math.exp(validation_loss(base_model, loader, accelerator))
     print(f"validation perplexity: base {base_ppl:.2f}, fine-tuned {tuned_ppl:.2f} ({len(examples)} sessions)")
 
-    stops = sorted(set(stop_token_ids(fmt, tokenizer) + [tokenizer.eos_token_id]))
+    stops = sorted(set(end_of_turn_ids(fmt, tokenizer) + [tokenizer.eos_token_id]))
     budget = max(16, max_length - cfg.max_new_tokens)
     samples = []
     for session in tqdm(sessions[: cfg.samples], desc="replying", unit="context"):

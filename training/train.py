@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.conversation import Turn
-from core.prompts import IGNORE_INDEX, encode_for_training
+from core.prompts import IGNORE_INDEX, encode_for_training, end_of_turn_ids
 
 DEFAULT_LR = 5e-5
 DEFAULT_LORA_LR = 2e-4
@@ -254,17 +254,6 @@ def resolve_format(fmt: str, tokenizer) -> str:
     if fmt not in ("dialogpt", "chat"):
         raise TrainError(f"unknown prompt format {fmt!r}: choose dialogpt, chat or auto")
     return fmt
-
-
-def stop_token_ids(fmt: str, tokenizer) -> list[int]:
-    """Tokens that end a persona turn: eos in the dialogpt format; in the chat format the last
-    special token of an assistant message (<|im_end|> for ChatML), which serving must stop on."""
-    if fmt == "dialogpt":
-        return [tokenizer.eos_token_id]
-    ids, labels = encode_for_training(fmt, tokenizer, [Turn("user", "u", "hi"), Turn("bot", "b", "hello")])
-    special = set(tokenizer.all_special_ids)
-    ends = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX and t in special]
-    return [ends[-1]] if ends else [tokenizer.eos_token_id]
 
 
 # ---- the personality directory --------------------------------------------------------------
@@ -499,7 +488,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         loss = state["base_loss"]
         say(f"step 0: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} (base model)")
 
-    stop_ids = stop_token_ids(fmt, tokenizer)
+    stop_ids = end_of_turn_ids(fmt, tokenizer)
     subreddits = _subreddits(cfg.data_dir)
     say(f"training {total_steps} steps ({steps_per_epoch} per epoch) at peak lr {peak_lr:g}, "
         f"batch {cfg.batch_size} x {cfg.grad_accum} accumulation x {accelerator.num_processes} process(es), "

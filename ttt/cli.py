@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import importlib
 import importlib.util
 import logging
 import os
@@ -15,6 +16,9 @@ from core.config import ConfigError, Settings, load_settings
 from core.logs import setup_logging
 
 log = logging.getLogger("ttt")
+
+# Modules that add their own subcommands (`add_commands(subparsers)`; each sets `run(settings, args)`).
+SUBCOMMAND_MODULES = ("training.cli", "ttt.voice_cli", "ttt.db_cli")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--persona", help="persona for this conversation (remembered)")
     chat.add_argument("--session", default=None, help="conversation name (default: your user name)")
     commands.add_parser("check", help="validate the config and show what would start")
-    if importlib.util.find_spec("training.cli") is not None:
-        from training.cli import add_commands
-
-        add_commands(commands)
+    for module in SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_commands(commands)
     args = parser.parse_args(argv)
 
     try:
