@@ -11,6 +11,9 @@ itself via ``GET /gateway/bot``.
   ``fake.unknown_requests`` too. Bot token checked (401) except on interaction webhooks.
   Responses carry ``Content-Type: application/json`` exactly (discord.py parses nothing else).
 * Gateway websocket (``discord_gateway.py``): READY + GUILD_CREATE, heartbeats, RESUME, intents.
+* Voice: the bot's voice state updates (gateway op 4) are answered with VOICE_STATE_UPDATE and,
+  when it joins, VOICE_SERVER_UPDATE pointing at ``fake.voice_server`` (a FakeVoiceServer from
+  discord_voice_server.py); ``user_joins_voice``/``user_leaves_voice`` move people around.
 * Messages the bot creates are stored per channel (``fake.messages``) and echoed back over the
   gateway as MESSAGE_CREATE, as Discord does. Validation like Discord: empty message (50006),
   content over 2000 characters (50035), reply to an unknown message (50035), double interaction
@@ -29,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import re
+import secrets
 import traceback
 from collections import defaultdict
 from typing import Any, Callable, Optional
@@ -38,7 +42,7 @@ from aiohttp import web
 from .discord_gateway import Gateway
 from .discord_models import (
     BOT_ROLE_PERMISSIONS, DM, EVERYONE_PERMISSIONS, GUILD_TEXT, GUILD_VOICE, PRIVATE_THREAD, PUBLIC_THREAD,
-    FakeChannel, FakeGuild, FakeMember, FakeRole, FakeUser, snowflake, snowflake_id,
+    FakeChannel, FakeGuild, FakeMember, FakeRole, FakeUser, FakeVoiceState, snowflake, snowflake_id,
 )
 from .discord_rest import DiscordError, FakeInteraction, RestCall, RestHandlers, WaitTimeout
 
@@ -79,6 +83,7 @@ class FakeDiscord(RestHandlers):
         self.guild_commands: dict[int, list] = {}
         self.command_syncs: list[tuple] = []  # (guild id or None, PUT body)
         self.interactions: dict[int, FakeInteraction] = {}
+        self.voice_server = None  # a FakeVoiceServer, for VOICE_SERVER_UPDATE
         self.gateway = Gateway(self, heartbeat_interval_ms)
         self._change = asyncio.Event()
         self._runner: Optional[web.AppRunner] = None
@@ -224,9 +229,9 @@ class FakeDiscord(RestHandlers):
         return self._add_channel(FakeChannel(snowflake(), GUILD_TEXT, name, guild_id=guild.id, topic=topic,
                                              position=len(guild.channels), overwrites=list(overwrites)))
 
-    def add_voice_channel(self, guild: FakeGuild, name: str) -> FakeChannel:
+    def add_voice_channel(self, guild: FakeGuild, name: str, *, overwrites=()) -> FakeChannel:
         return self._add_channel(FakeChannel(snowflake(), GUILD_VOICE, name, guild_id=guild.id,
-                                             position=len(guild.channels)))
+                                             position=len(guild.channels), overwrites=list(overwrites)))
 
     def add_thread(self, parent: FakeChannel, name: str, *, owner: Optional[FakeUser] = None,
                    private: bool = False) -> FakeChannel:
@@ -264,6 +269,56 @@ class FakeDiscord(RestHandlers):
         """Recorded REST calls whose method matches and whose path matches the regex ``path``."""
         return [c for c in self.requests
                 if (method is None or c.method == method) and re.fullmatch(path, c.path)]
+
+    # ==== voice ===============================================================================
+
+    def user_joins_voice(self, channel, user: FakeUser) -> None:
+        """``user`` joins (or moves to) the voice channel ``channel``: VOICE_STATE_UPDATE."""
+        channel = self._channel(channel)
+        guild = self.guilds[channel.guild_id]
+        if user.id not in guild.members:
+            self.add_member(guild, user)
+        self._set_voice_state(guild, FakeVoiceState(guild.id, user.id, channel.id, secrets.token_hex(16)))
+
+    def user_leaves_voice(self, guild: FakeGuild, user: FakeUser) -> None:
+        state = guild.voice_states.get(user.id)
+        if state is not None:
+            self._set_voice_state(guild, FakeVoiceState(guild.id, user.id, None, state.session_id))
+
+    def voice_channel_of(self, guild: FakeGuild, user) -> Optional[int]:
+        state = guild.voice_states.get(snowflake_id(user))
+        return state.channel_id if state else None
+
+    def move_voice_server(self, guild: FakeGuild, server) -> None:
+        """Discord moves the guild's voice to another server: VOICE_SERVER_UPDATE with its endpoint."""
+        self.voice_server = server
+        state = guild.voice_states[self.bot_user.id]
+        self._voice_server_update(guild, state.session_id)
+
+    def _bot_voice_state(self, session, d: dict) -> None:
+        """The bot asked (gateway op 4) to join, move within or leave a guild's voice."""
+        guild = self.guilds.get(int(d["guild_id"]))
+        if guild is None:
+            return
+        channel_id = int(d["channel_id"]) if d.get("channel_id") else None
+        self._set_voice_state(guild, FakeVoiceState(guild.id, self.bot_user.id, channel_id, session.id,
+                                                    bool(d.get("self_mute")), bool(d.get("self_deaf"))))
+        if channel_id is not None and self.voice_server is not None:
+            self._voice_server_update(guild, session.id)
+
+    def _voice_server_update(self, guild: FakeGuild, session_id: str) -> None:
+        token = self.voice_server.expect(guild.id, self.bot_user.id, session_id)
+        self.gateway.dispatch("VOICE_SERVER_UPDATE", {"token": token, "guild_id": str(guild.id),
+                                                      "endpoint": self.voice_server.endpoint}, guild_id=guild.id)
+
+    def _set_voice_state(self, guild: FakeGuild, state: FakeVoiceState) -> None:
+        if state.channel_id is None:
+            guild.voice_states.pop(state.user_id, None)
+        else:
+            guild.voice_states[state.user_id] = state
+        self.gateway.dispatch("VOICE_STATE_UPDATE", state.payload(guild.members.get(state.user_id)),
+                              guild_id=guild.id)
+        self._changed()
 
     # ==== driving the bot =====================================================================
 
