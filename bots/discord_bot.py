@@ -5,8 +5,9 @@ bot is addressed, checks access and the rate limit and turns the message into wo
 generates under the conversation's lock and streams the reply into message edits. Slash commands
 are in discord_commands.py, Discord's text rules in discord_format.py.
 
-Voice comes later as a sibling of the text path: it will take the same client and service, add
-its commands to `tree` and its intent (voice_states) to `intents()`.
+Voice (bots/discord_voice.py, when `voice.enabled`) is a sibling of the text path on the same
+client and service: it adds /join /leave /skip to `tree`, the voice_states intent, Connect and
+Speak to the invite, and speaks the replies `_answer` writes in channels linked to a voice channel.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ def create_adapter(service: ChatService, settings: Settings) -> "DiscordAdapter"
     return DiscordAdapter(service, settings)
 
 
-def intents() -> discord.Intents:
+def intents(voice: bool = False) -> discord.Intents:
     """Guilds (channels, roles, threads), messages in guilds and DMs, and their text
-    (Message Content is a privileged intent: switch it on in the developer portal)."""
+    (Message Content is a privileged intent: switch it on in the developer portal); voice states
+    when the bot speaks in voice channels."""
     wanted = discord.Intents.none()
     wanted.guilds = wanted.guild_messages = wanted.dm_messages = wanted.message_content = True
+    wanted.voice_states = voice
     return wanted
 
 
@@ -57,12 +60,18 @@ class DiscordAdapter:
         self.rate_limit = RateLimiter(self.config.rate_limit_per_minute)
         # AutoShardedClient also for one shard: it asks Discord how many shards to run
         # (shard_count None) or runs the configured number, with one code path.
+        voice_enabled = settings.config.voice.enabled
         self.client = discord.AutoShardedClient(
-            intents=intents(), shard_count=self.config.shard_count, allowed_mentions=NO_PINGS,
+            intents=intents(voice_enabled), shard_count=self.config.shard_count, allowed_mentions=NO_PINGS,
             guild_ready_timeout=guild_ready_timeout,
         )
         self.tree = app_commands.CommandTree(self.client)
         add_commands(self.tree, service, self.config, self.command_refusal)
+        self.voice = None
+        if voice_enabled:  # imported only then: it needs the voice extra
+            from bots.discord_voice import DiscordVoice
+
+            self.voice = DiscordVoice(self.client, self.tree, service, settings, self.command_refusal)
         self._accepting = False
         self._tasks: set[asyncio.Task] = set()
         self._locks = KeyedLocks()
@@ -111,8 +120,10 @@ class DiscordAdapter:
         log.info(
             "discord: logged in as %s in %d guild(s), %d shard(s); invite: %s",
             self.client.user, len(self.client.guilds), self.client.shard_count or 1,
-            invite_url(self.client.application_id, self.config.auto_thread),
+            invite_url(self.client.application_id, self.config.auto_thread, voice=self.voice is not None),
         )
+        if self.voice is not None:
+            self.voice.start()
 
     async def stop(self) -> None:
         """Take no new messages, let replies in flight finish, disconnect."""
@@ -123,6 +134,8 @@ class DiscordAdapter:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        if self.voice is not None:
+            await self.voice.stop()
         await self._close_client()
 
     async def _close_client(self) -> None:
@@ -221,16 +234,22 @@ class DiscordAdapter:
         # on Discord (a split reply's last piece lands before the next reply starts).
         async with self._locks.hold(key):
             reply = ReplyMessages(channel, reply_to, self.config.stream_edit_interval_s)
+            spoken = await self.voice.listener(channel) if self.voice is not None else None  # voice never raises
             try:
                 async with channel.typing():
                     updates = self.service.respond(key, message.author.display_name, text, adapter="discord")
                     async for update in updates:
+                        if spoken is not None:
+                            await spoken.on_update(update)
                         await reply.show(update.text, final=update.final)
             except ChatError as exc:  # the service has logged why (with the traceback of a failure)
                 await reply.fail(exc.user_message)
             except Exception:
                 log.exception("discord: replying in %s failed", key)
                 await reply.fail(APOLOGY)
+            finally:
+                if spoken is not None:
+                    spoken.abandon_unfinished()
 
     async def _open_thread(
         self, message: discord.Message, text: str

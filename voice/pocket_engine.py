@@ -82,7 +82,9 @@ class PocketEngine(Engine):
         export_model_state(state, path)
 
     def load_state(self, path: Path) -> VoiceState:
-        return self.model.get_state_for_audio_prompt(Path(path))
+        state = self.model.get_state_for_audio_prompt(Path(path))
+        # Copied out of the memory-mapped file: the cache file may be replaced while the state is in use.
+        return {module: {k: v.clone() for k, v in tensors.items()} for module, tensors in state.items()}
 
     def default_state(self) -> VoiceState:
         if self._default is None:

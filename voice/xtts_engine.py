@@ -84,7 +84,7 @@ class XttsEngine(Engine):
     def load_state(self, path: Path) -> VoiceState:
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return {k: v.clone() for k, v in load_file(str(path)).items()}  # not tied to the mapped file
 
     def default_state(self) -> VoiceState | None:
         speakers = self.model.speaker_manager

@@ -281,9 +281,13 @@ class FakeDiscord(RestHandlers):
         self._set_voice_state(guild, FakeVoiceState(guild.id, user.id, channel.id, secrets.token_hex(16)))
 
     def user_leaves_voice(self, guild: FakeGuild, user: FakeUser) -> None:
+        """``user`` leaves voice; for the bot, a moderator disconnecting it (its voice websocket is closed
+        with 4014, as Discord does)."""
         state = guild.voice_states.get(user.id)
         if state is not None:
             self._set_voice_state(guild, FakeVoiceState(guild.id, user.id, None, state.session_id))
+        if user.id == self.bot_user.id and self.voice_server is not None:
+            asyncio.ensure_future(self.voice_server.disconnect(guild.id))
 
     def voice_channel_of(self, guild: FakeGuild, user) -> Optional[int]:
         state = guild.voice_states.get(snowflake_id(user))

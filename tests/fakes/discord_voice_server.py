@@ -178,6 +178,12 @@ class FakeVoiceServer:
                 await ws.close(code=code, message=b"FakeVoiceServer")
         return dropped
 
+    async def disconnect(self, guild_id: int) -> None:
+        """The bot was removed from the guild's voice: close its websocket with 4014."""
+        session = self.session(guild_id)
+        if session is not None and session.ws is not None and not session.ws.closed:
+            await session.ws.close(code=4014, message=b"Disconnected.")
+
     # ---- websocket -----------------------------------------------------------------------------
 
     async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
