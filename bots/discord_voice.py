@@ -85,7 +85,7 @@ class DiscordVoice:
         try:
             persona = await self.service.persona_for(conversation_key(channel.id))
             reply = self.speaker.reply(persona.config.voice, adapter="discord",
-                                       label=f"guild={guild_voice.guild_id} channel={channel.id} persona={persona.name}")
+                                       label=f"guild={guild.id} channel={channel.id} persona={persona.name}")
         except VoiceBusy as exc:
             log.warning("voice: not speaking a reply in channel %s: %s", channel.id, exc)
             self.metrics.voice_replies.labels("discord", "busy").inc()
@@ -315,7 +315,9 @@ class GuildVoice:
                 with contextlib.suppress(Exception):
                     await old.disconnect(force=True)
         try:
-            vc = await channel.connect(timeout=CONNECT_TIMEOUT_S, reconnect=True, self_deaf=True, cls=SpeakingVoiceClient)
+            vc = await channel.connect(
+                timeout=CONNECT_TIMEOUT_S, reconnect=True, self_deaf=True, cls=SpeakingVoiceClient
+            )
         except (asyncio.TimeoutError, discord.ClientException) as exc:
             log.error("voice: could not rejoin channel %s in guild %s: %r", channel.id, self.guild_id, exc)
             await self.leave("could not rejoin")

@@ -67,7 +67,8 @@ def states(voice_dir: Path) -> list[str]:
 def test_voice_add_list_remove_with_manifest_and_state_cache(tmp_path, clips, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = write_config(tmp_path)
-    code, out, err = ttt(config, "voice", "add", "alice", str(clips["good"]), str(clips["stereo"]), "--consent", CONSENT)
+    good, stereo = str(clips["good"]), str(clips["stereo"])
+    code, out, err = ttt(config, "voice", "add", "alice", good, stereo, "--consent", CONSENT)
     assert code == 0, err
     assert "registered voice alice: 2 clip(s)" in out and "pocket voice state computed" in out
 
@@ -89,7 +90,8 @@ def test_voice_add_list_remove_with_manifest_and_state_cache(tmp_path, clips, mo
     assert code == 0 and out.startswith("alice") and "2 clip(s)" in out and "personas: talker" in out and CONSENT in out
 
     # Same engine, model and clips: the cached state is reused (`ttt say` loads, never recomputes).
-    code, out, err = ttt(config, "say", "Hello there. How are you?", "--persona", "talker", "-o", str(tmp_path / "a.wav"))
+    code, out, err = ttt(config, "say", "Hello there. How are you?", "--persona", "talker",
+                         "-o", str(tmp_path / "a.wav"))
     assert code == 0, err
     assert states(voice_dir) == [pocket_state]
     audio, rate = soundfile.read(str(tmp_path / "a.wav"))
@@ -172,7 +174,8 @@ def test_voice_config_names_registered_voices(tmp_path, monkeypatch):
                                     "personas": {"p": {"model": "m", "voice": "../alice.wav"}}}))
     with pytest.raises(ConfigError, match="personas.p.voice: got '../alice.wav'.*name of a registered voice"):
         load_settings(path, {})
-    path.write_text(yaml.safe_dump({"service": {"default_persona": "p"}, "personas": {"p": {"model": "m", "voice": "alice"}},
+    path.write_text(yaml.safe_dump({"service": {"default_persona": "p"},
+                                    "personas": {"p": {"model": "m", "voice": "alice"}},
                                     "voice": {"model": "./tts/config.yaml"}}))
     settings = load_settings(path, {"TTT_VOICE__ENABLED": "true", "TTT_VOICE__IDLE_LEAVE_S": "5"})
     voice = settings.config.voice

@@ -16,15 +16,13 @@ import pytest
 
 from bots.discord_voice import BUSY
 from conftest import make_config
-from core.config import Config, PersonaConfig, VoiceSection
+from core.config import Config, PersonaConfig
 from fakes.discord_models import P
 from fakes.discord_server import FakeChannel, FakeDiscord, FakeGuild, FakeUser
 from fakes.discord_voice_server import FakeVoiceServer, VoiceSession, trusted_by_aiohttp
 from test_discord_bot import running
 from tiny import train_reply_model
-from voice.registry import VoiceRegistry
-from voice.worker import acquire_worker
-from voice_tiny import spoken_clip, tiny_pocket_config
+from voice_tiny import tiny_pocket_config, voices_dir_with
 
 SHORT = "Apple it is."
 LONG = "Apples grow on trees. They are red or green. People eat them every day."
@@ -34,19 +32,14 @@ LONG = "Apples grow on trees. They are red or green. People eat them every day."
 def speaker_model_dir(tmp_path_factory) -> Path:
     """Says SHORT to "the word is apple" and LONG (three sentences) to "tell me more"."""
     return train_reply_model(tmp_path_factory.mktemp("models") / "speaker", [
-        [("the word is apple", SHORT)], [("tell me more", LONG)], [("the word is apple", SHORT), ("tell me more", LONG)],
+        [("the word is apple", SHORT)], [("tell me more", LONG)],
+        [("the word is apple", SHORT), ("tell me more", LONG)],
     ])
 
 
 @pytest.fixture(scope="module")
 def voices(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("voices")
-    worker = acquire_worker(VoiceSection(model=str(tiny_pocket_config()), voices_dir=root))
-    try:
-        VoiceRegistry(root).add("ada", [spoken_clip(root.parent / "ada.wav")], "Ada agreed, in writing.", worker.engine)
-    finally:
-        worker.release()
-    return root
+    return voices_dir_with(tmp_path_factory.mktemp("voices"))
 
 
 class WakeOnLog(logging.Handler):

@@ -59,7 +59,8 @@ async def test_discord_py_joins_plays_and_the_fake_hears_it(fake):
         session = fake.voice_server.session(guild.id)
         assert session.mode == SUPPORTED and session.client_address is not None  # IP discovery done
         assert session.identify["max_dave_protocol_version"] >= 1
-        assert fake.voice_channel_of(guild, fake.bot_user) == voice.id and guild.voice_states[fake.bot_user.id].self_deaf
+        assert fake.voice_channel_of(guild, fake.bot_user) == voice.id
+        assert guild.voice_states[fake.bot_user.id].self_deaf
 
         done = asyncio.Event()
         vc.play(discord.PCMAudio(_Bytes(tone_pcm(TONE_S))), after=lambda e: client.loop.call_soon_threadsafe(done.set))

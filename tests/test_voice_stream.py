@@ -15,10 +15,8 @@ from core.config import VoiceSection
 from core.metrics import Metrics
 from core.service import ReplyUpdate
 from voice.pcm import PcmStream
-from voice.registry import VoiceRegistry
 from voice.speaker import Speaker, VoiceBusy
-from voice.worker import acquire_worker
-from voice_tiny import spoken_clip, tiny_pocket_config
+from voice_tiny import tiny_pocket_config, voices_dir_with
 
 FRAME = 3840  # 20 ms of 48 kHz stereo s16le
 
@@ -26,14 +24,7 @@ FRAME = 3840  # 20 ms of 48 kHz stereo s16le
 @pytest.fixture(scope="module")
 def voices(tmp_path_factory) -> Path:
     """A voices_dir with `alice` registered (and her pocket state computed)."""
-    root = tmp_path_factory.mktemp("voices")
-    section = VoiceSection(model=str(tiny_pocket_config()), voices_dir=root)
-    worker = acquire_worker(section)
-    try:
-        VoiceRegistry(root).add("alice", [spoken_clip(root.parent / "alice.wav")], "test consent", worker.engine)
-    finally:
-        worker.release()
-    return root
+    return voices_dir_with(tmp_path_factory.mktemp("voices"), "alice")
 
 
 def section(voices: Path, **changes) -> VoiceSection:

@@ -3,7 +3,6 @@ page's speaker toggle in headless Chromium; the tiny pocket-tts engine speaks in
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 from pathlib import Path
@@ -14,30 +13,22 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from conftest import make_config
-from core.config import Config, PersonaConfig, VoiceSection
+from core.config import Config, PersonaConfig
 from test_web_api import API_KEY, Server, start_server, stop_server
 from test_web_page import ServerThread, browser, messages, ready, send, wait_for  # noqa: F401 - browser: a fixture
-from voice.registry import VoiceRegistry
-from voice.worker import acquire_worker
-from voice_tiny import spoken_clip, tiny_pocket_config
+from voice_tiny import tiny_pocket_config, voices_dir_with
 
 THREE = "The river is wide. The forest is dark. The castle is old."
 
 
 @pytest.fixture(scope="module")
 def voices(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("voices")
-    worker = acquire_worker(VoiceSection(model=str(tiny_pocket_config()), voices_dir=root))
-    try:
-        VoiceRegistry(root).add("ada", [spoken_clip(root.parent / "ada.wav")], "Ada agreed, in writing.", worker.engine)
-    finally:
-        worker.release()
-    return root
+    return voices_dir_with(tmp_path_factory.mktemp("voices"))
 
 
 def voice_config(tmp_path, word_model_dir, voices, **voice) -> Config:
-    config = make_config(tmp_path, word_model_dir, web={"port": 0},
-                         voice={"enabled": True, "model": str(tiny_pocket_config()), "voices_dir": str(voices), **voice})
+    voice = {"enabled": True, "model": str(tiny_pocket_config()), "voices_dir": str(voices), **voice}
+    config = make_config(tmp_path, word_model_dir, web={"port": 0}, voice=voice)
     config.personas["words"] = PersonaConfig.model_validate(dict(config.personas["words"].model_dump(), voice="ada"))
     return config
 

@@ -125,3 +125,18 @@ def spoken_clip(path: Path, text: str = "The quick brown fox jumps over the lazy
     soundfile.write(str(path), np.stack([mono, 0.5 * mono], axis=1), 44_100, format="FLAC")
     raw.unlink()
     return path
+
+
+def voices_dir_with(root: Path, name: str = "ada") -> Path:
+    """`root` as a voices_dir holding one registered voice (espeak-ng speech), its pocket state computed."""
+    from core.config import VoiceSection
+    from voice.registry import VoiceRegistry
+    from voice.worker import acquire_worker
+
+    worker = acquire_worker(VoiceSection(model=str(tiny_pocket_config()), voices_dir=root))
+    try:
+        VoiceRegistry(root).add(name, [spoken_clip(root.parent / f"{name}.wav")], f"{name} agreed, in writing.",
+                                worker.engine)
+    finally:
+        worker.release()
+    return root

@@ -59,7 +59,9 @@ def load_clip(path: Path) -> Clip:
     if rate != CLIP_RATE:
         mono = soxr.resample(mono, rate, CLIP_RATE)
     if speech_seconds(mono, CLIP_RATE) < MIN_SPEECH_S:
-        raise ClipError(f"{path}: silent (less than {MIN_SPEECH_S} s above {SPEECH_DBFS:.0f} dBFS); record the voice again")
+        raise ClipError(
+            f"{path}: silent (less than {MIN_SPEECH_S} s above {SPEECH_DBFS:.0f} dBFS); record the voice again"
+        )
     mono = mono * (PEAK / float(np.abs(mono).max()))
     return Clip(name, mono.astype(np.float32), int(rate), int(channels))
 

@@ -33,7 +33,9 @@ def _import_pocket():
         import pocket_tts
         from pocket_tts.utils import config as pocket_config
     except ImportError:
-        raise VoiceUnavailable("the pocket engine needs the voice extra: pip install 'talk-to-transformers[voice]'") from None
+        raise VoiceUnavailable(
+            "the pocket engine needs the voice extra: pip install 'talk-to-transformers[voice]'"
+        ) from None
     finally:
         torch.set_num_threads(threads)  # importing pocket_tts calls torch.set_num_threads(1)
     return pocket_tts, pocket_config.CONFIGS_DIR

@@ -74,7 +74,9 @@ class VoiceRegistry:
         manifest = self.root / name / MANIFEST
         if not VOICE_NAME.fullmatch(name) or not manifest.is_file():
             known = ", ".join(self.names()) or "none yet"
-            raise VoiceError(f"no voice called {name!r} is registered (registered: {known}); add it with `ttt voice add`")
+            raise VoiceError(
+                f"no voice called {name!r} is registered (registered: {known}); add it with `ttt voice add`"
+            )
         data = json.loads(manifest.read_text())
         return RegisteredVoice(
             data["name"], manifest.parent, data["consent"], data["created"],
@@ -86,9 +88,13 @@ class VoiceRegistry:
         Nothing is stored unless all of it succeeds."""
         consent = consent.strip()
         if not VOICE_NAME.fullmatch(name):
-            raise VoiceError(f"voice name {name!r}: use 1-64 letters, digits, '-' or '_' (starting with a letter or digit)")
+            raise VoiceError(
+                f"voice name {name!r}: use 1-64 letters, digits, '-' or '_' (starting with a letter or digit)"
+            )
         if (self.root / name).exists():
-            raise VoiceError(f"a voice called {name!r} is already registered; remove it first (`ttt voice remove {name}`)")
+            raise VoiceError(
+                f"a voice called {name!r} is already registered; remove it first (`ttt voice remove {name}`)"
+            )
         if not consent:
             raise VoiceError("--consent is required: say who gave their voice and that they agreed to its use")
         if len(consent) > MAX_CONSENT_CHARS:

@@ -44,7 +44,8 @@ class SpokenReply:
         self.synthesis_s = 0.0
         self.error: Exception | None = None
         self._engine: Engine = speaker.engine
-        self._splitter = SentenceSplitter(speaker.section.language)
+        self._language = speaker.section.language
+        self._splitter = SentenceSplitter(self._language)
         self._seen = ""
         self._pending: deque[str] = deque()
         self._in_flight = False
@@ -70,10 +71,10 @@ class SpokenReply:
         if not text.startswith(self._seen[: self._splitter.consumed]):
             # A discarded draft (the service regenerates some replies): say the new text from its start.
             self._pending.clear()
-            self._splitter = SentenceSplitter(self.speaker.section.language)
+            self._splitter = SentenceSplitter(self._language)
         self._seen = text
         for sentence in self._splitter.feed(text, final):
-            said = speakable(sentence, read_numbers=not self._engine.reads_numbers, language=self.speaker.section.language)
+            said = speakable(sentence, read_numbers=not self._engine.reads_numbers, language=self._language)
             if said:
                 self._pending.append(said)
         self._final = final
@@ -134,7 +135,8 @@ class SpokenReply:
     def _synthesized(self, error: Exception | None) -> None:
         self._in_flight = False
         if error is not None:
-            log.warning("voice: synthesis failed for reply %s (voice %s): %s", self.label, self.voice or "default", error)
+            log.warning("voice: synthesis failed for reply %s (voice %s): %s",
+                        self.label, self.voice or "default", error)
             self.error = error
             self._stop.set()
             self._pending.clear()

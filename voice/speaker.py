@@ -51,7 +51,8 @@ class Speaker:
         if self.worker is None:
             self.worker = worker
             engine = worker.engine
-            log.info("voice: %s engine ready (%s on %s)", engine.name, self.section.model or "default model", engine.device)
+            log.info("voice: %s engine ready (%s on %s)",
+                     engine.name, self.section.model or "default model", engine.device)
 
     async def close(self) -> None:
         if self._loading is not None and not self._loading.done():
@@ -83,7 +84,9 @@ class Speaker:
         if voice is None:
             state = engine.default_state()
             if state is None:
-                raise VoiceUnavailable(f"this {engine.name} model has no default voice: give the persona a registered voice")
+                raise VoiceUnavailable(
+                    f"this {engine.name} model has no default voice: give the persona a registered voice"
+                )
             return state
         registered = self.registry.get(voice)
         path = self.registry.state_path(registered, engine)

@@ -43,7 +43,9 @@ class XttsEngine(Engine):
             from TTS.tts.configs.xtts_config import XttsConfig
             from TTS.tts.models.xtts import Xtts
         except ImportError:
-            raise VoiceUnavailable("the xtts engine needs its extra: pip install 'talk-to-transformers[xtts]'") from None
+            raise VoiceUnavailable(
+                "the xtts engine needs its extra: pip install 'talk-to-transformers[xtts]'"
+            ) from None
         name = model or DEFAULT_MODEL
         directory = Path(name).expanduser()
         if directory.is_dir():
