@@ -58,7 +58,7 @@ async def fake():
     async with FakeDiscord(bot_name="TTT") as fake, FakeVoiceServer(fake._changed) as server:
         fake.voice_server = server
         wake = WakeOnLog(fake)
-        loggers = [logging.getLogger(name) for name in ("voice", "bots.discord_voice")]
+        loggers = [logging.getLogger(name) for name in ("voice", "bots.discord_voice", "bots.discord_playback")]
         for logger in loggers:
             logger.addHandler(wake)
         try:
@@ -158,7 +158,7 @@ def assert_heard(spurt: list) -> None:
 @pytest.mark.timeout(180)
 async def test_join_speak_in_order_skip_and_leave(tmp_path, speaker_model_dir, voices, fake, caplog):
     caplog.set_level(logging.INFO, logger="voice")
-    caplog.set_level(logging.INFO, logger="bots.discord_voice")
+    caplog.set_level(logging.INFO, logger="bots")
     caplog.set_level(logging.INFO, logger="bots.discord_bot")
     g = add_guild(fake)
     locked = fake.add_voice_channel(g.guild, "Locked", overwrites=[
@@ -244,7 +244,7 @@ async def test_join_speak_in_order_skip_and_leave(tmp_path, speaker_model_dir, v
 async def test_reconnects_after_a_server_move_rejoins_after_a_drop_leaves_when_kicked_or_alone(
         tmp_path, speaker_model_dir, voices, fake, caplog):
     caplog.set_level(logging.INFO, logger="voice")
-    caplog.set_level(logging.INFO, logger="bots.discord_voice")
+    caplog.set_level(logging.INFO, logger="bots")
     g = add_guild(fake)
     config = voice_config(tmp_path, speaker_model_dir, voices, fake, [g], idle_leave_s=1.0)
     async with speaking(config, fake), FakeVoiceServer(fake._changed, ca=fake.voice_server.ca) as moved_to:
@@ -288,7 +288,7 @@ async def test_reconnects_after_a_server_move_rejoins_after_a_drop_leaves_when_k
 @pytest.mark.timeout(120)
 async def test_voice_failures_never_break_the_text_reply(tmp_path, speaker_model_dir, voices, fake, caplog):
     caplog.set_level(logging.INFO, logger="voice")
-    caplog.set_level(logging.INFO, logger="bots.discord_voice")
+    caplog.set_level(logging.INFO, logger="bots")
     g = add_guild(fake)
     config = voice_config(tmp_path, speaker_model_dir, voices, fake, [g], max_queue=1)
     async with speaking(config, fake) as adapter:
