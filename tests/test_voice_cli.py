@@ -27,7 +27,7 @@ def ttt(config: Path, *args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def write_config(root: Path, engine: str = "pocket", model: Path | None = None, **voice) -> Path:
+def write_config(root: Path, engine: str = "pocket", model: Path | str | None = None, **voice) -> Path:
     model = model or (tiny_pocket_config() if engine == "pocket" else tiny_xtts_dir())
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump({
@@ -165,6 +165,20 @@ def test_say_explains_what_it_cannot_do(tmp_path):
     code, _, err = ttt(config, "say", "Hi.", "--persona", "quiet", "-o", str(out))
     assert code == 2 and "no registered voice (voice.require_registered is on)" in err
     assert not out.exists()
+
+
+def test_check_says_what_voice_would_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    code, out, _ = ttt(write_config(tmp_path, "xtts", enabled=True), "check")
+    assert code == 0
+    assert f"voice: xtts engine, {tiny_xtts_dir()}, device auto, language en" in out
+    assert "non-commercial use only" in out and "https://coqui.ai/cpml" in out
+    assert "persona talker: voice 'alice' is NOT REGISTERED" in out and "persona quiet: the engine's default voice" in out
+    code, out, _ = ttt(write_config(tmp_path, "pocket", enabled=True, model="english_18m_2026-10"), "check")
+    assert code == 0 and "HF_TOKEN is not set" in out and "licence" not in out
+    code, out, _ = ttt(write_config(tmp_path, "pocket"), "check")
+    assert "voice: off" in out
 
 
 def test_voice_config_names_registered_voices(tmp_path, monkeypatch):

@@ -88,6 +88,11 @@ def check(settings: Settings) -> int:
             except ModelUnavailable as exc:
                 where = f"UNAVAILABLE: {exc}"
         print(f" {mark}{name:<12} {persona.format:<8} {where}")
+    from voice.check import check_voice  # voice: engine, licence, registered voices, each persona's voice
+
+    voice = check_voice(cfg)
+    print("\n".join(voice.lines))
+    ok &= voice.ok
     return 0 if ok else 2
 
 
