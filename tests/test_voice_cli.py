@@ -174,7 +174,8 @@ def test_check_says_what_voice_would_do(tmp_path, monkeypatch):
     assert code == 0
     assert f"voice: xtts engine, {tiny_xtts_dir()}, device auto, language en" in out
     assert "non-commercial use only" in out and "https://coqui.ai/cpml" in out
-    assert "persona talker: voice 'alice' is NOT REGISTERED" in out and "persona quiet: the engine's default voice" in out
+    assert "persona talker: voice 'alice' is NOT REGISTERED" in out
+    assert "persona quiet: the engine's default voice" in out
     code, out, _ = ttt(write_config(tmp_path, "pocket", enabled=True, model="english_18m_2026-10"), "check")
     assert code == 0 and "HF_TOKEN is not set" in out and "licence" not in out
     code, out, _ = ttt(write_config(tmp_path, "pocket"), "check")

@@ -29,12 +29,16 @@ def check_voice(config: Config) -> VoiceCheck:
         result.lines.append("voice: off (voice.enabled)")
         return result
     model = section.model or "its default model"
-    result.lines.append(f"voice: {section.engine} engine, {model}, device {section.device}, language {section.language}")
+    result.lines.append(
+        f"voice: {section.engine} engine, {model}, device {section.device}, language {section.language}"
+    )
     extra, modules = EXTRAS[section.engine]
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
         result.ok = False
-        result.lines.append(f"  CANNOT START: {', '.join(missing)} missing: pip install 'talk-to-transformers[{extra}]'")
+        result.lines.append(
+            f"  CANNOT START: {', '.join(missing)} missing: pip install 'talk-to-transformers[{extra}]'"
+        )
     if section.engine == "xtts":
         result.lines.append(f"  licence: {XTTS_LICENCE}")
     elif not (section.model or "").endswith((".yaml", ".yml")) and not os.environ.get("HF_TOKEN"):
