@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READY_AFTER_S = 1.0  # start playing once this much is buffered, even before the first sentence is done
+# When to start playing: an engine well ahead of real time starts once READY_AFTER_S is buffered;
+# one close to real time (or slower) first finishes the sentence, so that playback never runs dry.
+READY_AFTER_S = 0.2
+FAST_RTF = 0.5
 
 
 class SpokenReply:
@@ -114,17 +117,21 @@ class SpokenReply:
         try:
             if not self._stop.is_set():
                 state = self.speaker.voice_state(self.voice, engine)
+                worker = self.speaker.worker
+                early = worker.rtf is None or worker.rtf <= FAST_RTF
                 started, samples = time.monotonic(), 0
                 for chunk in engine.synthesize(state, sentence, self._stop):
                     self.output.write(chunk)
                     samples += len(chunk)
-                    if self.output.seconds_written >= READY_AFTER_S and not self.ready.is_set():
+                    if early and self.output.seconds_written >= READY_AFTER_S and not self.ready.is_set():
                         self._loop.call_soon_threadsafe(self.ready.set)
                 took = time.monotonic() - started
                 self.synthesis_s += took
                 self.speaker.metrics.voice_synthesis.labels(engine.name).observe(took)
                 if samples:
-                    self.speaker.metrics.voice_rtf.labels(engine.name).observe(took / (samples / engine.sample_rate))
+                    rtf = took / (samples / engine.sample_rate)
+                    worker.observe_rtf(rtf)
+                    self.speaker.metrics.voice_rtf.labels(engine.name).observe(rtf)
         except Exception as exc:  # noqa: BLE001 - reported on the loop; the text reply goes on
             error = exc
         try:

@@ -31,6 +31,7 @@ class SynthesisWorker:
         self.engine = engine
         self.max_queue = max_queue
         self.replies = 0  # replies holding a slot: being spoken or waiting
+        self.rtf: float | None = None  # recent real-time factor (synthesis time / audio time), smoothed
         self._users = 0
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -47,6 +48,10 @@ class SynthesisWorker:
     def unreserve(self) -> None:
         with self._lock:
             self.replies -= 1
+
+    def observe_rtf(self, rtf: float) -> None:
+        """Record one sentence's real-time factor (from the worker thread)."""
+        self.rtf = rtf if self.rtf is None else 0.7 * self.rtf + 0.3 * rtf
 
     def submit(self, job: Job) -> None:
         """Run `job(engine)` in the worker thread after the jobs already submitted."""
