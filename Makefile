@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 TEST_DEBS := chromium chromium-driver libopus0 espeak-ng
 
-.PHONY: run test setup system-deps bench clean
+.PHONY: run test setup system-deps bench bench-voice clean
 
 run: setup
 	$(VENV)/bin/ttt serve
@@ -20,6 +20,9 @@ test: setup system-deps
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/generator.py
+
+bench-voice: setup system-deps
+	HF_HUB_OFFLINE=1 $(PY) bench/voice.py
 
 setup: $(STAMP)
 
