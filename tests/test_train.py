@@ -359,3 +359,16 @@ def test_perplexity_is_exp_of_the_mean_target_loss(finished_run):
     _, result = finished_run
     card = json.loads((result.out_dir / "persona.json").read_text())
     assert math.exp(card["validation"]["loss"]) == pytest.approx(result.perplexity)
+
+
+@pytest.mark.timeout(60)
+def test_eval_skips_a_held_out_context_too_long_to_reply_to(finished_run, data_dir, tmp_path):
+    cfg, _ = finished_run
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    normal = json.loads((data_dir / "validation.jsonl").read_text().splitlines()[0])
+    too_long = {"turns": [{"author": "a", "text": "the word is " + "apple " * 300}, {"author": "b", "text": "ok"}],
+                "submission_id": "long"}
+    (held_out / "validation.jsonl").write_text(json.dumps(too_long) + "\n" + json.dumps(normal) + "\n")
+    result = evaluate(EvalConfig(personality=cfg.out_dir, data_dir=held_out, samples=2, report=tmp_path / "eval.md"))
+    assert [s.human for s in result.samples] == [normal["turns"][-1]["text"]]
