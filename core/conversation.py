@@ -23,6 +23,10 @@ from core.ratelimit import RateLimiter
 Role = Literal["user", "bot"]
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now (a server store lost its database); try again later."""
+
+
 @dataclass(frozen=True)
 class ConversationKey:
     """Where a conversation lives: a platform and a scope in it (channel, thread, DM, session).

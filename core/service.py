@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from core.config import Config, Decoding
-from core.conversation import ConversationKey, ConversationStore, Turn, current_session
+from core.conversation import ConversationKey, ConversationStore, StoreUnavailable, Turn, current_session
 from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
@@ -46,6 +46,13 @@ class PersonaError(ChatError):
 
 class ReplyFailed(ChatError):
     outcome = "error"
+
+
+class MemoryUnavailable(ChatError):
+    outcome = "store"
+
+
+MEMORY_UNAVAILABLE = "I can't reach my memory right now; please try again in a moment."
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,11 @@ class ChatService:
                         Turn("bot", persona.name, reply.text, persona=persona.name),
                     ],
                 )
+        except StoreUnavailable as exc:
+            # Nothing unstored is ever shown: without the store there is no final reply.
+            log.warning("no reply key=%s: the store is unavailable: %s", key, exc)
+            self.metrics.requests.labels(adapter, label, MemoryUnavailable.outcome).inc()
+            raise MemoryUnavailable(MEMORY_UNAVAILABLE) from None
         except ChatError as exc:
             self.metrics.requests.labels(adapter, label, exc.outcome).inc()
             log.info("no reply key=%s persona=%s outcome=%s", key, label, exc.outcome)
