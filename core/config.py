@@ -91,6 +91,7 @@ class DatabaseSection(Section):
 class ConversationSection(Section):
     max_turns: int = Field(40, ge=1)
     idle_minutes: float = Field(60, gt=0)
+    retention_days: float = Field(90, ge=0, description="turns older than this are deleted; 0 keeps them")
 
 
 class GeneratorSection(Section):

@@ -1,7 +1,9 @@
 """Conversations: keys, turns and where they are kept (SQLite by default).
 
-The store interface is small on purpose so that a server store (Redis, Postgres) can stand in
-for multi-process deployments.
+Everything a conversation needs beyond one process's memory goes through the store interface:
+turns, the chosen persona, event dedupe (`claim`), rate-limit counters (`count_event`) and
+per-conversation ordering (`lock`), so that a server store (PostgreSQL) can stand in for
+several replicas.
 """
 
 from __future__ import annotations
@@ -9,24 +11,40 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Literal, Protocol, Sequence
+from typing import AsyncContextManager, Hashable, Literal, Protocol, Sequence
+
+from core.ratelimit import RateLimiter
 
 Role = Literal["user", "bot"]
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now (a server store lost its database); try again later."""
+
+
 @dataclass(frozen=True)
 class ConversationKey:
-    """Where a conversation lives: a platform and a scope in it (channel, thread, DM, session)."""
+    """Where a conversation lives: a platform and a scope in it (channel, thread, DM, session).
+
+    `parent` is the enclosing scope whose settings it inherits (a thread's channel); it is not part
+    of the conversation's identity.
+    """
 
     platform: str
     scope: str
+    parent: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.platform}:{self.scope}"
+
+    @property
+    def parent_key(self) -> "ConversationKey | None":
+        return ConversationKey(self.platform, self.parent) if self.parent else None
 
     @classmethod
     def parse(cls, text: str) -> "ConversationKey":
@@ -41,6 +59,7 @@ class Turn:
     text: str
     time: float = field(default_factory=time.time)
     persona: str | None = None
+    author_id: str | None = None  # the platform's id of a user turn's author ("forget me" finds it)
 
 
 class ConversationStore(Protocol):
@@ -58,6 +77,24 @@ class ConversationStore(Protocol):
 
     async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
         """Choose the conversation's persona (None: back to the default)."""
+
+    async def forget_author(self, platform: str, author_id: str) -> int:
+        """Delete every turn this person wrote on this platform, in every conversation, and the
+        bot's replies to them; the number of turns deleted."""
+
+    async def delete_before(self, cutoff: float) -> int:
+        """Delete turns older than `cutoff` (a UNIX time); the number deleted."""
+
+    async def claim(self, namespace: str, ident: str, ttl_s: float) -> bool:
+        """Insert-if-absent with an expiry: True for the first claim of (namespace, ident) within
+        `ttl_s`, False for every later one (event dedupe, once-per-window notices)."""
+
+    async def count_event(self, namespace: str, ident: str, limit: int, window_s: float) -> float:
+        """Rate limiting: count an event and return 0 when fewer than `limit` were counted in the
+        last `window_s`; else count nothing and return the seconds until one would be allowed."""
+
+    def lock(self, key: ConversationKey) -> AsyncContextManager[None]:
+        """Hold the conversation: one reply at a time, in the order callers asked."""
 
     async def close(self) -> None:
         """Flush and release."""
@@ -81,17 +118,35 @@ _MIGRATIONS = [
     );
     CREATE INDEX turns_by_conversation ON turns (conversation, id);
     """,
+    """
+    ALTER TABLE turns ADD COLUMN author_id TEXT;
+    ALTER TABLE turns ADD COLUMN exchange TEXT;
+    CREATE INDEX turns_by_author ON turns (author_id) WHERE author_id IS NOT NULL;
+    CREATE INDEX turns_by_time ON turns (time);
+    CREATE TABLE claims (
+        namespace TEXT NOT NULL,
+        ident TEXT NOT NULL,
+        expires REAL NOT NULL,
+        PRIMARY KEY (namespace, ident)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class SQLiteStore:
-    """ConversationStore on one SQLite file (WAL), used from one dedicated thread."""
+    """ConversationStore on one SQLite file (WAL), used from one dedicated thread.
+
+    One process owns the file, so ordering locks and rate-limit counters live in its memory;
+    claims are in the file, so a restarted process still knows what it answered.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
+        self._locks = KeyedLocks()
+        self._limiters: dict[tuple[str, int, float], RateLimiter] = {}
 
     async def open(self) -> "SQLiteStore":
         await self._run(self._open)
@@ -117,7 +172,7 @@ class SQLiteStore:
     async def recent_turns(self, key: ConversationKey, limit: int) -> list[Turn]:
         def query() -> list[Turn]:
             rows = self._db.execute(
-                "SELECT role, author, text, time, persona FROM turns WHERE conversation = ? "
+                "SELECT role, author, text, time, persona, author_id FROM turns WHERE conversation = ? "
                 "ORDER BY id DESC LIMIT ?",
                 (str(key), limit),
             ).fetchall()
@@ -126,15 +181,58 @@ class SQLiteStore:
         return await self._run(query)
 
     async def add_turns(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
+        exchange = uuid.uuid4().hex  # the turns of one call answer each other: "forget me" deletes them together
+
         def write() -> None:
             with self._transaction():
                 self._touch(key, turns[-1].time if turns else time.time())
                 self._db.executemany(
-                    "INSERT INTO turns (conversation, role, author, text, time, persona) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(str(key), t.role, t.author, t.text, t.time, t.persona) for t in turns],
+                    "INSERT INTO turns (conversation, role, author, text, time, persona, author_id, exchange) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(str(key), t.role, t.author, t.text, t.time, t.persona, t.author_id, exchange) for t in turns],
                 )
 
         await self._run(write)
+
+    async def forget_author(self, platform: str, author_id: str) -> int:
+        scope = (f"{platform}:", f"{platform};")  # every key "platform:..." sorts in [platform:, platform;)
+
+        def write() -> int:
+            with self._transaction():
+                return self._db.execute(
+                    "DELETE FROM turns WHERE exchange IN (SELECT exchange FROM turns WHERE author_id = ? "
+                    "AND conversation >= ? AND conversation < ?)",
+                    (author_id, *scope),
+                ).rowcount
+
+        return await self._run(write)
+
+    async def delete_before(self, cutoff: float) -> int:
+        def write() -> int:
+            with self._transaction():
+                return self._db.execute("DELETE FROM turns WHERE time < ?", (cutoff,)).rowcount
+
+        return await self._run(write)
+
+    async def claim(self, namespace: str, ident: str, ttl_s: float) -> bool:
+        def write() -> bool:
+            now = time.time()
+            with self._transaction():
+                self._db.execute("DELETE FROM claims WHERE expires < ?", (now,))
+                inserted = self._db.execute(
+                    "INSERT OR IGNORE INTO claims (namespace, ident, expires) VALUES (?, ?, ?)",
+                    (namespace, ident, now + ttl_s),
+                ).rowcount
+            return inserted == 1
+
+        return await self._run(write)
+
+    async def count_event(self, namespace: str, ident: str, limit: int, window_s: float) -> float:
+        limiter = self._limiters.setdefault((namespace, limit, window_s), RateLimiter(limit, window_s))
+        return limiter.check(ident)
+
+    def lock(self, key: ConversationKey) -> AsyncContextManager[None]:
+        return self._locks.hold(key)
 
     async def reset(self, key: ConversationKey) -> None:
         def write() -> None:

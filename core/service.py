@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from core.config import Config, Decoding
-from core.conversation import ConversationKey, ConversationStore, KeyedLocks, Turn, current_session
+from core.conversation import ConversationKey, ConversationStore, StoreUnavailable, Turn, current_session
 from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
@@ -48,12 +48,31 @@ class ReplyFailed(ChatError):
     outcome = "error"
 
 
+class MemoryUnavailable(ChatError):
+    outcome = "store"
+
+
+MEMORY_UNAVAILABLE = "I can't reach my memory right now; please try again in a moment."
+
+
 @dataclass(frozen=True)
 class ReplyUpdate:
     """The reply so far (safe to show); `final` once it is stored."""
 
     text: str
     final: bool = False
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """Whether a person may send another message now; when not, whether to tell them (once a window)."""
+
+    wait_s: float
+    notify: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.wait_s <= 0
 
 
 @dataclass(frozen=True)
@@ -66,8 +85,9 @@ class Reply:
 HELP = (
     "Talk to me by mentioning me or messaging me directly. Commands: "
     "`reset` (forget this conversation), `persona NAME` (switch personality), "
-    "`personas` (list them), `help` (this text)."
+    "`personas` (list them), `forget-me` (delete everything you wrote to me), `help` (this text)."
 )
+FORGET_ME = "forget-me"
 
 
 class ChatService:
@@ -76,31 +96,36 @@ class ChatService:
         self.store = store
         self.personas = personas
         self.metrics = metrics
-        self._locks = KeyedLocks()
 
     # ---- replies ---------------------------------------------------------------------------
 
     def respond(
-        self, key: ConversationKey, author: str, text: str, *, adapter: str, persona: str | None = None
+        self, key: ConversationKey, author: str, text: str, *, adapter: str, author_id: str | None = None,
+        persona: str | None = None,
     ) -> AsyncIterator[ReplyUpdate]:
-        """Reply updates for one message; raises ChatError subclasses with a user-facing message."""
-        return self._respond(key, author, text, adapter, persona)
+        """Reply updates for one message; raises ChatError subclasses with a user-facing message.
+
+        `author` is the name the model reads; `author_id` the platform's id of that person, stored
+        with their turn so that "forget me" can find it.
+        """
+        return self._respond(key, author, author_id, text, adapter, persona)
 
     async def reply(
-        self, key: ConversationKey, author: str, text: str, *, adapter: str, persona: str | None = None
+        self, key: ConversationKey, author: str, text: str, *, adapter: str, author_id: str | None = None,
+        persona: str | None = None,
     ) -> str:
         """The final reply text, once stored."""
         final = ""
-        async for update in self.respond(key, author, text, adapter=adapter, persona=persona):
+        async for update in self.respond(key, author, text, adapter=adapter, author_id=author_id, persona=persona):
             final = update.text
         return final
 
-    async def _respond(self, key, author, text, adapter, persona_name) -> AsyncIterator[ReplyUpdate]:
+    async def _respond(self, key, author, author_id, text, adapter, persona_name) -> AsyncIterator[ReplyUpdate]:
         started = time.monotonic()
         label = persona_name or "?"
         try:
-            text = self._validate(text)
-            async with self._locks.hold(key):
+            text = self.validate(text)
+            async with self.store.lock(key):
                 persona = await self.persona_for(key, persona_name)
                 label = persona.name
                 reply = None
@@ -112,10 +137,15 @@ class ChatService:
                 await self.store.add_turns(
                     key,
                     [
-                        Turn("user", author, text, persona=persona.name),
+                        Turn("user", author, text, persona=persona.name, author_id=author_id),
                         Turn("bot", persona.name, reply.text, persona=persona.name),
                     ],
                 )
+        except StoreUnavailable as exc:
+            # Nothing unstored is ever shown: without the store there is no final reply.
+            log.warning("no reply key=%s: the store is unavailable: %s", key, exc)
+            self.metrics.requests.labels(adapter, label, MemoryUnavailable.outcome).inc()
+            raise MemoryUnavailable(MEMORY_UNAVAILABLE) from None
         except ChatError as exc:
             self.metrics.requests.labels(adapter, label, exc.outcome).inc()
             log.info("no reply key=%s persona=%s outcome=%s", key, label, exc.outcome)
@@ -133,7 +163,8 @@ class ChatService:
         log.debug("reply key=%s text=%r", key, reply.text)
         yield ReplyUpdate(reply.text, final=True)
 
-    def _validate(self, text: str) -> str:
+    def validate(self, text: str) -> str:
+        """The message as the service takes it (stripped); raises InputRejected (nothing counted or stored)."""
         text = (text or "").strip()
         if not text:
             raise InputRejected("I didn't catch any words there. Say something after the mention!")
@@ -221,15 +252,17 @@ class ChatService:
     # ---- shared commands -------------------------------------------------------------------
 
     async def persona_for(self, key: ConversationKey, override: str | None = None) -> Persona:
-        """`override` if given (it must exist), else the conversation's chosen persona, else the default."""
+        """`override` if given (it must exist), else the persona chosen for the conversation, else the
+        one chosen for its parent scope (a thread inherits its channel's), else the default."""
         if override is not None:
             try:
                 return self.personas.get(override)
             except UnknownPersona as exc:
                 raise PersonaError(str(exc)) from None
-        chosen = await self.store.persona(key)
-        if chosen in self.personas.personas:
-            return self.personas.get(chosen)
+        for scope in (key, key.parent_key):
+            chosen = await self.store.persona(scope) if scope is not None else None
+            if chosen in self.personas.personas:
+                return self.personas.get(chosen)
         return self.personas.get(self.personas.default)
 
     async def set_persona(self, key: ConversationKey, name: str) -> Persona:
@@ -243,16 +276,55 @@ class ChatService:
         return persona
 
     async def reset(self, key: ConversationKey) -> None:
-        async with self._locks.hold(key):
+        async with self.store.lock(key):
             await self.store.reset(key)
+
+    async def check_rate(self, platform: str, author_id: str, per_minute: int) -> RateDecision:
+        """Count a message from this person (0 = no limit); when over the limit, `notify` is True only
+        for the first refusal in the window, so a flood gets one notice, not one per message."""
+        if per_minute <= 0:
+            return RateDecision(0.0)
+        wait = await self.store.count_event(f"rate:{platform}", author_id, per_minute, 60.0)
+        if wait <= 0:
+            return RateDecision(0.0)
+        notify = await self.store.claim(f"rate-notice:{platform}", author_id, wait)
+        return RateDecision(wait, notify)
+
+    async def forget_person(self, platform: str, author_id: str) -> int:
+        """Delete everything this person wrote on this platform (and the replies to it); turns deleted."""
+        deleted = await self.store.forget_author(platform, author_id)
+        log.info("forgot a person on %s: %d turn(s) deleted", platform, deleted)
+        return deleted
+
+    async def delete_expired(self) -> int:
+        """Delete turns older than `conversation.retention_days` (0 keeps them); turns deleted."""
+        days = self.config.conversation.retention_days
+        if not days:
+            return 0
+        deleted = await self.store.delete_before(time.time() - days * 86400)
+        if deleted:
+            log.info("retention: deleted %d turn(s) older than %g day(s)", deleted, days)
+        return deleted
 
     def persona_list(self) -> list[Persona]:
         return list(self.personas.personas.values())
 
-    async def command(self, key: ConversationKey, command: str, argument: str = "") -> str:
-        """Run a shared command (reset, persona, personas, help) and say what happened."""
+    async def command(
+        self, key: ConversationKey, command: str, argument: str = "", *, help_text: str | None = None,
+        author_id: str | None = None,
+    ) -> str:
+        """Run a shared command (reset, persona, personas, forget-me, help) and say what happened.
+
+        `help_text` is the calling platform's own help (naming its real commands); `author_id`
+        is who asked (needed by forget-me).
+        """
         command = command.strip().lower().lstrip("/!")
         argument = argument.strip()
+        if command == FORGET_ME:
+            if not author_id:
+                return "I can't tell who you are here, so there is nothing of yours I could forget."
+            deleted = await self.forget_person(key.platform, author_id)
+            return f"Done: I've deleted everything you wrote to me here ({deleted} message(s), with my replies)."
         if command == "reset":
             await self.reset(key)
             return "Done: I've forgotten this conversation. Fresh start!"
@@ -272,7 +344,7 @@ class ChatService:
                 for p in self.persona_list()
             ]
             return "Personas:\n" + "\n".join(lines)
-        return HELP
+        return help_text or HELP
 
     async def close(self) -> None:
         await self.personas.close()

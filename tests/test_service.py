@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
 from conftest import make_config
-from core.conversation import ConversationKey
+from core.conversation import ConversationKey, Turn
 from core.safety import degeneracy, is_offensive, neutralize_mentions
 from core.service import Busy, InputRejected, PersonaError, open_service
 
@@ -133,3 +134,58 @@ def test_offensive_and_degenerate_detection():
     assert degeneracy("I don't know. I don't know. I don't know. I don't know. I don't know.", "hi") == "loop"
     assert degeneracy("lolololololololololololololol", "hi") == "loop"
     assert degeneracy("Berkeley has great food, try the dining halls!", "where to eat") is None
+
+
+@pytest.mark.timeout(60)
+async def test_a_thread_inherits_its_channels_persona_until_it_chooses_its_own(service):
+    channel = ConversationKey("discord", "100")
+    thread = ConversationKey("discord", "200", parent="100")
+    assert (await service.persona_for(thread)).name == "words"
+    await service.set_persona(channel, "wordchat")
+    assert (await service.persona_for(thread)).name == "wordchat"
+    assert await service.reply(thread, "alice", "the word is lemon", adapter="test") == "lemon!"
+    assert [t.persona for t in await service.store.recent_turns(thread, 10)] == ["wordchat", "wordchat"]
+    await service.set_persona(thread, "words")
+    assert (await service.persona_for(thread)).name == "words"
+    assert (await service.persona_for(channel)).name == "wordchat"
+
+
+@pytest.mark.timeout(60)
+async def test_rate_limit_refuses_over_the_limit_and_notifies_once_a_window(service):
+    decisions = [await service.check_rate("discord", "42", 2) for _ in range(5)]
+    assert [d.allowed for d in decisions] == [True, True, False, False, False]
+    assert [d.notify for d in decisions[2:]] == [True, False, False]
+    assert all(0 < d.wait_s <= 60 for d in decisions[2:])
+    assert (await service.check_rate("discord", "43", 2)).allowed
+    assert (await service.check_rate("slack", "42", 2)).allowed  # platforms count apart
+    assert (await service.check_rate("discord", "42", 0)).allowed  # 0: no limit
+
+
+@pytest.mark.timeout(60)
+async def test_forget_me_deletes_what_that_person_wrote_and_the_replies(service):
+    await service.reply(KEY, "alice", "the word is piano", adapter="test", author_id="a1")
+    await service.reply(KEY, "bob", "the word is lemon", adapter="test", author_id="b2")
+    answer = await service.command(KEY, "forget-me", author_id="a1")
+    assert "deleted" in answer and "2 message" in answer
+    left = await service.store.recent_turns(KEY, 10)
+    assert [(t.role, t.author_id) for t in left] == [("user", "b2"), ("bot", None)]
+    assert left[0].text == "the word is lemon"
+    assert "can't tell who you are" in await service.command(KEY, "forget-me")
+
+
+@pytest.mark.timeout(60)
+async def test_help_is_the_platforms_own_when_given(service):
+    assert await service.command(KEY, "help", help_text="Use /reset here.") == "Use /reset here."
+    assert "reset" in await service.command(KEY, "help")
+
+
+@pytest.mark.timeout(60)
+async def test_retention_sweep_uses_the_configured_days(tmp_path, word_model_dir):
+    for days, kept in ((1, ["new"]), (0, ["old", "new"])):
+        config = make_config(tmp_path / str(days), word_model_dir, conversation={"retention_days": days})
+        service = await open_service(config)
+        await service.store.add_turns(KEY, [Turn("user", "a", "old", time.time() - 2 * 86400)])
+        await service.store.add_turns(KEY, [Turn("user", "a", "new")])
+        await service.delete_expired()
+        assert [t.text for t in await service.store.recent_turns(KEY, 10)] == kept
+        await service.close()
