@@ -59,6 +59,8 @@ def main(out: str) -> None:
     step_loss = accelerator.reduce(loss).item()
     if accelerator.is_main_process:  # after the step DDP has averaged the gradients: every rank holds the same
         torch.save({"gradient": gradient(model), "loss": step_loss, "processes": accelerator.num_processes}, out)
+    print(f"rank {accelerator.process_index}: step done", file=sys.stderr, flush=True)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 

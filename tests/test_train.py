@@ -6,8 +6,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -216,20 +218,27 @@ def test_accumulated_gradient_is_the_gradient_of_the_whole_step_at_once(tokenize
 
 
 @pytest.mark.timeout(90)
-def test_accumulation_across_processes_weighs_every_target_token_alike(tokenizer, tmp_path):
+def test_accumulation_across_processes_weighs_every_target_token_alike(tokenizer):
     """Two DDP processes (gloo on CPU), one with nearly all the targets: the gradient they agree on
     is the gradient of all their micro-batches at once."""
-    out = tmp_path / "step.pt"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(root / "tests" / "accumulation.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=80,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = torch.load(out)
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    # Its own folder: pytest's shared numbered temp folders can be pruned by another pytest run meanwhile.
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "step.pt"
+        workers = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             str(root / "tests" / "accumulation.py"), str(out)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        try:
+            _, stderr = workers.communicate(timeout=80)
+        except subprocess.TimeoutExpired:
+            os.killpg(workers.pid, signal.SIGKILL)  # torchrun and both workers
+            _, stderr = workers.communicate()
+        assert workers.returncode == 0, stderr[-3000:]
+        result = torch.load(out)
     assert result["processes"] == 2
 
     everything = [name for rank in RANK_BATCHES for batch in rank for name in batch]
