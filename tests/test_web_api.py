@@ -432,6 +432,9 @@ async def test_page_api_switches_persona(server):
     ("valid-conversation", {"text": "x" * 101}, 400, "invalid_message"),
     ("valid-conversation", {"words": "hi"}, 400, None),
     ("valid-conversation", "{oops", 400, "invalid_json"),
+    ("valid-conversation", "[" * 100_000 + "]" * 100_000, 400, "invalid_json"),
+    ("valid-conversation", {"text": "hi \ud800"}, 400, "invalid_message"),
+    ("valid-conversation", {"text": "a" + "\u0301" * 99}, 400, "context_length_exceeded"),  # fills the context
     ("bad!id", {"text": "hi"}, 400, None),
 ])
 async def test_page_api_rejects_bad_input_and_stores_nothing(server, conversation, body, status, code):
