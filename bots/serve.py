@@ -14,6 +14,8 @@ import signal
 from dataclasses import dataclass
 from typing import Protocol
 
+import aiohttp
+
 from core.config import Settings
 from core.conversation import StoreUnusable
 from core.service import ChatService, open_service
@@ -88,8 +90,6 @@ async def unreachable(plan: AdapterPlan, settings: Settings, timeout_s: float = 
         url = (cfg.slack.api_base_url or SLACK_API).rstrip("/") + "/api.test"
     else:
         return None
-    import aiohttp
-
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
             async with http.get(url):

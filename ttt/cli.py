@@ -132,7 +132,8 @@ async def chat_loop(settings: Settings, persona: str | None, session: str) -> in
     from core.service import ChatError, open_service
 
     # Undecodable input becomes text the service refuses politely; unprintable output is escaped.
-    sys.stdout.reconfigure(errors="backslashreplace")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         service = await open_service(settings.config, dict(os.environ))
     except StoreUnusable as exc:
