@@ -17,7 +17,7 @@ from core.conversation import ConversationKey, ConversationStore, StoreUnavailab
 from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
-from core.prompts import PromptTooLong
+from core.prompts import PromptTooLong, SystemPromptTooLong
 from core.replies import ReplyUpdate, screened_reply
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,11 @@ class ChatService:
         budget = max(16, persona.config.max_context_tokens - decoding.max_new_tokens)
         try:
             prompt = await asyncio.to_thread(engine.prepare, persona.config.format, turns, system, budget)
+        except SystemPromptTooLong as exc:
+            if system_prompt is None:  # the persona's own: the operator's to fix, not the user's
+                log.error("persona %s cannot reply: %s", persona.name, exc)
+                raise PersonaError(f"Persona {persona.name!r} is misconfigured: {exc} (in config.yaml).") from None
+            raise TooLong(f"That is too long for {persona.name}: {exc}.") from None
         except PromptTooLong as exc:
             raise TooLong(f"That is too long for {persona.name}: {exc}.") from None
         try:

@@ -277,3 +277,16 @@ async def test_a_reply_past_its_deadline_is_a_clear_busy_answer(tmp_path, word_m
         finally:
             server.gate.set()
             await service.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_persona_whose_own_system_prompt_fills_the_context_says_so(tmp_path, word_model_dir, word_chat_model_dir):
+    config = make_config(tmp_path, word_model_dir, word_chat_model_dir)
+    config.personas["wordchat"].system_prompt = "you play the word game " * 60
+    service = await open_service(config)
+    try:
+        with pytest.raises(PersonaError, match="misconfigured.*system prompt"):
+            await service.reply(KEY, "alice", "the word is apple", adapter="test", persona="wordchat")
+        assert await service.store.recent_turns(KEY, 10) == []
+    finally:
+        await service.close()
