@@ -4,6 +4,7 @@ DDP process taking one optimizer step with training.train.step_gradients; rank 0
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -60,8 +61,9 @@ def main(out: str) -> None:
     if accelerator.is_main_process:  # after the step DDP has averaged the gradients: every rank holds the same
         torch.save({"gradient": gradient(model), "loss": step_loss, "processes": accelerator.num_processes}, out)
     print(f"rank {accelerator.process_index}: step done", file=sys.stderr, flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # The reduce above was the last collective: leave at once. A closing barrier or process-group
+    # teardown can hang gloo on a loaded machine, and the result is already on disk.
+    os._exit(0)
 
 
 if __name__ == "__main__":

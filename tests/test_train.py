@@ -227,17 +227,19 @@ def test_accumulation_across_processes_weighs_every_target_token_alike(tokenizer
     # Its own folder: pytest's shared numbered temp folders can be pruned by another pytest run meanwhile.
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "step.pt"
-        workers = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             str(root / "tests" / "accumulation.py"), str(out)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )
-        try:
-            _, stderr = workers.communicate(timeout=80)
-        except subprocess.TimeoutExpired:
-            os.killpg(workers.pid, signal.SIGKILL)  # torchrun and both workers
-            _, stderr = workers.communicate()
-        assert workers.returncode == 0, stderr[-3000:]
+        log_path = Path(folder) / "workers.log"
+        with log_path.open("w") as log_file:  # a file, not a pipe: a stray worker cannot hold it open
+            workers = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 str(root / "tests" / "accumulation.py"), str(out)],
+                env=env, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
+            )
+            try:
+                workers.wait(timeout=80)
+            except subprocess.TimeoutExpired:
+                os.killpg(workers.pid, signal.SIGKILL)  # torchrun and the workers it leads
+                workers.wait()
+        assert workers.returncode == 0, log_path.read_text()[-3000:]
         result = torch.load(out)
     assert result["processes"] == 2
 
