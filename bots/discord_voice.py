@@ -6,9 +6,9 @@ voice of that conversation's persona, sentence by sentence as it is written. `/s
 it is saying, `/leave` leaves; it also leaves by itself once nobody has been in the channel for
 `voice.idle_leave_s`. Each guild has one playback queue, so replies are spoken in order.
 
-The text path calls `listener(channel)` when a reply starts and feeds the returned SpokenReply
-every ReplyUpdate (then `abandon_unfinished()`); nothing here ever raises into the text reply.
-Connections and playback, per guild, are in discord_playback.py.
+The text path hands every update of every reply to `on_reply` (the adapter's reply listener);
+nothing here ever raises into the text reply. Connections and playback, per guild, are in
+discord_playback.py.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from discord import app_commands
 from bots.discord_commands import conversation_key
 from bots.discord_playback import GuildVoice
 from core.config import Settings
+from core.replies import ReplyUpdate
 from core.service import ChatService
 from voice.speaker import Speaker, SpokenReply, VoiceBusy, VoiceUnavailable
 
@@ -44,6 +45,7 @@ class DiscordVoice:
         self.metrics = service.metrics
         self.speaker = Speaker(self.config, service.metrics)
         self.guilds: dict[int, GuildVoice] = {}
+        self._replies: dict[int, SpokenReply | None] = {}  # message answered -> its spoken reply (None: text only)
         self._loading: asyncio.Task | None = None
         add_voice_commands(tree, self, refusal)
         client.event(self.on_voice_state_update)
@@ -69,15 +71,32 @@ class DiscordVoice:
 
     # ---- the text path's hook --------------------------------------------------------------------
 
-    async def listener(self, channel: discord.abc.Messageable) -> SpokenReply | None:
-        """A SpokenReply for a reply about to be written in `channel` when that channel is linked to a
+    async def on_reply(self, message: discord.Message, update: ReplyUpdate) -> None:
+        """Speak the reply to `message` as it grows, when its channel is linked to a voice channel the
+        bot is in. Its first update queues it in the guild; a reply whose updates end without a final
+        one (it failed) is dropped from its first unspoken sentence on."""
+        if message.id not in self._replies:
+            self._replies[message.id] = await self._spoken_reply(message.channel)
+            # The updates of a reply come from one task: when it ends, so has the reply.
+            asyncio.current_task().add_done_callback(lambda _: self._reply_ended(message.id))
+        spoken = self._replies[message.id]
+        if spoken is not None:
+            await spoken.on_update(update)
+
+    def _reply_ended(self, message_id: int) -> None:
+        spoken = self._replies.pop(message_id, None)
+        if spoken is not None:
+            spoken.abandon_unfinished()
+
+    async def _spoken_reply(self, channel: discord.abc.Messageable) -> SpokenReply | None:
+        """A SpokenReply for a reply being written in `channel` when that channel is linked to a
         voice channel the bot is in (queued in its guild); else None. Never raises."""
         guild = getattr(channel, "guild", None)
         guild_voice = self.guilds.get(guild.id) if guild is not None else None
         if guild_voice is None or channel.id not in guild_voice.linked:
             return None
         try:
-            persona = await self.service.persona_for(conversation_key(channel.id))
+            persona = await self.service.persona_for(conversation_key(channel))
             reply = self.speaker.reply(persona.config.voice, adapter="discord",
                                        label=f"guild={guild.id} channel={channel.id} persona={persona.name}")
         except VoiceBusy as exc:

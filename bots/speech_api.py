@@ -16,9 +16,10 @@ import struct
 
 from aiohttp import web
 
-from bots.openai_api import ApiError, bad_request, busy, read_json, unavailable, unknown_model
+from bots.web_errors import ApiError, bad_request, read_json, unavailable, unknown_model
 from core.config import Config
-from core.service import ChatService, ReplyUpdate
+from core.replies import ReplyUpdate
+from core.service import ChatService
 from voice.registry import VoiceError
 from voice.speaker import Speaker, SpokenReply, VoiceBusy, VoiceUnavailable
 
@@ -80,7 +81,8 @@ class SpeechRoutes:
                                        rate=RATE, channels=1, frame_ms=None)
         except VoiceBusy:
             self.service.metrics.voice_replies.labels(ADAPTER, "busy").inc()
-            raise busy("Too many replies are being spoken right now; try again in a moment.") from None
+            raise ApiError(503, "Too many replies are being spoken right now; try again in a moment.",
+                           type="server_error", code="busy", outcome="busy") from None
         except VoiceUnavailable as exc:
             raise unavailable(f"Speech is unavailable: {exc}") from None
         outcome = "failed"

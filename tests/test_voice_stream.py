@@ -13,7 +13,7 @@ import soxr
 
 from core.config import VoiceSection
 from core.metrics import Metrics
-from core.service import ReplyUpdate
+from core.replies import ReplyUpdate
 from voice.pcm import PcmStream
 from voice.speaker import Speaker, VoiceBusy
 from voice_tiny import tiny_pocket_config, voices_dir_with

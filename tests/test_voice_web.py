@@ -3,7 +3,6 @@ page's speaker toggle in headless Chromium; the tiny pocket-tts engine speaks in
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
@@ -80,7 +79,7 @@ async def test_speech_api_streams_wav_and_pcm_in_a_registered_voice(server: Serv
 @pytest.mark.timeout(120)
 async def test_speech_api_refuses_what_it_cannot_do(server: Server):
     async def speech(body) -> tuple[int, dict]:
-        async with server.http.post(f"{server.url}/v1/audio/speech", data=json.dumps(body)) as r:
+        async with server.http.post(f"{server.url}/v1/audio/speech", json=body) as r:
             return r.status, await r.json()
 
     base = {"model": "words", "input": "Hello.", "voice": "ada"}
@@ -100,7 +99,7 @@ async def test_speech_api_refuses_what_it_cannot_do(server: Server):
         assert message in got["error"]["message"]
 
     # One reply at a time (voice.max_queue 1): a second request while the first streams is told to wait.
-    async with server.http.post(f"{server.url}/v1/audio/speech", data=json.dumps({**base, "input": THREE * 4})) as r:
+    async with server.http.post(f"{server.url}/v1/audio/speech", json={**base, "input": THREE * 4}) as r:
         assert r.status == 200
         await r.content.readany()  # the first one is speaking now
         status, body = await speech(base)

@@ -19,11 +19,11 @@ XTTS_LICENCE = ("XTTS-v2 weights are under the Coqui Public Model License (https
 @dataclass
 class VoiceCheck:
     lines: list[str] = field(default_factory=list)
-    ok: bool = True
+    problems: list[str] = field(default_factory=list)  # what keeps voice from starting
 
 
 def check_voice(config: Config) -> VoiceCheck:
-    """Lines for `ttt check`; `ok` is False when voice is enabled but cannot start."""
+    """Lines for `ttt check`, and the problems that keep enabled voice from starting."""
     section, result = config.voice, VoiceCheck()
     if not section.enabled:
         result.lines.append("voice: off (voice.enabled)")
@@ -35,10 +35,9 @@ def check_voice(config: Config) -> VoiceCheck:
     extra, modules = EXTRAS[section.engine]
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        result.ok = False
-        result.lines.append(
-            f"  CANNOT START: {', '.join(missing)} missing: pip install 'talk-to-transformers[{extra}]'"
-        )
+        problem = f"{', '.join(missing)} missing: pip install 'talk-to-transformers[{extra}]'"
+        result.problems.append(f"voice: {problem}")
+        result.lines.append(f"  CANNOT START: {problem}")
     if section.engine == "xtts":
         result.lines.append(f"  licence: {XTTS_LICENCE}")
     elif not (section.model or "").endswith((".yaml", ".yml")) and not os.environ.get("HF_TOKEN"):

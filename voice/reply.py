@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from core.service import ReplyUpdate
+from core.replies import ReplyUpdate
 from voice.engine import Engine
 from voice.pcm import PcmStream
 from voice.sentences import SentenceSplitter

@@ -8,7 +8,7 @@ import numpy as np
 
 from core.config import VoiceSection
 from core.metrics import Metrics
-from core.service import ReplyUpdate
+from core.replies import ReplyUpdate
 from voice.audio import write_wav
 from voice.engine import VoiceUnavailable
 from voice.registry import VoiceError
