@@ -17,9 +17,11 @@ import pytest
 from bots.discord_voice import BUSY
 from conftest import make_config
 from core.config import Config, PersonaConfig
+from core.service import BUSY as TIMED_OUT  # what the text reply says when the model takes too long
 from fakes.discord_models import P
 from fakes.discord_server import FakeChannel, FakeDiscord, FakeGuild, FakeUser
 from fakes.discord_voice_server import FakeVoiceServer, VoiceSession, trusted_by_aiohttp
+from fakes.scripted_model import ScriptedModel
 from test_discord_bot import running
 from tiny import train_reply_model
 from voice_tiny import tiny_pocket_config, voices_dir_with
@@ -283,6 +285,51 @@ async def test_reconnects_after_a_server_move_rejoins_after_a_drop_leaves_when_k
         fake.user_leaves_voice(g.guild, g.alice)
         await fake.wait_for(lambda: "(nobody was in the channel for 1 s)" in caplog.text, 15, "the bot to leave")
         await fake.wait_for(lambda: fake.voice_channel_of(g.guild, fake.bot_user) is None, 15, "Discord to see it")
+
+
+@pytest.mark.timeout(120)
+async def test_speaks_while_the_model_still_writes_and_drops_a_reply_that_fails(
+        tmp_path, speaker_model_dir, voices, fake, caplog):
+    caplog.set_level(logging.INFO, logger="voice")
+    g = add_guild(fake)
+    async with ScriptedModel() as model:
+        config = voice_config(tmp_path, speaker_model_dir, voices, fake, [g])
+        config.generator.request_timeout_s = 3
+        config.personas["scripted"] = PersonaConfig.model_validate(dict(model.persona(), voice="ada"))
+        config.service.default_persona = "scripted"
+        async with speaking(config, fake):
+            fake.user_joins_voice(g.lounge, g.alice)
+            assert (await command(fake, g.general, g.alice, "join"))["content"].startswith("Joined")
+            session = fake.voice_server.session(g.guild.id)
+
+            said = await fake.user_says(g.general, g.alice, f"{fake.bot_user.mention} tell me about the river")
+            await model.request(0)
+            model.say(0, "The river is wide and calm today. ", "The fo")
+            # The first sentence is heard while the model is still writing the second.
+            await fake.wait_for(lambda: len(session.audio()) >= 10, 30, "the first sentence to play")
+            assert not [m for m in fake.bot_messages(g.general) if int(m["id"]) > int(said["id"])]  # no text yet
+            model.say(0, "rest is dark.")
+            model.end(0)
+            reply = await fake.wait_for_message(g.general, after=said, timeout=30)
+            assert reply["content"] == "The river is wide and calm today. The forest is dark."
+            [spoken] = await wait_spoken(fake, session, 1)
+            assert len(spoken) == (await logged(fake, caplog, 1))[0]
+
+            # The model stops half-way and the reply times out: the text says so, voice drops the rest,
+            # and the next reply is spoken as usual.
+            said = await fake.user_says(g.general, g.alice, f"{fake.bot_user.mention} and the castle?")
+            await model.request(1)
+            model.say(1, "The castle is old and grey, they say. ", "And the")
+            failed = await fake.wait_for_message(g.general, after=said, timeout=30)
+            assert failed["content"] == TIMED_OUT
+            await fake.wait_for(lambda: "outcome=failed" in caplog.text, 30, "the dropped reply's log line")
+            model.end(1)  # the model server lets go of the abandoned request too
+            said = await fake.user_says(g.general, g.alice, f"{fake.bot_user.mention} one more")
+            await model.request(2)
+            model.say(2, "Here is one more.")
+            model.end(2)
+            assert (await fake.wait_for_message(g.general, after=said, timeout=30))["content"] == "Here is one more."
+            await logged(fake, caplog, 2)
 
 
 @pytest.mark.timeout(120)

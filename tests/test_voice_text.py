@@ -73,6 +73,18 @@ def test_sentences_do_not_depend_on_how_the_text_arrives(step):
     assert [s for _, s in stream(text, step)] == [s for _, s in stream(text, 1)]
 
 
+def test_a_sentence_that_plainly_ends_is_taken_when_the_reply_pauses_after_it():
+    splitter = SentenceSplitter()
+    assert splitter.feed("The river is wide today.") == []  # the next words may yet change that
+    assert splitter.ended("The river is wide today.") == ["The river is wide today."]
+    more = "The river is wide today. It is"
+    assert splitter.feed(more) == [] and splitter.ended(more) == []
+    for unsure in ("I met Dr.", "It costs 3.", "The U.S.", "Plan A."):
+        assert SentenceSplitter().ended(unsure) == [], unsure
+    for sure in ("Really?", "Wait...", "Stop!", "It works."):
+        assert SentenceSplitter().ended(sure) == [sure], sure
+
+
 def test_empty_and_whitespace_replies_say_nothing():
     splitter = SentenceSplitter()
     assert splitter.feed("   ") == [] and splitter.feed("   ", final=True) == []

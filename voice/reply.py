@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -27,10 +28,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_WORD = re.compile(r"\w")
+
 # When to start playing: an engine well ahead of real time starts once READY_AFTER_S is buffered;
 # one close to real time (or slower) first finishes the sentence, so that playback never runs dry.
 READY_AFTER_S = 0.2
 FAST_RTF = 0.5
+# A reply that pauses right after a sentence (it is screened a sentence at a time) has that sentence
+# spoken once no more text has come for this long.
+SETTLE_S = 0.25
 
 
 class SpokenReply:
@@ -55,6 +61,7 @@ class SpokenReply:
         self._final = False
         self._stop = threading.Event()
         self._finished = False
+        self._settle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     # ---- the text side (event loop) ------------------------------------------------------------
@@ -76,12 +83,24 @@ class SpokenReply:
             self._pending.clear()
             self._splitter = SentenceSplitter(self._language)
         self._seen = text
-        for sentence in self._splitter.feed(text, final):
-            said = speakable(sentence, read_numbers=not self._engine.reads_numbers, language=self._language)
-            if said:
-                self._pending.append(said)
+        if self._settle is not None:
+            self._settle.cancel()
+        self._queue(self._splitter.feed(text, final))
         self._final = final
+        if not final:
+            self._settle = self._loop.call_later(SETTLE_S, self._settled)
         self._next()
+
+    def _settled(self) -> None:
+        if not (self._stop.is_set() or self._final):
+            self._queue(self._splitter.ended(self._seen))
+            self._next()
+
+    def _queue(self, sentences: list[str]) -> None:
+        for sentence in sentences:
+            said = speakable(sentence, read_numbers=not self._engine.reads_numbers, language=self._language)
+            if _WORD.search(said):  # punctuation alone says nothing
+                self._pending.append(said)
 
     def _next(self) -> None:
         if self._in_flight or self.synthesized.is_set():
@@ -95,6 +114,8 @@ class SpokenReply:
 
     def cancel(self) -> None:
         """Stop now (/skip, or the text reply failed): nothing more is synthesized or played."""
+        if self._settle is not None:
+            self._settle.cancel()
         self._stop.set()
         self._pending.clear()
         self.output.cancel()
@@ -103,6 +124,7 @@ class SpokenReply:
     def abandon_unfinished(self) -> None:
         """The text reply ended without a final update (it failed): drop what is not spoken yet."""
         if not self._final:
+            self.error = self.error or RuntimeError("the text reply failed before it was complete")
             self.cancel()
 
     def _end(self) -> None:

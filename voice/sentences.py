@@ -11,10 +11,15 @@ from __future__ import annotations
 import re
 
 import pysbd
+from pysbd.lang.english import English
 
 from voice.speakable import MENTION, URL
 
 _WORD = re.compile(r"\w")
+# The end of a text that already ends a sentence: "!", "?", an ellipsis, or a full stop after a word
+# that is neither a number ("3." may become "3.5") nor an abbreviation ("Dr." goes on).
+_FINAL = re.compile(r"(?:[!?…]|\.\.\.|(?<![\d.])\b(?P<word>\w+)\.)[\"'”’)\]*_]*$")
+_ABBREVIATIONS = frozenset(English.Abbreviation.ABBREVIATIONS)
 _PROTECTED = re.compile(rf"```.*?(?:```|\Z)|`[^`\n]*`|{URL.pattern}|{MENTION.pattern}", re.DOTALL | re.IGNORECASE)
 
 
@@ -45,6 +50,17 @@ class SentenceSplitter:
         self.consumed += complete[-1][1]
         return [tail[start:end] for start, end in complete if tail[start:end].strip()]
 
+    def ended(self, text: str) -> list[str]:
+        """The rest of `text` when it plainly ends a sentence ("!", "?", "...", or a full stop after a
+        word that is neither a number nor an abbreviation): for a reply whose next words are slow to
+        come (replies screened for safety arrive a whole sentence at a time)."""
+        tail = text[self.consumed:]
+        spans = self._spans(tail) if tail.strip() else []
+        if len(spans) != 1 or not _ends(tail.rstrip()):
+            return []
+        self.consumed = len(text)
+        return [tail]
+
     def _spans(self, tail: str) -> list[tuple[int, int]]:
         masked = _PROTECTED.sub(lambda m: "x" * len(m.group(0)), tail)
         spans = [(s.start, s.end) for s in self._segmenter.segment(masked)]
@@ -53,3 +69,12 @@ class SentenceSplitter:
             spans[0] = (0, spans[0][1])
             spans[-1] = (spans[-1][0], len(tail))
         return spans
+
+
+def _ends(sentence: str) -> bool:
+    """Whether `sentence` ends a sentence for sure, whatever may follow it."""
+    match = _FINAL.search(sentence)
+    if match is None:
+        return False
+    word = match.group("word")
+    return word is None or (len(word) > 1 and word.lower() not in _ABBREVIATIONS and not word.isdigit())
