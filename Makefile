@@ -8,7 +8,7 @@ EXTRAS ?= all,dev
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
-TEST_DEBS := chromium chromium-driver libopus0
+TEST_DEBS := chromium chromium-driver libopus0 postgresql
 
 .PHONY: run test setup system-deps bench clean
 
@@ -32,7 +32,8 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-# Debian packages the tests need (headless Chromium for the web page, libopus for Discord voice).
+# Debian packages the tests need (headless Chromium for the web page, libopus for Discord voice,
+# a PostgreSQL server that the tests start themselves for the server store).
 system-deps:
 	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
