@@ -352,9 +352,9 @@ class ChatService:
 
 
 async def open_service(config: Config, environ: dict[str, str] | None = None) -> ChatService:
-    """A ChatService on the configured SQLite store, with its own metrics registry."""
-    from core.conversation import SQLiteStore
+    """A ChatService on the configured store (SQLite, or PostgreSQL at database.url), with its own metrics."""
+    from core.stores import open_store
 
     metrics = Metrics()
-    store = await SQLiteStore(config.database.path).open()
+    store = await open_store(config.database, metrics, environ)
     return ChatService(config, store, PersonaRegistry(config, metrics, environ), metrics)

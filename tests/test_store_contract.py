@@ -253,3 +253,58 @@ async def test_postgres_refuses_a_newer_schema(pg_url):
     await conn.close()
     with pytest.raises(SchemaTooNew, match="newer"):
         await open_store(DatabaseSection(url=pg_url), Metrics())
+
+
+@pytest.mark.timeout(60)
+async def test_postgres_metrics_show_pool_usage_and_lock_waits(pg_url):
+    metrics = Metrics()
+    store = await open_store(DatabaseSection(url=pg_url), metrics)
+
+    def sample(name: str, **labels) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    try:
+        async with store.lock(KEY):
+            assert sample("ttt_db_pool_in_use", pool="lock") == 1
+            assert (await store.health())["pools"]["lock"]["in_use"] == 1
+        assert sample("ttt_db_pool_in_use", pool="lock") == 0
+        assert sample("ttt_db_pool_max", pool="query") == 10
+        assert sample("ttt_db_lock_wait_seconds_count") == 1
+        assert sample("ttt_db_unavailable_total") == 0
+    finally:
+        await store.close()
+
+
+@pytest.mark.timeout(120)
+async def test_postgres_going_away_raises_store_unavailable_quickly_and_recovers_by_itself(pg_url, postgres):
+    from core.conversation import StoreUnavailable
+
+    metrics = Metrics()
+    store = await open_store(DatabaseSection(url=pg_url, timeout_s=2), metrics)
+    try:
+        await store.add_turns(KEY, [Turn("user", "a", "before")])
+        async with store.lock(KEY):  # a reply in progress when the database goes away
+            postgres.stop()
+            try:
+                for call in (lambda: store.add_turns(KEY, [Turn("user", "a", "lost")]),
+                             lambda: store.recent_turns(KEY, 10), lambda: store.claim("e", "1", 60),
+                             lambda: store.count_event("r", "u", 3, 60.0), lambda: store.persona(KEY)):
+                    started = time.monotonic()
+                    with pytest.raises(StoreUnavailable, match="PostgreSQL at 127.0.0.1"):
+                        await call()
+                    assert time.monotonic() - started < 5
+                with pytest.raises(StoreUnavailable):
+                    async with store.lock(OTHER):
+                        pass
+                health = await store.health()
+                assert health["ok"] is False and "PostgreSQL at" in health["problem"]
+            finally:
+                postgres.start()
+        assert metrics.registry.get_sample_value("ttt_db_unavailable_total") >= 6
+        # Back without reopening: the pools reconnect on their own.
+        await store.add_turns(KEY, [Turn("user", "a", "after")])
+        assert texts(await store.recent_turns(KEY, 10)) == ["before", "after"]
+        async with store.lock(KEY):
+            assert (await store.health())["ok"] is True
+    finally:
+        await store.close()

@@ -39,7 +39,8 @@ UNREACHABLE = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.InterfaceError,
 )
-SWEEP_EVERY_S = 60.0  # how often a replica deletes expired claims and rate counters
+SWEEP_EVERY_S = 60.0
+QUEUE_POLL_S = 0.005  # while a contended lock request is not yet in PostgreSQL's queue  # how often a replica deletes expired claims and rate counters
 LOCK_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.25, 1, 2.5, 5, 15, 30, 60, 120, 300)
 
 _TURN_COLUMNS = "role, author, text, time, persona, author_id"
@@ -86,7 +87,7 @@ class PostgresStore:
                 self._pool = await asyncpg.create_pool(min_size=1, max_size=db.pool_size, reset=_keep_session,
                                                        **common)
                 self._lock_pool = await asyncpg.create_pool(min_size=0, max_size=db.lock_pool_size, **common)
-                async with self._connection() as conn:
+                async with self.connection() as conn:
                     applied = await migrate(conn)
         except asyncpg.PostgresError as exc:  # refused: a wrong password, no such database or role
             await self.close()
@@ -136,7 +137,8 @@ class PostgresStore:
             "FROM unnest($3::text[], $4::text[], $5::text[], $6::float8[], $7::text[], $8::text[]) "
             "  WITH ORDINALITY AS t(role, author, text, time, persona, author_id, n) ORDER BY n",
             str(key), turns[-1].time,
-            [t.role for t in turns], [t.author for t in turns], [t.text for t in turns], [t.time for t in turns],
+            [t.role for t in turns], [storable(t.author) for t in turns], [storable(t.text) for t in turns],
+            [t.time for t in turns],
             [t.persona for t in turns], [t.author_id for t in turns],
             uuid.uuid4().hex,  # the turns of one call answer each other: "forget me" deletes them together
         )
@@ -186,39 +188,59 @@ class PostgresStore:
 
     @asynccontextmanager
     async def lock(self, key: ConversationKey) -> AsyncIterator[None]:
-        wait_s = self._settings.lock_wait_s
         started = time.monotonic()
+        conn = await self._locked(key)
+        self.metrics.lock_wait.observe(time.monotonic() - started)
         try:
-            async with self._local.hold(key, wait_s):
-                left = max(0.001, wait_s - (time.monotonic() - started))
-                conn = await self._locked(key, left)
-                self.metrics.lock_wait.observe(time.monotonic() - started)
-                try:
-                    yield
-                finally:
-                    await self._unlock(key, conn)
-        except ConversationBusy:
-            self.metrics.lock_timeouts.inc()
-            raise
+            yield
+        finally:
+            await self._unlock(key, conn)
 
-    async def _locked(self, key: ConversationKey, wait_s: float) -> asyncpg.Connection:
+    async def _locked(self, key: ConversationKey) -> asyncpg.Connection:
         """A lock-pool connection whose session holds the conversation's advisory lock.
 
-        PostgreSQL grants a lock to its waiters in the order they asked, across every replica.
+        Every waiter waits in PostgreSQL, which grants the lock in the order it was asked for,
+        across replicas; callers in this process enter that queue one after the other, in the
+        order they called (the next one asks once the previous one holds the lock or waits for it).
         """
-        with self._reachable():
-            conn = await self._lock_pool.acquire(timeout=wait_s)
+        wait_s = self._settings.lock_wait_s
+        deadline = time.monotonic() + wait_s
+        conn = granted = None
         try:
+            async with self._local.hold(key, wait_s):
+                with self._reachable():
+                    conn = await self._lock_pool.acquire(timeout=wait_s)
+                left = max(0.001, deadline - time.monotonic())
+                granted = asyncio.ensure_future(conn.execute(
+                    f"SET lock_timeout = {int(left * 1000) + 1}; SELECT pg_advisory_lock({lock_id(key)})",
+                    timeout=left + self._timeout,
+                ))
+                await asyncio.wait({granted}, timeout=QUEUE_POLL_S)  # a free lock is granted at once
+                while not granted.done() and not await self._waiting(conn.get_server_pid()):
+                    await asyncio.wait({granted}, timeout=QUEUE_POLL_S)
             with self._reachable():
-                await conn.execute("SELECT set_config('lock_timeout', $1, false)", f"{int(wait_s * 1000) + 1}ms")
-                await conn.execute("SELECT pg_advisory_lock($1)", lock_id(key), timeout=wait_s + self._timeout)
+                await granted
         except asyncpg.exceptions.LockNotAvailableError:
+            self.metrics.lock_timeouts.inc()
             await self._unlock(key, conn)
-            raise ConversationBusy(f"{key} stayed busy for {wait_s:.0f} s") from None
+            raise ConversationBusy(f"{key} stayed busy for {wait_s:g} s") from None
+        except ConversationBusy:  # this process's earlier callers did not get into the queue in time
+            self.metrics.lock_timeouts.inc()
+            raise
         except BaseException:
-            await self._unlock(key, conn)
+            if granted is not None and not granted.done():
+                granted.cancel()  # asyncpg asks the server to cancel the wait
+                await asyncio.gather(granted, return_exceptions=True)
+            if conn is not None:
+                await self._unlock(key, conn)
             raise
         return conn
+
+    async def _waiting(self, pid: int) -> bool:
+        """Whether that session is in the queue of an advisory lock."""
+        return await self._fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted)", pid
+        )
 
     async def _unlock(self, key: ConversationKey, conn: asyncpg.Connection) -> None:
         # Giving the connection back resets its session, which releases the advisory lock; a lost
@@ -241,7 +263,8 @@ class PostgresStore:
             raise StoreUnavailable(f"{self.where}: {reason}") from None
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection (bulk work: `ttt db`); a lost database raises StoreUnavailable."""
         if self._pool is None:
             raise StoreUnavailable(f"{self.where}: the store is closed")
         with self._reachable():
@@ -249,15 +272,15 @@ class PostgresStore:
                 yield conn
 
     async def _fetch(self, query: str, *args) -> list:
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             return await conn.fetch(query, *args)
 
     async def _fetchval(self, query: str, *args):
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             return await conn.fetchval(query, *args)
 
     async def _execute(self, query: str, *args) -> str:
-        async with self._connection() as conn:
+        async with self.connection() as conn:
             return await conn.execute(query, *args)
 
     async def _sweep(self) -> None:
@@ -273,6 +296,11 @@ class PostgresStore:
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The read/write pool sets no session state: giving a connection back needs no reset query."""
+
+
+def storable(text: str) -> str:
+    """PostgreSQL text cannot hold NUL: it is kept as U+FFFD rather than refusing the turn."""
+    return text.replace("\x00", "\ufffd")
 
 
 def _row_count(status: str) -> int:
