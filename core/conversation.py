@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,10 @@ class StoreUnavailable(Exception):
 
 class ConversationBusy(StoreUnavailable):
     """The conversation's earlier reply held it longer than the store's bounded lock wait."""
+
+
+class StoreUnusable(Exception):
+    """The database cannot be used at all (unwritable, not a database, damaged); the message names its path."""
 
 
 @dataclass(frozen=True)
@@ -158,21 +163,40 @@ class SQLiteStore:
         self._limiters: dict[tuple[str, int, float], RateLimiter] = {}
 
     async def open(self) -> "SQLiteStore":
-        await self._run(self._open)
+        """Open (creating or migrating) the database; raises StoreUnusable saying what is wrong with it."""
+        try:
+            await self._run(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
         return self
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has schema version {version}, newer than this release knows ({SCHEMA_VERSION})"
-            )
-        for number in range(version, SCHEMA_VERSION):
-            db.executescript("BEGIN;" + _MIGRATIONS[number] + f"PRAGMA user_version={number + 1}; COMMIT;")
+        problem = _unusable_parent(self.path)
+        if problem:
+            raise StoreUnusable(f"database {self.path}: {problem}")
+        db = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreUnusable(
+                    f"database {self.path} has schema version {version}, newer than this release knows "
+                    f"({SCHEMA_VERSION})"
+                )
+            _check_integrity(db, self.path)
+            for number in range(version, SCHEMA_VERSION):
+                db.executescript("BEGIN;" + _MIGRATIONS[number] + f"PRAGMA user_version={number + 1}; COMMIT;")
+        except (sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.close()
+            raise StoreUnusable(f"database {self.path}: {_explain(exc)}") from None
+        except StoreUnusable:
+            db.close()
+            raise
         self._db = db
 
     async def _run(self, fn, *args):
@@ -298,6 +322,68 @@ class SQLiteStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def check_sqlite(path: Path) -> str | None:
+    """What would stop SQLiteStore from opening `path`, without creating or changing anything; None if nothing."""
+    path = Path(path)
+    problem = _unusable_parent(path)
+    if problem is None:
+        directory = next(parent for parent in path.parents if parent.exists())
+        try:
+            with _probe(directory):
+                pass
+        except OSError as exc:
+            problem = f"{directory} is not writable ({exc.strerror})"
+    if problem is None and path.exists():
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                db.execute("PRAGMA user_version").fetchone()
+                _check_integrity(db, path)
+            finally:
+                db.close()
+        except StoreUnusable as exc:
+            return str(exc)
+        except sqlite3.Error as exc:
+            problem = _explain(exc)
+    return f"database {path}: {problem}" if problem else None
+
+
+def _unusable_parent(path: Path) -> str | None:
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a directory"
+    return None
+
+
+@contextmanager
+def _probe(directory: Path):
+    """Create and delete a file in `directory`: the one test of writability that also holds for root."""
+    with tempfile.TemporaryFile(dir=directory):
+        yield
+
+
+def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    result = [" ".join(row[0].split()) for row in db.execute("PRAGMA quick_check(1)")]
+    if result != ["ok"]:
+        raise StoreUnusable(
+            f"database {path} is damaged ({'; '.join(result)}): restore it from a backup, or move it away "
+            "to start afresh"
+        )
+
+
+def _explain(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or text} ({exc.filename or 'its directory'})"
+    if "unable to open" in text or "readonly" in text:
+        return f"cannot open or write it: is its directory writable? ({text})"
+    if "not a database" in text:
+        return f"not an SQLite database (garbage or truncated?): move it away to start afresh ({text})"
+    if "malformed" in text:
+        return f"damaged ({text}): restore it from a backup, or move it away to start afresh"
+    return text
 
 
 def current_session(turns: Sequence[Turn], idle_seconds: float, now: float | None = None) -> list[Turn]:

@@ -17,7 +17,8 @@ from core.conversation import ConversationKey, ConversationStore, StoreUnavailab
 from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
-from core.safety import degeneracy, is_offensive, neutralize_mentions
+from core.prompts import PromptTooLong, SystemPromptTooLong
+from core.replies import ReplyUpdate, screened_reply
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,23 @@ class ChatError(Exception):
 
 
 class Busy(ChatError):
+    """The generator cannot take or finish this in time: try again in a moment (HTTP: 503)."""
+
     outcome = "busy"
+
+
+class TimedOut(Busy):
+    """The reply ran past its deadline, which under load means the same as busy."""
+
+    outcome = "timeout"
 
 
 class InputRejected(ChatError):
     outcome = "rejected"
+
+
+class TooLong(InputRejected):
+    """The message (or a system prompt) does not fit the persona's context."""
 
 
 class PersonaError(ChatError):
@@ -53,14 +66,7 @@ class MemoryUnavailable(ChatError):
 
 
 MEMORY_UNAVAILABLE = "I can't reach my memory right now; please try again in a moment."
-
-
-@dataclass(frozen=True)
-class ReplyUpdate:
-    """The reply so far (safe to show); `final` once it is stored."""
-
-    text: str
-    final: bool = False
+BUSY = "I'm busy with a lot of conversations right now; try again in a moment."
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,6 @@ class RateDecision:
     @property
     def allowed(self) -> bool:
         return self.wait_s <= 0
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    persona: str
-    stats: GenerationStats
 
 
 HELP = (
@@ -128,17 +127,21 @@ class ChatService:
             async with self.store.lock(key):
                 persona = await self.persona_for(key, persona_name)
                 label = persona.name
-                reply = None
-                async for update in self._generate(key, author, text, persona):
-                    if isinstance(update, Reply):
-                        reply = update
+                cfg = self.config.conversation
+                history = current_session(
+                    await self.store.recent_turns(key, cfg.max_turns), cfg.idle_minutes * 60
+                )
+                final = None
+                async for update in self._screened(persona, history + [Turn("user", author, text)], key=key):
+                    if update.final:
+                        final = update
                     else:
                         yield update
                 await self.store.add_turns(
                     key,
                     [
                         Turn("user", author, text, persona=persona.name, author_id=author_id),
-                        Turn("bot", persona.name, reply.text, persona=persona.name),
+                        Turn("bot", persona.name, final.text, persona=persona.name),
                     ],
                 )
         except StoreUnavailable as exc:
@@ -147,21 +150,57 @@ class ChatService:
             self.metrics.requests.labels(adapter, label, MemoryUnavailable.outcome).inc()
             raise MemoryUnavailable(MEMORY_UNAVAILABLE) from None
         except ChatError as exc:
-            self.metrics.requests.labels(adapter, label, exc.outcome).inc()
-            log.info("no reply key=%s persona=%s outcome=%s", key, label, exc.outcome)
+            self.record_refusal(adapter, label, exc.outcome, key=key)
             raise
+        self._record_reply(adapter, label, key, started, final)
+        yield final
+
+    def complete(
+        self, persona: Persona, turns: list[Turn], *, adapter: str, system_prompt: str | None = None,
+        decoding: Decoding | None = None, retractable: bool = True,
+    ) -> AsyncIterator[ReplyUpdate]:
+        """A reply to `turns` that nothing stores (a stateless API), screened, counted and logged like
+        every reply; raises ChatError subclasses. `retractable` is False for a reader that cannot
+        take shown text back (a stream): a reply that fails the screen after part of it was shown
+        then ends there, `cut`, instead of being replaced."""
+        return self._complete(persona, turns, adapter, system_prompt, decoding, retractable)
+
+    async def _complete(self, persona, turns, adapter, system_prompt, decoding, retractable):
+        started = time.monotonic()
+        key = f"{adapter}:-"
+        finished = False
+        try:
+            async for update in self._screened(persona, turns, key=key, system_prompt=system_prompt,
+                                               decoding=decoding, retractable=retractable):
+                if update.final:
+                    self._record_reply(adapter, persona.name, key, started, update)
+                    finished = True
+                yield update
+        except ChatError as exc:
+            self.record_refusal(adapter, persona.name, exc.outcome, key=key)
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:  # the reader went away
+                self.record_refusal(adapter, persona.name, "cancelled", key=key)
+            raise
+
+    def record_refusal(self, adapter: str, persona: str, outcome: str, *, key: object = "-") -> None:
+        """Count and log a request that got no reply (adapters call it for refusals of their own)."""
+        self.metrics.requests.labels(adapter, persona, outcome).inc()
+        log.info("no reply key=%s persona=%s outcome=%s", key, persona, outcome)
+
+    def _record_reply(self, adapter: str, persona: str, key: object, started: float, final: ReplyUpdate) -> None:
         latency = time.monotonic() - started
-        stats = reply.stats
-        self.metrics.requests.labels(adapter, label, "ok").inc()
-        self.metrics.reply_latency.labels(adapter, label).observe(latency)
+        stats = final.stats
+        self.metrics.requests.labels(adapter, persona, "cut" if final.cut else "ok").inc()
+        self.metrics.reply_latency.labels(adapter, persona).observe(latency)
         if stats.total_s > 0 and stats.new_tokens:
-            self.metrics.tokens_per_second.labels(label).set(stats.new_tokens / stats.total_s)
+            self.metrics.tokens_per_second.labels(persona).set(stats.new_tokens / stats.total_s)
         log.info(
             "reply key=%s persona=%s queue_wait=%.3fs latency=%.2fs tokens=%d",
-            key, label, stats.queue_wait_s, latency, stats.new_tokens,
+            key, persona, stats.queue_wait_s, latency, stats.new_tokens,
         )
-        log.debug("reply key=%s text=%r", key, reply.text)
-        yield ReplyUpdate(reply.text, final=True)
+        log.debug("reply key=%s text=%r", key, final.text)
 
     def validate(self, text: str) -> str:
         """The message as the service takes it (stripped); raises InputRejected (nothing counted or stored)."""
@@ -171,6 +210,10 @@ class ChatService:
         limit = self.config.service.max_input_chars
         if len(text) > limit:
             raise InputRejected(f"That message is a bit long for me: please keep it under {limit} characters.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: JSON "\ud800", or undecodable bytes read from a terminal
+            raise InputRejected("That message holds something that is not text I can read.") from None
         return text
 
     async def generate(
@@ -188,66 +231,45 @@ class ChatService:
         decoding = decoding or persona.config.decoding
         system = persona.config.system_prompt if system_prompt is None else system_prompt
         budget = max(16, persona.config.max_context_tokens - decoding.max_new_tokens)
-        prompt = await asyncio.to_thread(engine.prepare, persona.config.format, turns, system, budget)
+        try:
+            prompt = await asyncio.to_thread(engine.prepare, persona.config.format, turns, system, budget)
+        except SystemPromptTooLong as exc:
+            if system_prompt is None:  # the persona's own: the operator's to fix, not the user's
+                log.error("persona %s cannot reply: %s", persona.name, exc)
+                raise PersonaError(f"Persona {persona.name!r} is misconfigured: {exc} (in config.yaml).") from None
+            raise TooLong(f"That is too long for {persona.name}: {exc}.") from None
+        except PromptTooLong as exc:
+            raise TooLong(f"That is too long for {persona.name}: {exc}.") from None
         try:
             return engine.submit(
                 prompt, decoding, timeout=self.config.generator.request_timeout_s, adapter=persona.config.adapter
             )
         except GeneratorBusy:
-            raise Busy("I'm busy with a lot of conversations right now; try again in a moment.") from None
+            raise Busy(BUSY) from None
         except GenerationFailed as exc:
             log.warning("request rejected by the generator persona=%s: %s", persona.name, exc)
             raise ReplyFailed("Sorry, I couldn't come up with a reply to that.") from None
 
-    async def _generate(self, key, author, text, persona: Persona):
-        cfg = self.config
-        history = current_session(
-            await self.store.recent_turns(key, cfg.conversation.max_turns), cfg.conversation.idle_minutes * 60
-        )
-        turns = history + [Turn("user", author, text)]
-        decoding = persona.config.decoding
-        for attempt in range(2):
-            generation = await self.generate(persona, turns, decoding=decoding)
-            raw = ""
-            problem = None
-            try:
-                async for piece in generation:
-                    raw += piece
-                    shown = neutralize_mentions(raw).strip()
-                    if not shown:
-                        continue
-                    # Partial text is screened too: users must never see what the final check would reject.
-                    if await self._offensive(shown):
-                        problem = "offensive"
-                        generation.cancel()
-                        break
-                    yield ReplyUpdate(shown)
-            except GenerationTimeout:
-                log.warning("generation timed out key=%s persona=%s", key, persona.name)
-                raise ReplyFailed("Sorry, that took me too long. Please try again.") from None
-            except GenerationFailed:
-                log.exception("generation failed key=%s persona=%s", key, persona.name)
-                raise ReplyFailed("Sorry, something went wrong while I was thinking. Please try again.") from None
-            problem = problem or await self._problem(raw, text)
-            if problem is None:
-                yield Reply(neutralize_mentions(raw).strip(), persona.name, generation.stats)
-                return
-            log.info("discarding a %s reply key=%s persona=%s (attempt %d)", problem, key, persona.name, attempt + 1)
-            if problem == "offensive" and cfg.safety.on_offensive == "fallback":
-                break
-            decoding = decoding.model_copy(
-                update={"do_sample": True, "seed": None if decoding.seed is None else decoding.seed + 1}
-            )
-        yield Reply(cfg.safety.fallback_reply, persona.name, generation.stats)
+    async def _screened(
+        self, persona: Persona, turns: list[Turn], *, key: object, system_prompt: str | None = None,
+        decoding: Decoding | None = None, retractable: bool = True,
+    ) -> AsyncIterator[ReplyUpdate]:
+        async def generate(decoding: Decoding) -> Generation:
+            return await self.generate(persona, turns, system_prompt=system_prompt, decoding=decoding)
 
-    async def _problem(self, reply: str, user_text: str) -> str | None:
-        return degeneracy(reply, user_text) or ("offensive" if await self._offensive(reply) else None)
-
-    async def _offensive(self, text: str) -> bool:
-        safety = self.config.safety
-        if safety.on_offensive == "allow":
-            return False
-        return (await asyncio.to_thread(is_offensive, [text], safety.offensive_threshold))[0]
+        replies = screened_reply(generate, self.config.safety, turns[-1].text, decoding or persona.config.decoding,
+                                 retractable=retractable, label=f"key={key} persona={persona.name}")
+        try:
+            async for update in replies:
+                yield update
+        except GenerationTimeout:
+            log.warning("generation timed out key=%s persona=%s", key, persona.name)
+            raise TimedOut(BUSY) from None
+        except GenerationFailed:
+            log.exception("generation failed key=%s persona=%s", key, persona.name)
+            raise ReplyFailed("Sorry, something went wrong while I was thinking. Please try again.") from None
+        finally:
+            await replies.aclose()
 
     # ---- shared commands -------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from core.conversation import SCHEMA_VERSION, ConversationKey, SQLiteStore, Turn, current_session
+from core.conversation import SCHEMA_VERSION, ConversationKey, SQLiteStore, StoreUnusable, Turn, current_session
 
 KEY = ConversationKey("discord", "channel:1")
 OTHER = ConversationKey("slack", "C1/1700000000.000100")
@@ -61,7 +61,7 @@ async def test_refuses_a_newer_schema(tmp_path):
     db = tmp_path / "db.sqlite3"
     with sqlite3.connect(db) as raw:
         raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(StoreUnusable, match="newer"):
         await SQLiteStore(db).open()
 
 

@@ -447,18 +447,18 @@ async def test_slow_reply_streams_into_edits_at_most_once_per_interval(tmp_path,
         assert (await fake.wait_for_ack(envelope)).ack_latency < 3
         await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == PLACEHOLDER)
 
-        model.say(0, "one")
-        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "one" + STREAMING_MARK)
-        model.say(0, " two", " three")
-        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "one two three" + STREAMING_MARK)
+        model.say(0, "one.")  # streamed text is shown a screened sentence at a time
+        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "one." + STREAMING_MARK)
+        model.say(0, " two.", " three.")
+        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "one. two. three." + STREAMING_MARK)
         numbers = " ".join(str(i) for i in range(2000))
         model.say(0, " " + numbers)
         model.end(0)
         pieces = await bot_replies(fake, "C0GENERAL", mention["ts"], count=3)
         assert len(pieces) == 3 and all(len(p) <= MESSAGE_LIMIT for p in pieces)
-        assert " ".join(pieces) == "one two three " + numbers
+        assert " ".join(pieces) == "one. two. three. " + numbers
         assert await turns(bot, f"C0GENERAL/{mention['ts']}") == [
-            ("user", "count for me"), ("bot", "one two three " + numbers)]
+            ("user", "count for me"), ("bot", "one. two. three. " + numbers)]
 
         streaming = [c.at for c in fake.calls_to("chat.update") if c.params["text"].endswith(STREAMING_MARK)]
         assert len(streaming) >= 2
@@ -545,7 +545,8 @@ async def test_failed_or_timed_out_generation_apologizes(tmp_path, fake, models,
         await model.request(1)
         model.say(1, " ".join(str(i) for i in range(1500)))
         await fake.wait_for(lambda: len(bot_messages(fake, "C0GENERAL", slow["ts"])) == 2, 10, "two messages")
-        assert await bot_replies(fake, "C0GENERAL", slow["ts"]) == ["Sorry, that took me too long. Please try again."]
+        assert await bot_replies(fake, "C0GENERAL", slow["ts"]) == [  # a timeout is answered as busy
+            "I'm busy with a lot of conversations right now; try again in a moment."]
         assert len(fake.deleted) == 1
 
         assert "Switched to *broken*" in await command(fake, "persona broken", channel="C0BROKEN")

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from core.config import DatabaseSection
-from core.conversation import ConversationBusy, ConversationKey, Turn
+from core.conversation import ConversationBusy, ConversationKey, StoreUnusable, Turn
 from core.metrics import Metrics
 from core.stores import open_store
 from pg import pg_url, postgres  # noqa: F401 (fixtures)
@@ -244,14 +244,14 @@ async def test_postgres_migrations_run_once_when_replicas_start_together(pg_url)
 
 @pytest.mark.timeout(60)
 async def test_postgres_refuses_a_newer_schema(pg_url):
-    from core.stores.postgres_schema import SCHEMA_VERSION, SchemaTooNew
+    from core.stores.postgres_schema import SCHEMA_VERSION
 
     store = await open_store(DatabaseSection(url=pg_url), Metrics())
     await store.close()
     conn = await asyncpg.connect(pg_url)
     await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", SCHEMA_VERSION + 1)
     await conn.close()
-    with pytest.raises(SchemaTooNew, match="newer"):
+    with pytest.raises(StoreUnusable, match=r"PostgreSQL at .*newer than this release"):
         await open_store(DatabaseSection(url=pg_url), Metrics())
 
 
@@ -308,3 +308,16 @@ async def test_postgres_going_away_raises_store_unavailable_quickly_and_recovers
             assert (await store.health())["ok"] is True
     finally:
         await store.close()
+
+
+@pytest.mark.timeout(60)
+async def test_postgres_open_says_why_it_cannot(postgres):
+    from core.conversation import StoreUnavailable
+
+    with pytest.raises(StoreUnusable, match='PostgreSQL at 127.0.0.1:.*/nosuchdb: database "nosuchdb" does not exist'):
+        await open_store(DatabaseSection(url=postgres.url("nosuchdb")), Metrics())
+    closed_port = postgres.url("postgres").replace(f":{postgres.port}/", ":1/")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="PostgreSQL at 127.0.0.1:1/postgres"):
+        await open_store(DatabaseSection(url=closed_port, timeout_s=2), Metrics())
+    assert time.monotonic() - started < 10

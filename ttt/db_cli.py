@@ -40,7 +40,7 @@ def run_migrate_sqlite(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _migrate(settings: Settings, path: Path) -> int:
-    from core.conversation import StoreUnavailable
+    from core.conversation import StoreUnavailable, StoreUnusable
     from core.metrics import Metrics
     from core.stores import open_store
     from core.stores.sqlite_copy import CopyError, copy_sqlite_history
@@ -51,8 +51,11 @@ async def _migrate(settings: Settings, path: Path) -> int:
     try:
         store = await open_store(settings.config.database, Metrics(), os.environ)
     except StoreUnavailable as exc:
-        print(f"ttt db migrate-sqlite: cannot open the database: {exc}", file=sys.stderr)
+        print(f"ttt db migrate-sqlite: cannot reach the database: {exc}", file=sys.stderr)
         return 1
+    except StoreUnusable as exc:
+        print(f"ttt db migrate-sqlite: cannot use the database: {exc}", file=sys.stderr)
+        return 2
     try:
         report = await copy_sqlite_history(path.expanduser().resolve(), store, progress)
     except CopyError as exc:

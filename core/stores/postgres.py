@@ -25,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from core.config import DatabaseSection
-from core.conversation import ConversationBusy, ConversationKey, KeyedLocks, StoreUnavailable, Turn
+from core.conversation import ConversationBusy, ConversationKey, KeyedLocks, StoreUnavailable, StoreUnusable, Turn
 from core.stores.postgres_schema import migrate
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,11 @@ class PostgresStore:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> "PostgresStore":
-        """Connect both pools and apply missing migrations; raises StoreUnavailable."""
+        """Connect both pools and apply missing migrations.
+
+        Raises StoreUnavailable when the server cannot be reached, StoreUnusable when it refuses
+        (credentials, no such database) or holds a newer schema.
+        """
         db = self._settings
         common = dict(dsn=self.url, password=self._password, timeout=self._timeout, command_timeout=self._timeout,
                       server_settings={"application_name": "ttt"})
@@ -91,7 +95,10 @@ class PostgresStore:
                     applied = await migrate(conn)
         except asyncpg.PostgresError as exc:  # refused: a wrong password, no such database or role
             await self.close()
-            raise StoreUnavailable(f"{self.where}: {exc}") from None
+            raise StoreUnusable(f"{self.where}: {exc}") from None
+        except StoreUnusable as exc:
+            await self.close()
+            raise StoreUnusable(f"{self.where}: {exc}") from None
         except BaseException:
             await self.close()
             raise

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from core.conversation import StoreUnusable
+
 # Any constant works; it only has to differ from the conversation locks (hashed keys) in practice.
 MIGRATION_LOCK = 0x7474745F736368  # "ttt_sch"
 
@@ -72,12 +74,11 @@ MIGRATIONS = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class SchemaTooNew(RuntimeError):
-    """The database was migrated by a newer release."""
-
-
 async def migrate(conn: asyncpg.Connection) -> int:
-    """Bring the schema to SCHEMA_VERSION; returns the number of migrations applied."""
+    """Bring the schema to SCHEMA_VERSION; returns the number of migrations applied.
+
+    Raises StoreUnusable for a database migrated by a newer release.
+    """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(
@@ -86,7 +87,7 @@ async def migrate(conn: asyncpg.Connection) -> int:
         )
         version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
         if version > SCHEMA_VERSION:
-            raise SchemaTooNew(
+            raise StoreUnusable(
                 f"the database has schema version {version}, newer than this release knows ({SCHEMA_VERSION})"
             )
         for number in range(version, SCHEMA_VERSION):
