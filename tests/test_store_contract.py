@@ -321,3 +321,24 @@ async def test_postgres_open_says_why_it_cannot(postgres):
     with pytest.raises(StoreUnavailable, match="PostgreSQL at 127.0.0.1:1/postgres"):
         await open_store(DatabaseSection(url=closed_port, timeout_s=2), Metrics())
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.timeout(60)
+async def test_check_database_finds_what_would_stop_the_store_and_changes_nothing(tmp_path, postgres, pg_url):
+    from core.stores import check_database
+    from core.stores.postgres_schema import SCHEMA_VERSION
+
+    assert await check_database(DatabaseSection(path=tmp_path / "new.sqlite3")) is None
+    assert not (tmp_path / "new.sqlite3").exists()
+    assert await check_database(DatabaseSection(url=pg_url)) is None
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None  # nothing created
+        await conn.execute("CREATE TABLE schema_migrations (version integer)")
+        await conn.execute("INSERT INTO schema_migrations VALUES ($1)", SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    assert "newer than this release" in await check_database(DatabaseSection(url=pg_url))
+    assert 'database "nosuchdb" does not exist' in await check_database(DatabaseSection(url=postgres.url("nosuchdb")))
+    closed_port = postgres.url("postgres").replace(f":{postgres.port}/", ":1/")
+    assert "PostgreSQL at 127.0.0.1:1/postgres" in await check_database(DatabaseSection(url=closed_port))

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from core.config import DatabaseSection
 from core.conversation import ConversationBusy, ConversationKey, KeyedLocks, StoreUnavailable, StoreUnusable, Turn
-from core.stores.postgres_schema import migrate
+from core.stores.postgres_schema import SCHEMA_VERSION, migrate
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class PostgresStore:
         self._timeout = database.timeout_s
         self._pool: asyncpg.Pool | None = None  # short reads and writes
         self._lock_pool: asyncpg.Pool | None = None  # sessions holding conversation locks
-        self._local = KeyedLocks()  # one session per conversation waits in PostgreSQL, the rest here
+        self._local = KeyedLocks()  # this process's callers join a conversation's queue one at a time
         self._swept = 0.0
         self.metrics = StoreMetrics(self, registry or CollectorRegistry())
 
@@ -299,6 +299,28 @@ class PostgresStore:
             "WITH c AS (DELETE FROM claims WHERE expires < extract(epoch FROM clock_timestamp())) "
             "DELETE FROM rate_events WHERE expires < extract(epoch FROM clock_timestamp())"
         )
+
+
+async def check_postgres(database: DatabaseSection, password: str | None) -> str | None:
+    """Why PostgreSQL at database.url cannot serve as the store now (unreachable, refused, a newer
+    schema); None when it can. Connects once and changes nothing."""
+    where = describe(database.url)
+    try:
+        conn = await asyncpg.connect(database.url, password=password, timeout=database.timeout_s,
+                                     command_timeout=database.timeout_s)
+    except (asyncpg.PostgresError, *UNREACHABLE) as exc:
+        return f"{where}: {str(exc) or type(exc).__name__}"
+    try:
+        version = 0
+        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:
+            version = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+    except (asyncpg.PostgresError, *UNREACHABLE) as exc:
+        return f"{where}: {str(exc) or type(exc).__name__}"
+    finally:
+        conn.terminate()
+    if version > SCHEMA_VERSION:
+        return f"{where}: schema version {version}, newer than this release knows ({SCHEMA_VERSION})"
+    return None
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
