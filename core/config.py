@@ -191,6 +191,22 @@ class DiscordSection(Section):
     stream_edit_interval_s: float = Field(1.0, ge=0)
     rate_limit_per_minute: int = Field(6, ge=0)
     shard_count: int | None = Field(None, ge=1)
+    shard_ids: list[int] | None = Field(None, min_length=1, description="the shards this process runs")
+
+    @field_validator("shard_ids")
+    @classmethod
+    def _shards_of_the_count(cls, shard_ids: list[int] | None, info) -> list[int] | None:
+        if shard_ids is None:
+            return None
+        count = info.data.get("shard_count")
+        if count is None:
+            raise ValueError("shard_ids needs shard_count (the number of shards across every process)")
+        outside = [i for i in shard_ids if not 0 <= i < count]
+        if outside:
+            raise ValueError(f"shard ids from 0 to {count - 1} (shard_count is {count}); not {outside}")
+        if len(set(shard_ids)) != len(shard_ids):
+            raise ValueError("each shard id once")
+        return shard_ids
 
 
 class SlackSection(Section):
@@ -203,6 +219,8 @@ class SlackSection(Section):
     slash_command: str = "/ttt"
     allowed_channels: list[str] = Field(default_factory=list)
     allowed_users: list[str] = Field(default_factory=list)
+    persona_switch: Literal["everyone", "admins", "users"] = "everyone"
+    persona_switch_users: list[str] = Field(default_factory=list)
     thread_followups: bool = True
     stream_edit_interval_s: float = Field(1.0, ge=0)
     rate_limit_per_minute: int = Field(6, ge=0)
