@@ -28,7 +28,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bots.slack_format import PLACEHOLDER, ThreadMessages, mentioned_users, readable, render, to_mrkdwn
 from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, finish_within_s, stream_reply
 from core.config import Settings, SlackSection
-from core.conversation import ConversationKey
+from core.conversation import ConversationKey, StoreUnavailable
 from core.service import FORGET_ME, ChatService
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,12 @@ class SlackAdapter:
             return
         # Once per message: Slack retries deliveries and sends a mention twice (app_mention and
         # message.*), possibly to different replicas.
-        if not await self.service.store.claim("slack-message", f"{place.channel}/{event['ts']}", ANSWERED_FOR_S):
+        try:
+            first = await self.service.store.claim("slack-message", f"{place.channel}/{event['ts']}", ANSWERED_FOR_S)
+        except StoreUnavailable as exc:  # answer anyway: the reply says the memory is unreachable
+            log.warning("%s: message %s not claimed, the store is unavailable: %s", place.key, event["ts"], exc)
+            first = True
+        if not first:
             return
         if not self._allowed(place.channel, user, place.is_dm):
             log.info("not answering %s in %s: slack.allowed_users/allowed_channels", user, place.channel)
