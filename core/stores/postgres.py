@@ -235,7 +235,7 @@ class PostgresStore:
             self.metrics.lock_timeouts.inc()
             raise
         except BaseException:
-            if granted is not None and not granted.done():
+            if granted is not None:
                 granted.cancel()  # asyncpg asks the server to cancel the wait
                 await asyncio.gather(granted, return_exceptions=True)
             if conn is not None:
