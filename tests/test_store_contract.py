@@ -9,6 +9,7 @@ import textwrap
 import time
 
 import asyncpg
+import yaml
 import pytest
 
 from core.config import DatabaseSection
@@ -342,3 +343,30 @@ async def test_check_database_finds_what_would_stop_the_store_and_changes_nothin
     assert 'database "nosuchdb" does not exist' in await check_database(DatabaseSection(url=postgres.url("nosuchdb")))
     closed_port = postgres.url("postgres").replace(f":{postgres.port}/", ":1/")
     assert "PostgreSQL at 127.0.0.1:1/postgres" in await check_database(DatabaseSection(url=closed_port))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("url", ["postgresql://ttt:hunter2-secret@db:5432/ttt",
+                                 "postgres://ttt@db/ttt?sslmode=require&password=hunter2-secret"])
+def test_a_database_url_with_a_password_is_refused_without_showing_it(tmp_path, url):
+    from core.config import ConfigError, load_settings
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"database": {"url": url}}))
+    for environ in ({}, {"TTT_DATABASE__URL": url}):
+        with pytest.raises(ConfigError) as info:
+            load_settings(path if not environ else None, environ=environ)
+        message = str(info.value)
+        assert "must not contain a password" in message and "TTT_DATABASE_PASSWORD" in message
+        assert "hunter2" not in message
+
+
+@pytest.mark.timeout(30)
+def test_the_database_password_comes_from_the_environment_as_a_secret(tmp_path):
+    from core.config import load_settings
+
+    settings = load_settings(None, environ={"TTT_DATABASE__URL": "postgresql://ttt@db/ttt",
+                                            "TTT_DATABASE_PASSWORD": "hunter2-secret"})
+    assert settings.config.database.url == "postgresql://ttt@db/ttt"
+    assert settings.secrets.get("TTT_DATABASE_PASSWORD") == "hunter2-secret"
+    assert "hunter2" not in repr(settings.secrets)
