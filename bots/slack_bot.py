@@ -235,7 +235,11 @@ class SlackAdapter:
 
     async def _took_part(self, place: Place) -> bool:
         """Whether the bot answers in this thread (its turns are stored, so this survives restarts)."""
-        return bool(await self.service.store.recent_turns(place.key, 1))
+        try:
+            return bool(await self.service.store.recent_turns(place.key, 1))
+        except StoreUnavailable as exc:  # not knowing, stay out of a thread rather than barge in
+            log.warning("%s: cannot tell whether I answer in this thread: %s", place.key, exc)
+            return False
 
     def _allowed(self, channel: str, user: str, is_dm: bool) -> bool:
         cfg = self.config

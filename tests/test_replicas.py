@@ -166,6 +166,10 @@ class Replica:
             await asyncio.sleep(0.1)
         raise AssertionError(f"{self.name} did not become ready:\n{self.logs()}")
 
+    async def health(self, http: aiohttp.ClientSession) -> tuple[int, dict]:
+        async with http.get(f"http://127.0.0.1:{self.web_port}/healthz") as response:
+            return response.status, await response.json()
+
     def kill(self) -> None:
         self.process.kill()  # SIGKILL: no shutdown, no flushing
         self.process.wait(timeout=30)
@@ -372,9 +376,16 @@ async def test_a_lost_database_gets_clear_replies_and_service_resumes_when_it_re
             mention = cluster.fake.app_mention("C0DOWN", f"U0F{n}", "the word is dragon")
             await cluster.deliver(replica, mention)
             assert await cluster.replies("C0DOWN", mention["ts"], 1) == [MEMORY_UNAVAILABLE]
+        async with aiohttp.ClientSession() as http:
+            status, health = await one.health(http)
+        assert status == 200 and not health["ready"] and health["status"] == "degraded"
+        assert health["database"]["backend"] == "postgresql" and not health["database"]["ok"]
     finally:
         postgres.start()
     assert one.alive and two.alive
+    async with aiohttp.ClientSession() as http:
+        await one.wait_ready(http)
+        assert (await one.health(http))[1]["database"]["ok"]
     for replica, word in ((one, "island"), (two, "pepper")):
         mention = cluster.fake.app_mention("C0DOWN", "U0GUS", f"the word is {word}")
         await cluster.deliver(replica, mention)
