@@ -8,7 +8,7 @@ EXTRAS ?= all,dev
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
-TEST_DEBS := chromium chromium-driver libopus0 espeak-ng
+TEST_DEBS := chromium chromium-driver libopus0 postgresql espeak-ng
 
 .PHONY: run test setup system-deps bench bench-voice clean
 
@@ -39,7 +39,8 @@ $(STAMP):
 	touch $@
 
 # Debian packages the tests need (headless Chromium for the web page, libopus for Discord voice,
-# espeak-ng for reference voice clips).
+# a PostgreSQL server that the tests start themselves for the server store, espeak-ng for
+# reference voice clips).
 system-deps:
 	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -240,7 +240,8 @@ def adapter_states(metrics: Metrics) -> dict[str, bool]:
 
 
 def _health(service: ChatService):
-    """200 while the default persona can answer; 503 once its model failed to load (or cannot)."""
+    """200 while the default persona can answer; 503 once its model failed to load (or cannot).
+    The database's state is reported with the rest."""
 
     async def handle(request: web.Request) -> web.Response:
         personas = service.personas
@@ -250,13 +251,18 @@ def _health(service: ChatService):
         except (PersonaUnavailable, UnknownPersona) as exc:
             problem = str(exc)
         adapters = adapter_states(service.metrics)
+        # A lost database keeps the process alive (200): the store reconnects by itself, so a
+        # restart would not help; it is reported, and the replica is not ready meanwhile.
+        database = await service.store.health()
+        healthy = problem is None and all(adapters.values()) and database["ok"]
         body = {
-            "status": "ok" if problem is None and all(adapters.values()) else "degraded",
-            # Ready: the default model is loaded and every adapter is connected.
-            "ready": problem is None and all(adapters.values()) and personas.is_loaded(personas.get(personas.default)),
+            "status": "ok" if healthy else "degraded",
+            # Ready: the default model is loaded, every adapter is connected, the database answers.
+            "ready": healthy and personas.is_loaded(personas.get(personas.default)),
             "default_persona": personas.default,
             "models": personas.loaded(),
             "adapters": adapters,
+            "database": database,
         }
         if problem:
             body["problem"] = problem

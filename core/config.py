@@ -12,6 +12,7 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -27,6 +28,8 @@ SECRET_NAMES = (
     "REDDIT_USERNAME",
     "REDDIT_PASSWORD",
     "TTT_API_KEY",
+    "TTT_DATABASE_PASSWORD",
+    "PGPASSWORD",
     "HF_TOKEN",  # read by huggingface_hub itself (gated voice weights); listed so logs redact it
 )
 
@@ -96,7 +99,50 @@ class ServiceSection(Section):
 
 
 class DatabaseSection(Section):
+    """Where conversations are kept: a SQLite file (default), or PostgreSQL for several replicas.
+
+    The PostgreSQL password comes only from the environment (TTT_DATABASE_PASSWORD, else libpq's
+    PGPASSWORD or ~/.pgpass), never from the URL.
+    """
+
     path: Path = Path("data/conversations.sqlite3")
+    url: str | None = Field(None, description="postgresql://USER@HOST:PORT/DB selects PostgreSQL instead of `path`")
+    pool_size: int = Field(10, ge=1, description="PostgreSQL connections for reads and writes, per replica")
+    lock_pool_size: int = Field(32, ge=1, description="PostgreSQL connections holding conversation locks: "
+                                                      "replies in progress at once, per replica")
+    timeout_s: float = Field(5, gt=0, description="connecting or one statement; past it the store is unavailable")
+    lock_wait_s: float = Field(180, gt=0, description="longest wait for a conversation's earlier reply to finish")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password_in_url(cls, data: Any) -> Any:
+        url = data.get("url") if isinstance(data, dict) else None
+        if isinstance(url, str) and _has_password(url):
+            # The error quotes its input: show the URL without the password.
+            data["url"] = _without_password(url)
+            raise ValueError("database.url must not contain a password: set TTT_DATABASE_PASSWORD (or PGPASSWORD)")
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise ValueError("a postgresql://USER@HOST:PORT/DATABASE URL (or no url: SQLite at `path`)")
+        return url
+
+
+def _has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.password is not None or "password" in parse_qs(parts.query)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class ConversationSection(Section):
