@@ -1,7 +1,8 @@
 """The process's speech-to-text model and the one thread that runs it.
 
 Turns are queued as they end; each time the thread is free it takes every turn waiting (several
-people who stopped speaking together, across guilds) and transcribes them in one batch. Results come
+people who stopped speaking together, across guilds) and transcribes them in one batch; turns that
+end at the same moment are submitted together, so they always share one. Results come
 back through each turn's callback, in the order the turns were submitted, from the worker thread.
 `acquire_transcriber` loads a model once per (engine, model, device, language) and hands every
 caller the same transcriber; the last `release()` unloads it.
@@ -45,17 +46,18 @@ class Transcriber:
     def __init__(self, stt: SpeechToText):
         self.stt = stt
         self._users = 0
-        self._jobs: queue.SimpleQueue[tuple[Turn, Done] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[tuple[Turn, Done]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"listen-{stt.name}", daemon=True)
         self._thread.start()
 
-    def submit(self, turn: Turn, done: Done) -> None:
-        """Transcribe `turn`; `done(transcript, None)` or `done(None, error)` is called from the worker."""
-        self._jobs.put((turn, done))
+    def submit(self, turns: list[tuple[Turn, Done]]) -> None:
+        """Transcribe these turns (in one batch); for each, `done(transcript, None)` or `done(None, error)`
+        is called from the worker."""
+        self._jobs.put(list(turns))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            batch = [job]
+            batch = job
             while len(batch) < MAX_BATCH:
                 try:
                     more = self._jobs.get_nowait()
@@ -64,8 +66,9 @@ class Transcriber:
                 if more is None:
                     self._jobs.put(None)  # stop once this batch is done
                     break
-                batch.append(more)
-            self._transcribe(batch)
+                batch += more
+            for start in range(0, len(batch), MAX_BATCH):
+                self._transcribe(batch[start:start + MAX_BATCH])
 
     def _transcribe(self, batch: list[tuple[Turn, Done]]) -> None:
         started = time.monotonic()

@@ -69,13 +69,14 @@ class Listener:
     """Turns of everyone heard in one place (a Discord voice channel).
 
     `on_speech(speaker)` is called once a turn holds `min_speech_ms` of speech (someone is talking:
-    barge-in); `on_turn(turn)` when a turn ends, in the order turns end.
+    barge-in); `on_turns(turns)` with the turns that end together (one frame, one tick), in the order
+    they end.
     """
 
-    def __init__(self, config: ListenSection, *, on_turn: Callable[[Turn], None],
+    def __init__(self, config: ListenSection, *, on_turns: Callable[[list[Turn]], None],
                  on_speech: Callable[[Hashable], None] = lambda speaker: None):
         self.config = config
-        self.on_turn = on_turn
+        self.on_turns = on_turns
         self.on_speech = on_speech
         self._speakers: dict[Hashable, _Speaker] = {}
         self._lock = threading.Lock()
@@ -99,8 +100,8 @@ class Listener:
                 turn = self._judge(speaker, state, audio[start:start + CHUNK], now)
                 if turn is not None:
                     turns.append(turn)
-        for turn in turns:
-            self.on_turn(turn)
+        if turns:
+            self.on_turns(turns)
 
     def tick(self, now: float | None = None) -> None:
         """End the turns of people whose audio stopped coming `silence_ms` ago."""
@@ -113,8 +114,8 @@ class Listener:
                     turn = self._end(speaker, state, now)
                     if turn is not None:
                         turns.append(turn)
-        for turn in turns:
-            self.on_turn(turn)
+        if turns:
+            self.on_turns(turns)
 
     def forget(self, speaker: Hashable) -> None:
         """Drop everything of `speaker` (they left, or asked not to be heard): no turn comes of it."""
