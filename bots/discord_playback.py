@@ -73,7 +73,7 @@ class GuildVoice:
             self.linked.add(channel.id)
             self._player = asyncio.create_task(self._play_queue(), name=f"voice-playback-{self.guild_id}")
             log.info("voice: joined channel %s in guild %s", channel.id, self.guild_id)
-            self._connected()
+            self._new_connection()
         self.check_company()
 
     async def _connect(self, channel: discord.abc.Connectable) -> "SpeakingVoiceClient":
@@ -81,7 +81,7 @@ class GuildVoice:
         return await channel.connect(timeout=CONNECT_TIMEOUT_S, reconnect=True, cls=self.client_class,
                                      self_deaf=not self.client_class.listens)
 
-    def _connected(self) -> None:
+    def _new_connection(self) -> None:
         if self.on_connected is not None:
             self.on_connected(self)
 
@@ -190,7 +190,7 @@ class GuildVoice:
             await self.leave("could not rejoin")
             return None
         vc.guild_voice, self.voice_client = self, vc
-        self._connected()
+        self._new_connection()
         return vc
 
     def check_company(self) -> None:

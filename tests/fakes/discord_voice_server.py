@@ -406,7 +406,7 @@ class FakeVoiceServer:
         if speaker is None:
             from discord.opus import Encoder
 
-            encoder = Encoder(application=2048)  # voip
+            encoder = Encoder(application="voip")
             speaker = session.speakers[user_id] = FakeSpeaker(user_id, secrets.randbelow(2**31) + 1, encoder)
             if self.dave is not None:
                 speaker.dave = await self._join_group(session, user_id)
@@ -421,11 +421,13 @@ class FakeVoiceServer:
         member.set_external_sender(self.dave.package)
         session.commit_welcome = asyncio.get_running_loop().create_future()
         proposals = self.dave.add_proposals(channel_id, session.epoch, [member.get_serialized_key_package()])
+        members = [other.dave for other in session.speakers.values() if other.dave is not None]
+        for other in members:  # every member sees the proposals; the bot's commit is the one that counts
+            other.process_proposals(davey.ProposalsOperationType.append, proposals)
         await self._send_binary(session, MLS_PROPOSALS, bytes([0]) + proposals)  # 0: append
         commit, welcome = await asyncio.wait_for(session.commit_welcome, 10)
-        for other in session.speakers.values():
-            if other.dave is not None:
-                other.dave.process_commit(commit)
+        for other in members:
+            other.process_commit(commit)
         member.process_welcome(welcome)
         session.epoch += 1
         transition = len(session.transitions) + 1
