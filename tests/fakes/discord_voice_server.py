@@ -11,8 +11,7 @@ Speaks the real protocol on 127.0.0.1:
   ``aead_xchacha20_poly1305_rtpsize`` mode and Opus-decoded to 48 kHz stereo s16le PCM.
 * Fake people speaking to the bot (``speak``): SPEAKING (op 5, with their SSRC) to the bot, then
   Opus frames encrypted in the negotiated mode, sent to the bot's UDP address at real-time pace, and
-  Discord's 5 silence frames at the end; CLIENT_DISCONNECT (op 13) when one leaves. ``echo_bot``
-  sends the bot's own packets back to it (a loop the bot must not listen to).
+  Discord's 5 silence frames at the end; CLIENT_DISCONNECT (op 13) when one leaves.
 * DAVE (``dave=True``): SESSION_DESCRIPTION says protocol version 1 and the server acts as the MLS
   group's external sender (tests/fakes/dave.py): op 25, the bot's key package (op 26), external Add
   proposals for the people who speak (op 27), the bot's commit and Welcome (op 28), the commit
@@ -137,7 +136,6 @@ class FakeVoiceServer:
         # DAVE: the MLS group of a connection is its voice channel (`channel_of(guild_id, bot_id)`).
         self.dave = ExternalSender() if dave else None
         self.channel_of = channel_of
-        self.echo_bot = False
         self.ca = ca or trustme.CA()
         self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("127.0.0.1").configure_cert(self._tls)
@@ -354,8 +352,6 @@ class FakeVoiceServer:
             session.decoder = Decoder()
         pcm = session.decoder.decode(opus, fec=False)
         session.packets.append(RtpPacket(sequence, timestamp, ssrc, time.monotonic(), opus, pcm))
-        if self.echo_bot and session.client_address is not None:
-            self._udp.sendto(data, session.client_address)  # the bot hears its own packets back
 
     @staticmethod
     def _end_to_end_decrypted(session: VoiceSession, opus: bytes) -> bytes:
@@ -375,12 +371,14 @@ class FakeVoiceServer:
 
     # ---- fake people speaking ------------------------------------------------------------------
 
-    async def speak(self, guild_id: int, user_id: int, pcm: bytes, *, padded_every: int = 0) -> None:
+    async def speak(self, guild_id: int, user_id: int, pcm: bytes, *, padded_every: int = 0,
+                    ssrc: Optional[int] = None) -> None:
         """`user_id` says `pcm` (48 kHz stereo s16le) to the bot in `guild_id`: SPEAKING, then one Opus
         frame per 20 ms (end-to-end encrypted with DAVE), paced like real time, then 5 silence frames.
-        `padded_every`: every n-th packet carries RTP padding (as some Discord clients send)."""
+        `padded_every`: every n-th packet carries RTP padding (as some Discord clients send). `ssrc`: the
+        stream's SSRC (the bot's own: its audio coming back to it)."""
         session = self.session(guild_id)
-        speaker = await self._speaker(session, user_id)
+        speaker = await self._speaker(session, user_id, ssrc)
         await self._send(session.ws, session, SPEAKING, {"user_id": str(user_id), "ssrc": speaker.ssrc, "speaking": 1})
         frame_bytes = FRAME_SAMPLES * 4
         pcm = pcm + bytes(-len(pcm) % frame_bytes)
@@ -393,6 +391,7 @@ class FakeVoiceServer:
                 opus = speaker.dave.encrypt_opus(opus)
             padding = 4 if padded_every and i % padded_every == padded_every - 1 else 0
             self._udp.sendto(rtp_packet(session.secret_key, speaker, opus, padding), session.client_address)
+            self.changed()
             await asyncio.sleep(max(0.0, start + (i + 1) * 0.02 - loop.time()))
 
     async def user_left(self, guild_id: int, user_id: int) -> None:
@@ -401,13 +400,13 @@ class FakeVoiceServer:
         session.speakers.pop(user_id, None)
         await self._send(session.ws, session, CLIENT_DISCONNECT, {"user_id": str(user_id)})
 
-    async def _speaker(self, session: VoiceSession, user_id: int) -> FakeSpeaker:
+    async def _speaker(self, session: VoiceSession, user_id: int, ssrc: Optional[int]) -> FakeSpeaker:
         speaker = session.speakers.get(user_id)
         if speaker is None:
             from discord.opus import Encoder
 
             encoder = Encoder(application="voip")
-            speaker = session.speakers[user_id] = FakeSpeaker(user_id, secrets.randbelow(2**31) + 1, encoder)
+            speaker = session.speakers[user_id] = FakeSpeaker(user_id, ssrc or secrets.randbelow(2**31) + 1, encoder)
             if self.dave is not None:
                 speaker.dave = await self._join_group(session, user_id)
         return speaker
