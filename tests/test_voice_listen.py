@@ -160,3 +160,27 @@ def test_turns_ending_together_are_transcribed_in_one_batch(engine):
         transcriber.release()
     assert [(t.turn.speaker, t.text, t.batch, e) for t, e in transcripts] == [
         ("alice", PHRASES[0], 2, None), ("bob", PHRASES[1], 2, None)]
+
+
+def test_listen_settings_defaults_overrides_errors_and_what_check_says(tmp_path):
+    import yaml
+
+    from core.config import ConfigError, load_settings
+    from voice.check import check_voice
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"service": {"default_persona": "p"}, "personas": {"p": {"model": "m"}},
+                                    "voice": {"enabled": True, "model": "./tts.yaml"}}))
+    listen = load_settings(path, {}).config.voice.listen
+    assert (listen.enabled, listen.barge_in, listen.echo_text, listen.engine, listen.model) == (
+        False, True, True, "transformers", None)
+    assert "  listening: off (voice.listen.enabled)" in check_voice(load_settings(path, {}).config).lines
+    settings = load_settings(path, {"TTT_VOICE__LISTEN__ENABLED": "true", "TTT_VOICE__LISTEN__SILENCE_MS": "600",
+                                    "TTT_VOICE__LISTEN__ENGINE": "faster-whisper", "TTT_VOICE__LISTEN__ECHO_TEXT": "false"})
+    listen = settings.config.voice.listen
+    assert (listen.enabled, listen.silence_ms, listen.engine, listen.echo_text) == (True, 600, "faster-whisper", False)
+    check = check_voice(settings.config)
+    assert any("listening: faster-whisper Whisper base.en" in line and "600 ms of silence" in line and "not echoed" in line
+               for line in check.lines) and check.problems == []
+    with pytest.raises(ConfigError, match="voice.listen.engine: got 'whisper.cpp'"):
+        load_settings(path, {"TTT_VOICE__LISTEN__ENGINE": "whisper.cpp"})
