@@ -8,7 +8,8 @@ it is saying, `/leave` leaves; it also leaves by itself once nobody has been in 
 
 The text path hands every update of every reply to `on_reply` (the adapter's reply listener);
 nothing here ever raises into the text reply. Connections and playback, per guild, are in
-discord_playback.py.
+discord_playback.py; with `voice.listen.enabled` the bot also listens and answers spoken turns
+(discord_listen.py, /listen).
 """
 
 from __future__ import annotations
