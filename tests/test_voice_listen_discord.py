@@ -219,3 +219,19 @@ async def test_barge_in_and_who_is_not_heard_itself_bots_listening_off_ignore_me
         await server.speak(guild, g.bob.id, said[MORE])
         await heard_line(fake, g.general, g.bob.name, MORE, after=mark)
         assert heard_lines(fake, g.general, mark) == [f"{MIC} {g.bob.name}: {MORE}"]
+
+
+@pytest.mark.timeout(120)
+async def test_with_echo_text_off_the_answer_is_only_spoken(tmp_path, speaker_model_dir, voices, plain_fake, said):
+    fake = plain_fake
+    g = add_guild(fake)
+    config = listening_config(tmp_path, speaker_model_dir, voices, fake, g, echo_text=False)
+    async with speaking(config, fake) as adapter:
+        fake.user_joins_voice(g.lounge, g.alice)
+        joined = await command(fake, g.general, g.alice, "join")
+        session = fake.voice_server.session(g.guild.id)
+        await fake.voice_server.speak(g.guild.id, g.alice.id, said[APPLE])
+        assert_heard((await wait_spoken(fake, session, 1))[0])
+        turns = await adapter.service.store.recent_turns(ConversationKey("discord", str(g.general.id)), 10)
+        assert [(t.author, t.text) for t in turns] == [(g.alice.name, APPLE), ("words", SHORT)]
+        assert [m["content"] for m in fake.bot_messages(g.general)] == [joined["content"]]  # nothing written
