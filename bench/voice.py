@@ -248,7 +248,8 @@ async def bench_turns(name: str, listen: ListenSection, section: VoiceSection, s
     finally:
         await speaker.close()
         await asyncio.to_thread(transcriber.release)
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("vad", "transcription", "generation", "synthesis", "total")}
+    parts = ("vad", "transcription", "generation", "synthesis", "total")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in parts}
     print(f"{name:<34} heard {rows[-1]['text']!r}; end of speech -> first audio {mean['total']:.2f}s = VAD end of turn "
           f"{mean['vad']:.2f}s (silence_ms {listen.silence_ms}) + transcription {mean['transcription']:.2f}s + "
           f"generation to the first sentence {mean['generation']:.2f}s + its synthesis {mean['synthesis']:.2f}s",

@@ -19,20 +19,21 @@ import asyncio
 import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
 import discord
 from discord import app_commands
 
-from bots.discord_bot import ReplyMessages
+from bots.discord_bot import EDITS_PER_CHANNEL, ReplyMessages
 from bots.discord_commands import conversation_key
 from bots.discord_format import MESSAGE_LIMIT
 from bots.discord_playback import GuildVoice
 from bots.discord_receive import ListeningVoiceClient, TurnSink, untested_versions
 from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, split_text, stream_reply
 from core.config import Settings
+from core.conversation import ConversationKey
+from core.replies import ReplyUpdate
 from core.service import ChatError, ChatService
-from voice.listen.stt import SttUnavailable
 from voice.listen.transcriber import Transcriber, Transcript, acquire_transcriber
 from voice.listen.turns import Listener, Turn
 
@@ -62,7 +63,7 @@ class DiscordListening:
         self.ignored: set[int] = set()  # people who opted out (/listen ignore-me)
         self.guilds: dict[int, GuildListening] = {}
         self.tasks = ReplyTasks(ADAPTER)
-        self._edits = EditBudget(5, 5.0)
+        self._edits = EditBudget(*EDITS_PER_CHANNEL)
         self._loading: asyncio.Task | None = None
         for found in untested_versions():
             log.warning("listen: the receive shim was written for other versions than %s", found)
@@ -225,6 +226,8 @@ class GuildListening:
     def close(self) -> None:
         self.on = False
         self._stopped.set()
+        for speaker in self.listener.speakers():
+            self.listener.forget(speaker)
         vc = self.guild_voice.voice_client
         if vc is not None and vc.is_listening():
             vc.stop_listening()
@@ -275,7 +278,8 @@ class GuildListening:
 
     def _barge_in(self, speaker: int) -> None:
         if self.owner.config.barge_in and self.on and self.guild_voice.playing:
-            log.info("listen: %s started speaking in guild %s: the bot stops talking", speaker, self.guild_voice.guild_id)
+            log.info("listen: %s started speaking in guild %s: the bot stops talking", speaker,
+                     self.guild_voice.guild_id)
             self.guild_voice.skip()
 
 
@@ -287,7 +291,7 @@ async def _quietly(wait_s: float) -> None:
     """A spoken turn over the rate limit is not answered; there is no message to react to."""
 
 
-async def _speak_only(updates, listeners, key) -> None:
+async def _speak_only(updates: AsyncIterator[ReplyUpdate], listeners: list, key: ConversationKey) -> None:
     """Feed the reply to the voice only (echo_text off); a failure is logged, as nobody reads it."""
     try:
         async for update in updates:
@@ -297,7 +301,8 @@ async def _speak_only(updates, listeners, key) -> None:
         log.info("listen: no spoken answer in %s: %s", key, exc.user_message)
 
 
-def add_listen_commands(tree: app_commands.CommandTree, listening: DiscordListening, refused) -> None:
+def add_listen_commands(tree: app_commands.CommandTree, listening: DiscordListening,
+                        refused: Callable[[discord.Interaction], Awaitable[bool]]) -> None:
     """/listen on|off (admins) and /listen ignore-me."""
     group = app_commands.Group(name="listen", description="Whether I listen in the voice channel")
 
@@ -318,5 +323,3 @@ def add_listen_commands(tree: app_commands.CommandTree, listening: DiscordListen
 
     tree.add_command(group)
 
-
-__all__ = ["DiscordListening", "SttUnavailable", "add_listen_commands"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import discord
 from discord import app_commands
@@ -28,6 +28,9 @@ from core.config import Settings
 from core.replies import ReplyUpdate
 from core.service import ChatService
 from voice.speaker import Speaker, SpokenReply, VoiceBusy, VoiceUnavailable
+
+if TYPE_CHECKING:
+    from bots.discord_listen import DiscordListening
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +184,7 @@ class DiscordVoice:
             answer += " (I can't listen right now: my speech recognition is unavailable.)"
         await interaction.followup.send(answer)
 
-    async def _listening(self):
+    async def _listening(self) -> "DiscordListening | None":
         """The listening side, its model loaded; None when listening is off or cannot start."""
         if self.listening is None:
             return None

@@ -66,7 +66,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.voice_turn_to_first_audio = Histogram(
-            "ttt_voice_turn_to_first_audio_seconds", "Time from the end of a spoken turn to the first audio of its answer",
+            "ttt_voice_turn_to_first_audio_seconds",
+            "Time from the end of a spoken turn to the first audio of its answer",
             buckets=LATENCY_BUCKETS, registry=r,
         )
 

@@ -176,11 +176,13 @@ def test_listen_settings_defaults_overrides_errors_and_what_check_says(tmp_path)
         False, True, True, "transformers", None)
     assert "  listening: off (voice.listen.enabled)" in check_voice(load_settings(path, {}).config).lines
     settings = load_settings(path, {"TTT_VOICE__LISTEN__ENABLED": "true", "TTT_VOICE__LISTEN__SILENCE_MS": "600",
-                                    "TTT_VOICE__LISTEN__ENGINE": "faster-whisper", "TTT_VOICE__LISTEN__ECHO_TEXT": "false"})
+                                    "TTT_VOICE__LISTEN__ENGINE": "faster-whisper",
+                                    "TTT_VOICE__LISTEN__ECHO_TEXT": "false"})
     listen = settings.config.voice.listen
     assert (listen.enabled, listen.silence_ms, listen.engine, listen.echo_text) == (True, 600, "faster-whisper", False)
     check = check_voice(settings.config)
-    assert any("listening: faster-whisper Whisper base.en" in line and "600 ms of silence" in line and "not echoed" in line
-               for line in check.lines) and check.problems == []
+    [line] = [line for line in check.lines if "listening:" in line]
+    assert "faster-whisper Whisper base.en" in line and "600 ms of silence" in line and "not echoed" in line
+    assert check.problems == []
     with pytest.raises(ConfigError, match="voice.listen.engine: got 'whisper.cpp'"):
         load_settings(path, {"TTT_VOICE__LISTEN__ENGINE": "whisper.cpp"})

@@ -16,8 +16,8 @@ from core.conversation import ConversationKey
 from fakes.discord_models import P
 from fakes.discord_server import FakeDiscord
 from fakes.discord_voice_server import FakeVoiceServer, trusted_by_aiohttp
-from test_voice_discord import (LONG, SHORT, WakeOnLog, add_guild, assert_heard, command, frames_logged, speaker_model_dir,  # noqa: F401
-                                speaking, spoken, voice_config, voices, wait_spoken)
+from test_voice_discord import (LONG, SHORT, WakeOnLog, add_guild, assert_heard, command, frames_logged,  # noqa: F401
+                                speaker_model_dir, speaking, voice_config, voices, wait_spoken)
 from voice_tiny import PHRASES, spoken_phrase, tiny_whisper_dir
 
 APPLE, MORE = PHRASES  # "the word is apple" -> SHORT, "tell me more" -> LONG

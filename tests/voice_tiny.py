@@ -217,7 +217,8 @@ def _build_whisper(out: Path, final: Path) -> None:
     model.eval()
     model.generation_config = GenerationConfig(
         decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
-        is_multilingual=False, no_timestamps_token_id=ids["<|notimestamps|>"], suppress_tokens=[], begin_suppress_tokens=[eot],
+        is_multilingual=False, no_timestamps_token_id=ids["<|notimestamps|>"], suppress_tokens=[],
+        begin_suppress_tokens=[eot],
     )
     model.save_pretrained(out)
     WhisperProcessor(extractor, tokenizer).save_pretrained(out)

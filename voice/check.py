@@ -12,8 +12,8 @@ from voice.registry import VoiceRegistry
 
 EXTRAS = {"pocket": ("voice", ("pocket_tts", "soxr", "soundfile", "pysbd", "num2words")),
           "xtts": ("xtts", ("TTS", "torchaudio", "soxr", "soundfile", "pysbd", "num2words"))}
-LISTEN_EXTRAS = {"transformers": ("listen", ("discord.ext.voice_recv", "silero_vad", "davey")),
-                 "faster-whisper": ("faster-whisper", ("discord.ext.voice_recv", "silero_vad", "davey", "faster_whisper"))}
+_RECEIVE = ("discord.ext.voice_recv", "silero_vad", "davey")
+LISTEN_EXTRAS = {"transformers": ("listen", _RECEIVE), "faster-whisper": ("faster-whisper", (*_RECEIVE, "faster_whisper"))}
 XTTS_LICENCE = ("XTTS-v2 weights are under the Coqui Public Model License (https://coqui.ai/cpml): "
                 "non-commercial use only")
 
@@ -68,8 +68,9 @@ def _check_listen(config: Config, result: VoiceCheck) -> None:
         return
     from voice.listen.stt import DEFAULT_MODELS
 
+    model = listen.model or DEFAULT_MODELS[listen.engine]
     result.lines.append(
-        f"  listening: {listen.engine} Whisper {listen.model or DEFAULT_MODELS[listen.engine]}, device {listen.device}; "
+        f"  listening: {listen.engine} Whisper {model}, device {listen.device}; "
         f"a turn ends after {listen.silence_ms} ms of silence; barge-in {'on' if listen.barge_in else 'off'}; "
         f"transcripts {'echoed in text' if listen.echo_text else 'not echoed'}"
     )

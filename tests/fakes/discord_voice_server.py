@@ -48,7 +48,8 @@ from fakes.dave import ExternalSender, split_commit_welcome
 IDENTIFY, SELECT_PROTOCOL, READY, HEARTBEAT, SESSION_DESCRIPTION, SPEAKING = 0, 1, 2, 3, 4, 5
 HEARTBEAT_ACK, RESUME, HELLO, RESUMED = 6, 7, 8, 9
 CLIENT_DISCONNECT, DAVE_EXECUTE_TRANSITION, DAVE_TRANSITION_READY = 13, 22, 23
-MLS_EXTERNAL_SENDER, MLS_KEY_PACKAGE, MLS_PROPOSALS, MLS_COMMIT_WELCOME, MLS_ANNOUNCE_COMMIT_TRANSITION = 25, 26, 27, 28, 29
+MLS_EXTERNAL_SENDER, MLS_KEY_PACKAGE, MLS_PROPOSALS, MLS_COMMIT_WELCOME = 25, 26, 27, 28
+MLS_ANNOUNCE_COMMIT_TRANSITION = 29
 MODES = ["aead_aes256_gcm_rtpsize", "aead_xchacha20_poly1305_rtpsize"]  # what Discord offers, best first
 SUPPORTED = "aead_xchacha20_poly1305_rtpsize"  # what this fake can decrypt (and discord.py speaks)
 OPUS_SILENCE = b"\xf8\xff\xfe"
@@ -382,7 +383,8 @@ class FakeVoiceServer:
         await self._send(session.ws, session, SPEAKING, {"user_id": str(user_id), "ssrc": speaker.ssrc, "speaking": 1})
         frame_bytes = FRAME_SAMPLES * 4
         pcm = pcm + bytes(-len(pcm) % frame_bytes)
-        frames = [speaker.encoder.encode(pcm[i:i + frame_bytes], FRAME_SAMPLES) for i in range(0, len(pcm), frame_bytes)]
+        frames = [speaker.encoder.encode(pcm[i:i + frame_bytes], FRAME_SAMPLES)
+                  for i in range(0, len(pcm), frame_bytes)]
         frames += [OPUS_SILENCE] * 5
         loop = asyncio.get_running_loop()
         start = loop.time()
