@@ -46,7 +46,14 @@ class Decoding(Section):
     repetition_penalty: float = Field(1.0, ge=1.0, le=3.0)
     no_repeat_ngram_size: int = Field(0, ge=0, le=16)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's random generators accept
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        return stop
 
 
 class Endpoint(Section):
@@ -101,6 +108,12 @@ class GeneratorSection(Section):
     max_queue: int = Field(128, ge=1)
     request_timeout_s: float = Field(120, gt=0)
     cache_dir: Path | None = Field(None, description="where dequantized GGUF weights are cached")
+    cpu_dtype: Literal["float32", "bfloat16", "int8"] = Field(
+        "float32", description="CPU weights when dtype is auto: bfloat16 (where the CPU has it) or int8 (linear layers)"
+    )
+    prefix_cache_mb: int | None = Field(
+        None, ge=0, description="memory for reusable conversation prefixes; null: a default for the device; 0: off"
+    )
 
 
 class SafetySection(Section):
