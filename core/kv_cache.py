@@ -2,7 +2,7 @@
 
 Rows are left-padded so that each row's tokens end at the last column; a column is a position of
 the batch's 2D attention mask, and padding columns are masked out. Full-attention layers
-(`DynamicLayer`) hold every column. Sliding-window layers (`DynamicSlidingWindowLayer`: Mistral,
+(`DynamicLayer`, or `GrowingLayer` in caches the engine builds) hold every column. Sliding-window layers (`DynamicSlidingWindowLayer`: Mistral,
 Phi-3, Qwen2's windowed layers, Gemma-3's local layers) hold only the last `sliding_window - 1`
 columns and count every column in `cumulative_length`, from which transformers places the mask.
 Since a row's tokens are contiguous and end at the last column, a window over columns is a window
@@ -24,6 +24,45 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 
+class GrowingLayer(DynamicLayer):
+    """A full-attention layer that appends in place into spare room, growing by half when full.
+
+    `DynamicLayer` concatenates, copying the whole cache at every decode step: at 1,800 tokens of
+    history that copy was half of SmolLM2's step. Whoever replaces `keys`/`values` (selecting rows,
+    joining, trimming) hands over a new tensor, which is adopted (copied once) at the next update;
+    tensors it did not allocate are never written to.
+    """
+
+    _room: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (keys view, key buffer, value buffer)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        total = held + key_states.shape[-2]
+        room = self._room
+        if room is None or room[0] is not self.keys or total > room[1].shape[-2]:
+            shape = (*key_states.shape[:2], max(64, total * 3 // 2), key_states.shape[-1])
+            room = (None, key_states.new_empty(shape), value_states.new_empty(shape))
+            if held:
+                room[1][:, :, :held] = self.keys
+                room[2][:, :, :held] = self.values
+        room[1][:, :, held:total] = key_states
+        room[2][:, :, held:total] = value_states
+        self.keys, self.values = room[1][:, :, :total], room[2][:, :, :total]
+        self._room = (self.keys, room[1], room[2])
+        return self.keys, self.values
+
+
+def new_cache(config) -> DynamicCache:
+    """The cache a model would build for itself, with growing full-attention layers."""
+    cache = DynamicCache(config=config)
+    if not cache.layers:  # built lazily, one plain layer per model layer
+        cache.layer_class_to_replicate = GrowingLayer
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 class Layout(enum.Enum):
     JOINABLE = "joinable"  # rows join and leave a running batch at any step
     DRAIN = "drain"  # rows may leave; new rows wait for the batch to finish
@@ -38,7 +77,7 @@ def layout_of(cache: object) -> Layout:
 
 def _window(layer: object) -> int | None:
     """None for a full layer, the window for a sliding one, -1 for anything this module cannot join."""
-    if type(layer) is DynamicLayer and layer.is_initialized:
+    if type(layer) in (DynamicLayer, GrowingLayer) and layer.is_initialized:
         return None
     if type(layer) is DynamicSlidingWindowLayer and layer.is_initialized and not layer.record_past:
         return layer.sliding_window
@@ -57,7 +96,12 @@ def _left_pad(tensor: torch.Tensor, amount: int) -> torch.Tensor:
 
 @dataclass
 class RowState:
-    """One row's keys and values for its first `length` tokens, detached from any batch."""
+    """One row's keys and values for its first `length` tokens, detached from any batch.
+
+    Full layers' tensors may hold spare room after `length` (capacity on dim -2), so that a request
+    that takes the state over (a conversation's next turn) appends in place instead of copying.
+    Sliding layers hold exactly their last columns.
+    """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     windows: list[int | None]
@@ -75,17 +119,24 @@ class RowState:
             return min(common, self.length)
         return 0
 
-    def to_batch(self, length: int) -> "BatchCache":
-        """A one-row batch holding this row's first `length` tokens (the tensors are shared, not copied)."""
+    def to_batch(self, length: int, owned: bool = False) -> "BatchCache":
+        """A one-row batch holding this row's first `length` tokens. Shared tensors are only read
+        (the first update copies them); an `owned` state, taken out of the prefix cache, is appended
+        to in place."""
         layers = []
         for (keys, values), window in zip(self.layers, self.windows):
-            held = _held(window, length)
-            first = length - held - (self.length - keys.shape[-2])
-            keys, values = keys[:, :, first:first + held], values[:, :, first:first + held]
-            layer = DynamicLayer() if window is None else DynamicSlidingWindowLayer(sliding_window=window)
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-            if window is not None:
+            if window is None:
+                layer = GrowingLayer()
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys[:, :, :length], values[:, :, :length]
+                if owned:
+                    layer._room = (layer.keys, keys, values)
+            else:
+                held = _held(window, length)
+                first = length - held - (self.length - keys.shape[-2])
+                layer = DynamicSlidingWindowLayer(sliding_window=window)
+                layer.lazy_initialization(keys, values)
+                layer.keys, layer.values = keys[:, :, first:first + held], values[:, :, first:first + held]
                 layer.cumulative_length = length
             layers.append(layer)
         cache = DynamicCache()
@@ -150,13 +201,29 @@ class BatchCache:
                     layer.cumulative_length = width
             self.mask = self.mask[:, start:]
 
-    def row_state(self, row: int, length: int) -> RowState:
-        """A copy of one row's keys and values (its `length` tokens end at the last column)."""
+    def row_state(self, row: int, length: int, spare: int = 0, handover: bool = False) -> RowState:
+        """One row's keys and values (its `length` tokens end at the last column), copied, full layers
+        with room for `spare` more tokens. With `handover` (a one-row batch that is being dropped)
+        the tensors themselves are handed over where they can be."""
         layers, windows = [], []
         for layer in self.cache.layers:
-            take = min(length, layer.keys.shape[-2])
+            window = _window(layer)
             held = layer.keys.shape[-2]
-            layers.append((layer.keys[row:row + 1, :, held - take:].clone(),
-                           layer.values[row:row + 1, :, held - take:].clone()))
-            windows.append(_window(layer))
+            take = min(length, held)
+            room = getattr(layer, "_room", None)
+            if handover and window is None and room is not None and room[0] is layer.keys and take == held:
+                layers.append((room[1], room[2]))
+            elif handover and window is not None:
+                layers.append((layer.keys, layer.values))
+            else:
+                layers.append((_copy_row(layer.keys, row, take, 0 if window else spare),
+                               _copy_row(layer.values, row, take, 0 if window else spare)))
+            windows.append(window)
         return RowState(layers, windows, length)
+
+
+def _copy_row(tensor: torch.Tensor, row: int, columns: int, spare: int) -> torch.Tensor:
+    """A row's last `columns` columns, copied into a tensor with `spare` free columns after them."""
+    out = tensor.new_empty((1, tensor.shape[1], columns + spare, tensor.shape[-1]))
+    out[:, :, :columns] = tensor[row:row + 1, :, tensor.shape[-2] - columns:]
+    return out

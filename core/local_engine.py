@@ -26,9 +26,9 @@ from core.detokenize import ReplyText
 from core.generator import (
     Engine, Generation, GenerationCancelled, GenerationFailed, GenerationTimeout, GeneratorBusy, checked_decoding,
 )
-from core.kv_cache import BatchCache, Layout, RowState
+from core.kv_cache import BatchCache, Layout, new_cache
 from core.metrics import Metrics
-from core.prefix_cache import PrefixCache
+from core.prefix_cache import SPARE_TOKENS, PrefixCache, Reuse
 from core.sampling import RowSampler, sample
 from core.threads import ThreadTuner, bucket
 
@@ -61,7 +61,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)  # generated so far (an end-of-turn token is not kept)
     started: bool = False  # prefilled and decoding
     ended: bool = False
-    reuse: tuple[RowState, int] | None = None  # a prefix-cache hit: stored state, tokens reused
+    reuse: Reuse | None = None  # a prefix-cache hit
 
     def work(self) -> capacity.Work:
         return capacity.Work(
@@ -138,7 +138,7 @@ class LocalEngine(Engine):
         """Load a LoRA adapter onto the shared base model (blocking: call it off the event loop)."""
         from peft import PeftModel
 
-        if any(type(m).__name__ == "DynamicQuantizedLinear" for m in self.model.modules()):
+        if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in self.model.modules()):
             raise GenerationFailed("LoRA adapters need float weights: set generator.cpu_dtype to float32 or bfloat16")
         with self._model_lock:
             if path in self._adapters:
@@ -309,7 +309,7 @@ class LocalEngine(Engine):
             log.exception("prefill failed for one request")
             self._fail(rows[0], GenerationFailed(f"generation failed: {exc}"))
             return
-        prefilled = sum(len(r.prompt) - (r.reuse[1] if r.reuse else 0) for r in rows)
+        prefilled = sum(len(r.prompt) - (r.reuse.tokens if r.reuse else 0) for r in rows)
         if self.layout is None:
             self.layout = batch.layout
         if self._rows and batch.layout is not Layout.JOINABLE:
@@ -319,7 +319,7 @@ class LocalEngine(Engine):
         for row in rows:
             stats = row.generation.stats
             stats.prompt_tokens = len(row.prompt)
-            stats.cached_tokens = row.reuse[1] if row.reuse else 0
+            stats.cached_tokens = row.reuse.tokens if row.reuse else 0
             stats.joined_running_batch = bool(self._rows)
             row.position, row.started, row.reuse = len(row.prompt), True, None
         if self._rows:
@@ -344,13 +344,14 @@ class LocalEngine(Engine):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         mask = mask.to(self.device)
         out = self._forward([r.adapter for r in rows], ("prefill", bucket(ids.numel())), input_ids=ids.to(self.device),
-                            attention_mask=mask, position_ids=positions.to(self.device), logits_to_keep=1)
+                            attention_mask=mask, position_ids=positions.to(self.device), logits_to_keep=1,
+                            past_key_values=new_cache(self.model.config))
         return BatchCache(out.past_key_values, mask), out.logits[:, -1, :]
 
     def _forward_cached(self, row: _Row) -> tuple[BatchCache, torch.Tensor]:
         """Prefill only what follows the reused prefix, on top of the stored keys and values."""
-        state, reused = row.reuse
-        batch = state.to_batch(reused)
+        reused = row.reuse.tokens
+        batch = row.reuse.state.to_batch(reused, owned=row.reuse.owned)
         rest = row.prompt[reused:]
         batch.mask = torch.ones((1, len(row.prompt)), dtype=torch.long, device=self.device)
         out = self._forward([row.adapter], ("prefill", bucket(len(rest))),
@@ -479,14 +480,14 @@ class LocalEngine(Engine):
 
     # ---- prefix cache ----------------------------------------------------------------------
 
-    def _lookup(self, row: _Row) -> tuple[RowState, int] | None:
-        if self.prefix_cache is None or self.layout is not Layout.JOINABLE:
+    def _lookup(self, row: _Row) -> Reuse | None:
+        if self.prefix_cache is None or self.layout not in (None, Layout.JOINABLE):
             return None
         hit = self.prefix_cache.lookup(row.adapter, row.prompt)
         if self.metrics:
             if hit:
                 self.metrics.prefix_cache_hits.labels(self.name).inc()
-                self.metrics.prefix_cache_reused_tokens.labels(self.name).inc(hit[1])
+                self.metrics.prefix_cache_reused_tokens.labels(self.name).inc(hit.tokens)
             else:
                 self.metrics.prefix_cache_misses.labels(self.name).inc()
         return hit
@@ -496,7 +497,8 @@ class LocalEngine(Engine):
         if self.prefix_cache is None or self._batch.layout is not Layout.JOINABLE:
             return
         tokens = (row.prompt + row.tokens)[: row.position]
-        self.prefix_cache.store(row.adapter, tokens, self._batch.row_state(index, row.position))
+        state = self._batch.row_state(index, row.position, spare=SPARE_TOKENS, handover=len(self._rows) == 1)
+        self.prefix_cache.store(row.adapter, tokens, state)
         if self.metrics:
             self.metrics.prefix_cache_bytes.labels(self.name).set(self.prefix_cache.bytes)
 

@@ -18,6 +18,7 @@ import torch
 from core.kv_cache import RowState
 
 MIN_REUSE_TOKENS = 32  # a shorter match saves less than it costs to prefill the row apart from the others
+SPARE_TOKENS = 256  # room kept after a stored state, for the next turn's message and reply to append in place
 
 
 def default_prefix_cache_mb(device: str) -> int:
@@ -26,6 +27,16 @@ def default_prefix_cache_mb(device: str) -> int:
         return torch.cuda.get_device_properties(0).total_memory // 10 // 2**20
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return min(2048, ram // 8 // 2**20)
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A prefix-cache hit: the stored state, how many tokens of it the prompt reuses, and whether the
+    request now owns it (may append to it in place)."""
+
+    state: RowState
+    tokens: int
+    owned: bool
 
 
 @dataclass
@@ -50,9 +61,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, adapter: str, prompt: list[int]) -> tuple[RowState, int] | None:
-        """The stored state sharing the longest usable prefix with `prompt`, and that prefix's length;
-        at least one prompt token is always left to prefill (its logits start the reply)."""
+    def lookup(self, adapter: str, prompt: list[int]) -> Reuse | None:
+        """The stored state sharing the longest usable prefix with `prompt`; at least one prompt token
+        is always left to prefill (its logits start the reply). A state reused whole is taken out of
+        the cache: the request continues it in place, and stores its own when it ends."""
         query = torch.tensor(prompt, dtype=torch.long)
         best, best_length = None, 0
         for key, entry in self._entries.items():
@@ -64,10 +76,14 @@ class PrefixCache:
         if best is None or best_length < MIN_REUSE_TOKENS:
             self.misses += 1
             return None
-        self._entries.move_to_end(best)
         self.hits += 1
         self.reused_tokens += best_length
-        return self._entries[best].state, best_length
+        state = self._entries[best].state
+        if best_length == state.length:
+            self._drop(best)
+            return Reuse(state, best_length, owned=True)
+        self._entries.move_to_end(best)
+        return Reuse(state, best_length, owned=False)
 
     def store(self, adapter: str, tokens: list[int], state: RowState) -> None:
         """Keep `state` (the keys/values of `tokens`), evicting the least recently used to fit."""
