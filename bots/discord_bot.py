@@ -1,37 +1,46 @@
 """Discord adapter: mentions, DMs and replies to the bot in; streamed, split, ping-free replies out.
 
-The life of a message reads top to bottom in `DiscordAdapter`: `on_message` decides whether the
-bot is addressed, checks access and the rate limit and turns the message into words; `_answer`
-generates under the conversation's lock and streams the reply into message edits. Slash commands
-are in discord_commands.py, Discord's text rules in discord_format.py.
+The life of a message reads top to bottom in `DiscordAdapter`: `on_message` decides at once
+whether the bot is addressed and may answer, and takes the message's place in its conversation;
+`_answer` turns it into words, checks them and the sender's rate limit, and streams the reply
+into message edits (bots/streaming.py). Slash commands are in discord_commands.py, Discord's text
+rules in discord_format.py.
 
 Voice comes later as a sibling of the text path: it will take the same client and service, add
-its commands to `tree` and its intent (voice_states) to `intents()`.
+its commands to `tree`, its intent (voice_states) to `intents()`, and a listener to
+`reply_listeners` to hear every reply as it grows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import time
+from typing import Awaitable, Callable
 
+import aiohttp
 import discord
 import yarl
 from discord import app_commands
 
 from bots.discord_commands import add_commands, conversation_key, sync_commands
-from bots.discord_format import invite_url, model_text, split_message, thread_name
+from bots.discord_format import MESSAGE_LIMIT, invite_url, model_text, thread_name
+from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, finish_within_s, split_text, stream_reply
 from core.config import DiscordSection, Settings
-from core.conversation import KeyedLocks
-from core.service import ChatError, ChatService
-from core.ratelimit import RateLimiter
+from core.conversation import ConversationKey
+from core.replies import ReplyUpdate
+from core.service import ChatService
 
 log = logging.getLogger(__name__)
 
 NO_PINGS = discord.AllowedMentions.none()
-APOLOGY = "Sorry, something went wrong on my side. Please try again."
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+SLOW_DOWN = "\N{HOURGLASS WITH FLOWING SAND}"  # the reaction that tells a person they are over the limit
+# Discord does not publish its limits; message edits are counted per channel, about 5 in 5 seconds.
+EDITS_PER_CHANNEL = (5, 5.0)
+
+ReplyListener = Callable[[discord.Message, ReplyUpdate], Awaitable[None]]
 
 
 def create_adapter(service: ChatService, settings: Settings) -> "DiscordAdapter":
@@ -54,18 +63,19 @@ class DiscordAdapter:
         self.config: DiscordSection = settings.config.discord
         self.token = settings.secrets.get("DISCORD_TOKEN")
         self.access = Access(self.config)
-        self.rate_limit = RateLimiter(self.config.rate_limit_per_minute)
         # AutoShardedClient also for one shard: it asks Discord how many shards to run
-        # (shard_count None) or runs the configured number, with one code path.
+        # (shard_count None) or runs the configured number (all, or this process's shard_ids).
         self.client = discord.AutoShardedClient(
-            intents=intents(), shard_count=self.config.shard_count, allowed_mentions=NO_PINGS,
-            guild_ready_timeout=guild_ready_timeout,
+            intents=intents(), shard_count=self.config.shard_count, shard_ids=self.config.shard_ids,
+            allowed_mentions=NO_PINGS, guild_ready_timeout=guild_ready_timeout,
         )
         self.tree = app_commands.CommandTree(self.client)
         add_commands(self.tree, service, self.config, self.command_refusal)
+        # Called with the message being answered and every update of its reply (voice speaks them).
+        self.reply_listeners: list[ReplyListener] = []
         self._accepting = False
-        self._tasks: set[asyncio.Task] = set()
-        self._locks = KeyedLocks()
+        self._replies = ReplyTasks("discord")
+        self._edits = EditBudget(*EDITS_PER_CHANNEL)
         self._gateway_task: asyncio.Task | None = None
         self._replaced_endpoints: tuple[str, yarl.URL] | None = None
         self._listen()
@@ -105,6 +115,10 @@ class DiscordAdapter:
             raise RuntimeError(
                 "Discord refused the Message Content intent: switch it on under Bot > Privileged Gateway Intents"
             ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            api = discord.http.Route.BASE
+            await self._close_client()
+            raise RuntimeError(f"cannot reach the Discord API at {api}: {exc}") from None
         except BaseException:
             await self._close_client()
             raise
@@ -117,12 +131,7 @@ class DiscordAdapter:
     async def stop(self) -> None:
         """Take no new messages, let replies in flight finish, disconnect."""
         self._accepting = False
-        if self._tasks:
-            grace_s = self.service.config.generator.request_timeout_s + 10  # a generation ends by then
-            _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        await self._replies.stop(finish_within_s(self.service.config))
         await self._close_client()
 
     async def _close_client(self) -> None:
@@ -173,25 +182,18 @@ class DiscordAdapter:
     # ---- the life of a message -------------------------------------------------------------
 
     def on_message(self, message: discord.Message) -> None:
-        """Decide at once (in arrival order) whether and how to answer; the answer runs in its own task."""
+        """Decide at once (in arrival order) whether to answer; the answer runs in its own task,
+        after the earlier ones of its conversation."""
         if not self._accepting or not self._addressed(message):
             return
         if not self.access.allows(message.author, message.guild.id if message.guild else None, message.channel):
             return
-        me = self.client.user.id
-        my_role = message.guild.self_role if message.guild else None
-        text = model_text(message, me, my_role.id if my_role else None)
-        if not text:
-            return
-        wait = self.rate_limit.check(str(message.author.id))
-        if wait:
-            notice = (
-                f"Easy there! I answer up to {self.rate_limit.per_minute} messages a minute per person; "
-                f"try again in {int(wait) + 1} s."
-            )
-            self._spawn(ReplyMessages(message.channel, message, 0).fail(notice))
-            return
-        self._spawn(self._answer(message, text))
+        if self._opens_thread(message):
+            # The thread opened on a message has the message's id: its conversation starts here.
+            key = ConversationKey("discord", str(message.id), parent=str(message.channel.id))
+        else:
+            key = conversation_key(message.channel)
+        self._replies.spawn(self._answer(message, key), conversation=key)
 
     def _addressed(self, message: discord.Message) -> bool:
         """Mentioned (the bot or its role), in a DM, a reply to the bot, or in a thread it opened."""
@@ -211,26 +213,48 @@ class DiscordAdapter:
         channel = message.channel
         return self.config.auto_thread and isinstance(channel, discord.Thread) and channel.owner_id == me
 
-    async def _answer(self, message: discord.Message, text: str) -> None:
-        """Generate under the conversation's lock with the typing indicator on; stream, split, or apologise."""
+    async def _answer(self, message: discord.Message, key: ConversationKey) -> None:
+        """Check the words and the sender's rate, then stream the reply with the typing indicator on."""
+        me, my_role = self.client.user.id, message.guild.self_role if message.guild else None
+        author = str(message.author.id)
+
+        async def slow_down(wait_s: float) -> None:  # a reaction: a flood of mentions must not flood the channel
+            await self._react(message, SLOW_DOWN)
+
+        words = model_text(message, me, my_role.id if my_role else None)
+        text = await admitted(
+            self.service, self._view(message.channel, message, key), words,
+            platform="discord", author_id=author, per_minute=self.config.rate_limit_per_minute, slow_down=slow_down,
+        )
+        if text is None:
+            return
         channel, reply_to = message.channel, message
-        if self.config.auto_thread and isinstance(channel, discord.TextChannel):
+        if self._opens_thread(message):
             channel, reply_to = await self._open_thread(message, text)
-        key = conversation_key(channel.id)
-        # The service orders the turns of a conversation; this lock also keeps its replies in order
-        # on Discord (a split reply's last piece lands before the next reply starts).
-        async with self._locks.hold(key):
-            reply = ReplyMessages(channel, reply_to, self.config.stream_edit_interval_s)
-            try:
-                async with channel.typing():
-                    updates = self.service.respond(key, message.author.display_name, text, adapter="discord")
-                    async for update in updates:
-                        await reply.show(update.text, final=update.final)
-            except ChatError as exc:  # the service has logged why (with the traceback of a failure)
-                await reply.fail(exc.user_message)
-            except Exception:
-                log.exception("discord: replying in %s failed", key)
-                await reply.fail(APOLOGY)
+            if channel is message.channel:
+                key = conversation_key(channel)
+        view = self._view(channel, reply_to, key)
+        listeners = [functools.partial(listener, message) for listener in self.reply_listeners]
+        async with channel.typing():
+            updates = self.service.respond(key, message.author.display_name, text, adapter="discord", author_id=author)
+            await stream_reply(view, updates, interval_s=self.config.stream_edit_interval_s, listeners=listeners)
+
+    def _view(
+        self, channel: discord.abc.Messageable, reply_to: discord.Message | None, key: ConversationKey
+    ) -> ReplyView:
+        def render(text: str, final: bool) -> list[str]:
+            return split_text(text, MESSAGE_LIMIT)
+
+        return ReplyView(ReplyMessages(channel, reply_to), render, self._edits, channel.id, str(key))
+
+    def _opens_thread(self, message: discord.Message) -> bool:
+        return self.config.auto_thread and isinstance(message.channel, discord.TextChannel)
+
+    async def _react(self, message: discord.Message, emoji: str) -> None:
+        try:
+            await message.add_reaction(emoji)
+        except discord.HTTPException as exc:
+            log.warning("discord: could not react to a message in %s: %s", message.channel.id, exc)
 
     async def _open_thread(
         self, message: discord.Message, text: str
@@ -243,69 +267,34 @@ class DiscordAdapter:
             return message.channel, message
         return thread, None  # the thread hangs off the message: no reply reference needed
 
-    def _spawn(self, work) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("discord: a reply task failed", exc_info=task.exception())
-
     # ---- slash commands --------------------------------------------------------------------
 
-    def command_refusal(self, interaction: discord.Interaction) -> str | None:
-        """Why this interaction may not be served, or None."""
+    def command_refusal(self, interaction: discord.Interaction, *, access: bool = True) -> str | None:
+        """Why this interaction may not be served, or None (`access`: the access lists apply)."""
         if not self._accepting:
             return "I'm restarting; try again in a moment."
-        if not self.access.allows(interaction.user, interaction.guild_id, interaction.channel):
+        if access and not self.access.allows(interaction.user, interaction.guild_id, interaction.channel):
             return "Sorry, I'm not available to you here."
         return None
 
 
 class ReplyMessages:
-    """The bot's message(s) answering one message, kept in step with the reply as it grows:
-    the first piece is a Discord reply, further pieces follow it, at most one update per interval."""
+    """The bot's messages answering one message (a `Surface` for ReplyView): the first is a
+    Discord reply to it, the others follow; nothing they say can ping anyone."""
 
-    def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message | None, interval_s: float):
+    def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message | None):
         self.channel = channel
         self.reply_to = reply_to
-        self.interval_s = interval_s
-        self.messages: list[discord.Message] = []
-        self._shown_at = float("-inf")
 
-    async def show(self, text: str, final: bool) -> None:
-        """Show the reply so far; a partial one only when streaming is on and the interval has passed."""
-        if not final and (not self.interval_s or time.monotonic() - self._shown_at < self.interval_s):
-            return
-        self._shown_at = time.monotonic()
-        if final:
-            await self._render(split_message(text))
-            return
-        try:
-            await self._render(split_message(text))
-        except discord.HTTPException:  # a lost partial edit is not worth losing the reply over
-            log.warning("discord: a streamed edit in channel %s failed; carrying on", self.channel.id)
+    async def post(self, text: str, *, first: bool) -> discord.Message:
+        reference = self.reply_to.to_reference(fail_if_not_exists=False) if first and self.reply_to else None
+        return await self.channel.send(text, reference=reference, allowed_mentions=NO_PINGS)
 
-    async def fail(self, notice: str) -> None:
-        """Say why there is no reply (replacing whatever was streamed)."""
-        try:
-            await self._render([notice])
-        except discord.HTTPException:
-            log.exception("discord: could not tell channel %s that the reply failed", self.channel.id)
+    async def edit(self, message: discord.Message, text: str) -> discord.Message:
+        return await message.edit(content=text, allowed_mentions=NO_PINGS)
 
-    async def _render(self, pieces: list[str]) -> None:
-        for i, piece in enumerate(pieces):
-            if i == len(self.messages):
-                first = not self.messages and self.reply_to is not None
-                reference = self.reply_to.to_reference(fail_if_not_exists=False) if first else None
-                self.messages.append(await self.channel.send(piece, reference=reference, allowed_mentions=NO_PINGS))
-            elif self.messages[i].content != piece:
-                self.messages[i] = await self.messages[i].edit(content=piece, allowed_mentions=NO_PINGS)
-        for extra in self.messages[len(pieces):]:  # a streamed attempt longer than the final reply
-            await extra.delete()
-        del self.messages[len(pieces):]
+    async def delete(self, message: discord.Message) -> None:
+        await message.delete()
 
 
 class Access:

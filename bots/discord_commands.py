@@ -1,7 +1,9 @@
-"""Slash commands: /reset, /persona [name], /personas, /help, each about the channel it is used in.
+"""Slash commands: /reset, /persona [name], /personas, /forget-me, /help.
 
-Refusals and errors are ephemeral (only the caller sees them); what changes the channel's
-conversation (a reset, a persona switch) is said in the open.
+Each is about the channel or thread it is used in (a thread inherits its channel's persona),
+except /forget-me, which is about the person. Refusals, errors and what concerns only the caller
+are ephemeral (only the caller sees them); what changes the channel's conversation (a reset, a
+persona switch) is said in the open.
 """
 
 from __future__ import annotations
@@ -20,37 +22,43 @@ log = logging.getLogger(__name__)
 
 HELP = (
     "Mention me, reply to one of my messages or message me directly to chat. "
-    "`/reset` forgets this channel's conversation, `/persona` shows or switches who I am here, "
-    "`/personas` lists who I can be."
+    "`/reset` forgets this channel's conversation, `/persona` shows or switches who I am here "
+    "(a channel's persona carries into its threads), `/personas` lists who I can be, "
+    "`/forget-me` deletes everything you wrote to me, `/help` shows this."
 )
 APOLOGY = "Sorry, something went wrong with that command. Please try again."
 
 
-def conversation_key(channel_id: int) -> ConversationKey:
-    """A Discord conversation: a channel, a thread or a DM channel."""
-    return ConversationKey("discord", str(channel_id))
+def conversation_key(channel: discord.abc.Snowflake) -> ConversationKey:
+    """A Discord conversation: a channel, a thread (which inherits its channel's persona) or a DM."""
+    parent = channel.parent_id if isinstance(channel, discord.Thread) else None
+    return ConversationKey("discord", str(channel.id), parent=str(parent) if parent else None)
 
 
 def add_commands(
     tree: app_commands.CommandTree,
     service: ChatService,
     config: DiscordSection,
-    refusal: Callable[[discord.Interaction], str | None],
+    refusal: Callable[..., str | None],
 ) -> None:
-    """Register the chat commands on `tree`; `refusal` says why an interaction may not be served."""
+    """Register the chat commands on `tree`; `refusal(interaction, access=True)` says why an
+    interaction may not be served (`access=False`: regardless of the access lists)."""
 
-    async def refused(interaction: discord.Interaction) -> bool:
-        reason = refusal(interaction)
+    async def refused(interaction: discord.Interaction, *, access: bool = True) -> bool:
+        reason = refusal(interaction, access=access)
         if reason:
             await interaction.response.send_message(reason, ephemeral=True)
         return reason is not None
+
+    def here(interaction: discord.Interaction) -> ConversationKey:
+        return conversation_key(interaction.channel or discord.Object(interaction.channel_id))
 
     @tree.command(name="reset", description="Forget this channel's conversation with me")
     async def reset(interaction: discord.Interaction) -> None:
         if await refused(interaction):
             return
         await interaction.response.defer()  # waits for a reply in progress here: may pass the 3 s
-        await interaction.followup.send(await service.command(conversation_key(interaction.channel_id), "reset"))
+        await interaction.followup.send(await service.command(here(interaction), "reset"))
 
     async def persona_choices(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         current = current.strip().lower()
@@ -66,7 +74,7 @@ def add_commands(
     async def persona(interaction: discord.Interaction, name: str | None = None) -> None:
         if await refused(interaction):
             return
-        key = conversation_key(interaction.channel_id)
+        key = here(interaction)
         if not name:
             await interaction.response.send_message(await service.command(key, "persona"), ephemeral=True)
             return
@@ -84,8 +92,16 @@ def add_commands(
     async def personas(interaction: discord.Interaction) -> None:
         if await refused(interaction):
             return
-        text = await service.command(conversation_key(interaction.channel_id), "personas")
+        text = await service.command(here(interaction), "personas")
         await interaction.response.send_message(text, ephemeral=True)
+
+    @tree.command(name="forget-me", description="Delete everything you wrote to me, in every conversation")
+    async def forget_me(interaction: discord.Interaction) -> None:
+        if await refused(interaction, access=False):  # anyone may have their words deleted
+            return
+        await interaction.response.defer(ephemeral=True)
+        text = await service.command(here(interaction), "forget-me", author_id=str(interaction.user.id))
+        await interaction.followup.send(text, ephemeral=True)
 
     @tree.command(name="help", description="How to talk to me")
     async def help_(interaction: discord.Interaction) -> None:

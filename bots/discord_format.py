@@ -1,5 +1,5 @@
-"""Discord's text rules: what the model reads of a message, how a reply fits Discord's limits,
-and what the bot must be allowed to do (its invite)."""
+"""Discord's text rules: what the model reads of a message, Discord's limits, and what the bot
+must be allowed to do (its invite)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,6 @@ THREAD_NAME_LIMIT = 100
 
 _MENTION = re.compile(r"<(@!?|@&|#)(\d+)>")
 _CUSTOM_EMOJI = re.compile(r"<a?:(\w+):\d+>")
-# Where a long reply may be cut, best first; each pattern ends in the whitespace it cuts at.
-_BOUNDARIES = (
-    re.compile(r"\n\s*\n"),  # paragraph
-    re.compile(r"\n"),  # line
-    re.compile(r"[.!?…]+[\"')\]*_]*\s+"),  # sentence
-    re.compile(r"\s+"),  # word
-)
 
 
 def model_text(message: discord.Message, me: int, my_role: int | None) -> str:
@@ -47,26 +40,6 @@ def model_text(message: discord.Message, me: int, my_role: int | None) -> str:
     return "\n".join(line.strip() for line in text.strip().splitlines())
 
 
-def split_message(text: str, limit: int = MESSAGE_LIMIT) -> list[str]:
-    """Pieces of at most `limit` characters, cut at a paragraph, line, sentence or word boundary
-    (in that order of preference, never in the first half of a piece), else mid-word."""
-    pieces: list[str] = []
-    text = text.strip()
-    while len(text) > limit:
-        window = text[: limit + 1]  # whitespace right after the limit is a fine place to cut
-        cut = limit
-        for boundary in _BOUNDARIES:
-            ends = [m.end() for m in boundary.finditer(window) if m.end() > limit // 2]
-            if ends:
-                cut = ends[-1]
-                break
-        pieces.append(text[:cut].rstrip())
-        text = text[cut:].lstrip()
-    if text:
-        pieces.append(text)
-    return pieces
-
-
 def thread_name(text: str) -> str:
     """A thread title from the message that opened it."""
     first_line = text.strip().splitlines()[0] if text.strip() else ""
@@ -76,9 +49,11 @@ def thread_name(text: str) -> str:
 
 
 def invite_permissions(auto_thread: bool) -> discord.Permissions:
-    """Exactly what the bot uses: read and answer (replies need the history), threads if it opens them."""
+    """Exactly what the bot uses: read and answer (replies need the history), react (the rate-limit
+    notice), threads if it opens them."""
     permissions = discord.Permissions(
-        view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True
+        view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True,
+        add_reactions=True,
     )
     permissions.create_public_threads = auto_thread
     return permissions

@@ -4,79 +4,31 @@ The API is stateless: each request carries the whole conversation, nothing is st
 (or developer) messages replace the persona's system prompt; without one the persona's applies.
 Decoding parameters override the persona's within the configured limits: temperature 0 means
 greedy, `stop` adds to the persona's stop strings, `max_tokens` above `web.max_tokens_limit` is
-refused. The persona's engine is called directly, so its batching and queue are shared with
-every other adapter.
+refused. Replies go through the ChatService like every other adapter's (the shared generator,
+the same safety screen, metrics and logs); a stream shows only text that passed the screen.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 from aiohttp import web
 
+from bots.web_errors import ApiError, bad_request, chat_error, read_json, unknown_model
 from core.config import Config, Decoding
 from core.conversation import Turn
-from core.generator import GenerationFailed, GenerationTimeout
 from core.personas import Persona
-from core.safety import neutralize_mentions
-from core.service import Busy, ChatService, PersonaError, ReplyFailed
+from core.service import ChatError, ChatService, InputRejected, ReplyUpdate
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "openai"
 OWNER = "talk-to-transformers"
-
-
-class ApiError(Exception):
-    """An error answered as JSON in OpenAI's shape: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, outcome: str = "rejected"):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.outcome = outcome
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> web.Response:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
-        if self.status == 503:
-            headers["Retry-After"] = "1"
-        return web.json_response(self.body(), status=self.status, headers=headers)
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def unknown_model(name: str, known: list[str], param: str = "model") -> ApiError:
-    return ApiError(404, f"There is no persona called {name!r}. Try one of: {', '.join(known)}.",
-                    param=param, code="model_not_found")
-
-
-def unavailable(message: str) -> ApiError:
-    return ApiError(503, message, type="server_error", code="model_unavailable", outcome="persona")
-
-
-def busy(message: str = "The generator is busy with other conversations; try again in a moment.") -> ApiError:
-    return ApiError(503, message, type="server_error", code="busy", outcome="busy")
-
-
-async def read_json(request: web.Request) -> object:
-    """The request body as JSON, or a 400 that says what is wrong with it."""
-    raw = await request.read()
-    if not raw.strip():
-        raise bad_request("The request body is empty: send a JSON object.", code="invalid_json")
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 @dataclass(frozen=True)
@@ -99,7 +51,7 @@ def parse_chat_request(body: object, service: ChatService, config: Config) -> Ch
     if model not in service.personas.personas:
         raise unknown_model(model, service.personas.names)
     persona = service.personas.get(model)
-    system_prompts, turns = _conversation(body.get("messages"), persona, config.service.max_input_chars)
+    system_prompts, turns = _conversation(body.get("messages"), persona, service, config.web.max_messages)
     system = "\n\n".join(system_prompts) if system_prompts else persona.config.system_prompt
     n = body.get("n")
     if n is not None and n != 1:
@@ -114,9 +66,15 @@ def parse_chat_request(body: object, service: ChatService, config: Config) -> Ch
     return ChatRequest(persona, turns[-config.conversation.max_turns:], system, decoding, stream, include_usage)
 
 
-def _conversation(messages: object, persona: Persona, max_chars: int) -> tuple[list[str], list[Turn]]:
+def _conversation(
+    messages: object, persona: Persona, service: ChatService, max_messages: int
+) -> tuple[list[str], list[Turn]]:
+    max_chars = service.config.service.max_input_chars
     if not isinstance(messages, list) or not messages:
         raise bad_request("`messages` must be a non-empty list of {role, content} objects.", param="messages")
+    if len(messages) > max_messages:
+        raise bad_request(f"`messages` holds {len(messages)} messages; the limit is {max_messages}.",
+                          param="messages", code="too_many_messages")
     systems: list[str] = []
     turns: list[Turn] = []
     for i, message in enumerate(messages):
@@ -135,6 +93,10 @@ def _conversation(messages: object, persona: Persona, max_chars: int) -> tuple[l
                 f"{param}.content is {len(text)} characters long; the limit is {max_chars}.",
                 param=f"{param}.content", code="message_too_long",
             )
+        try:
+            service.validate(text)
+        except InputRejected as exc:
+            raise bad_request(exc.user_message, param=f"{param}.content", code="invalid_text") from None
         if role in ("system", "developer"):
             systems.append(text)
         elif role == "user":
@@ -208,46 +170,10 @@ def _decoding(body: dict, base: Decoding, max_tokens_limit: int) -> Decoding:
     return base.model_copy(update=update)
 
 
-class SafeText:
-    """Turns raw model pieces into deltas that are safe to show and never need taking back.
-
-    Text that could still become a ping (an unclosed `<`, a trailing `@word`) and trailing
-    whitespace are held back until more text arrives or the reply ends.
-    """
-
-    _TRAILING_AT = re.compile(r"@\w*$")
-
-    def __init__(self) -> None:
-        self.raw = ""
-        self.sent = ""
-
-    def feed(self, piece: str) -> str:
-        self.raw += piece
-        end = len(self.raw)
-        last_open = self.raw.rfind("<")
-        if last_open >= 0 and ">" not in self.raw[last_open:]:
-            end = last_open
-        at = self._TRAILING_AT.search(self.raw[:end])
-        if at:
-            end = at.start()
-        return self._delta(neutralize_mentions(self.raw[:end]).strip())
-
-    def finish(self) -> str:
-        return self._delta(self.text)
-
-    @property
-    def text(self) -> str:
-        return neutralize_mentions(self.raw).strip()
-
-    def _delta(self, shown: str) -> str:
-        if len(shown) <= len(self.sent) or not shown.startswith(self.sent):
-            return ""
-        delta, self.sent = shown[len(self.sent):], shown
-        return delta
-
-
-def _finish_reason(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+def _finish_reason(final: ReplyUpdate) -> str:
+    if final.cut:
+        return "content_filter"
+    return "length" if final.stats.finish_reason == "length" else "stop"
 
 
 class OpenAIRoutes:
@@ -276,62 +202,40 @@ class OpenAIRoutes:
         return web.json_response(self._model(self.service.personas.get(name)))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        started = time.monotonic()
         label = "?"
-        metrics = self.service.metrics
         try:
             body = await read_json(request)
             if isinstance(body, dict) and body.get("model") in self.service.personas.personas:
                 label = body["model"]
             chat = parse_chat_request(body, self.service, self.config)
-            generation = await self._submit(chat)
-            if chat.stream:
-                response, outcome = await self._stream(request, chat, generation)
-            else:
-                response, outcome = await self._complete(chat, generation), "ok"
         except ApiError as exc:
-            metrics.requests.labels(ADAPTER, label, exc.outcome).inc()
-            log.info("openai request refused persona=%s status=%d: %s", label, exc.status, exc.message)
+            self.service.record_refusal(ADAPTER, label, exc.outcome)
             raise
-        metrics.requests.labels(ADAPTER, label, outcome).inc()
-        if outcome == "ok":
-            stats = generation.stats
-            metrics.reply_latency.labels(ADAPTER, label).observe(time.monotonic() - started)
-            if stats.total_s > 0 and stats.new_tokens:
-                metrics.tokens_per_second.labels(label).set(stats.new_tokens / stats.total_s)
-        return response
-
-    async def _submit(self, chat: ChatRequest):
+        # A stream cannot take text back: it gets only screened text, and a reply cut short if need be.
+        updates = self.service.complete(chat.persona, chat.turns, adapter=ADAPTER, system_prompt=chat.system_prompt,
+                                        decoding=chat.decoding, retractable=not chat.stream)
         try:
-            return await self.service.generate(
-                chat.persona, chat.turns, system_prompt=chat.system_prompt, decoding=chat.decoding
-            )
-        except PersonaError as exc:
-            raise unavailable(exc.user_message) from None
-        except Busy:
-            raise busy() from None
-        except ReplyFailed:
-            raise bad_request("This conversation cannot be generated.", code="context_length_exceeded") from None
-
-    async def _complete(self, chat: ChatRequest, generation) -> web.Response:
-        try:
-            text = neutralize_mentions(await generation.text()).strip()
-        except GenerationTimeout:
-            raise ApiError(504, "The reply took too long; try again.", type="server_error", code="timeout",
-                           outcome="error") from None
-        except GenerationFailed as exc:
-            log.warning("openai generation failed persona=%s: %s", chat.persona.name, exc)
-            raise ApiError(500, "The reply failed; try again.", type="server_error", outcome="error") from None
-        stats = generation.stats
-        message = {"role": "assistant", "content": text}
+            # Refusals (busy, too long, persona unavailable) come before anything is sent: a proper status.
+            first = await anext(updates)
+        except ChatError as exc:
+            raise chat_error(exc, param="messages") from None
+        if chat.stream:
+            return await self._stream(request, chat, first, updates)
+        final = first
+        while not final.final:
+            try:
+                final = await anext(updates)
+            except ChatError as exc:
+                raise chat_error(exc, param="messages") from None
+        message = {"role": "assistant", "content": final.text}
         return web.json_response({
             **_envelope("chat.completion", chat.persona.name),
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": _finish_reason(stats.finish_reason)}],
-            "usage": _usage(stats),
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(final)}],
+            "usage": _usage(final.stats),
         })
 
-    async def _stream(self, request: web.Request, chat: ChatRequest, generation) -> tuple[web.StreamResponse, str]:
+    async def _stream(self, request: web.Request, chat: ChatRequest, first: ReplyUpdate,
+                      updates: AsyncIterator[ReplyUpdate]) -> web.StreamResponse:
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
         })
@@ -347,34 +251,32 @@ class OpenAIRoutes:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             return {**envelope, "choices": [choice], **extra}
 
-        safe = SafeText()
+        sent = ""
+        update = first
         try:
             await send(chunk({"role": "assistant", "content": ""}))
-            async for piece in generation:
-                delta = safe.feed(piece)
-                if delta:
-                    await send(chunk({"content": delta}))
-            delta = safe.finish()
-            if delta:
-                await send(chunk({"content": delta}))
-            await send(chunk({}, _finish_reason(generation.stats.finish_reason)))
+            while True:
+                if update.text.startswith(sent) and len(update.text) > len(sent):
+                    await send(chunk({"content": update.text[len(sent):]}))
+                    sent = update.text
+                if update.final:
+                    break
+                update = await anext(updates)
+            await send(chunk({}, _finish_reason(update)))
             if chat.include_usage:
-                await send({**envelope, "choices": [], "usage": _usage(generation.stats)})
+                await send({**envelope, "choices": [], "usage": _usage(update.stats)})
             await send("[DONE]")
         except ConnectionResetError:
-            generation.cancel()  # nobody is reading any more
-            return response, "cancelled"
-        except GenerationFailed as exc:
-            log.warning("openai stream failed persona=%s: %s", chat.persona.name, exc)
-            code = "timeout" if isinstance(exc, GenerationTimeout) else None
-            error = ApiError(500, "The reply failed part way; try again.", type="server_error", code=code)
+            await updates.aclose()  # nobody is reading any more: stop generating
+            return response
+        except ChatError as exc:
             try:
-                await send(error.body())
+                await send(chat_error(exc).body())
             except ConnectionResetError:
                 pass
-            return response, "error"
+            return response
         await response.write_eof()
-        return response, "ok"
+        return response
 
 
 def _envelope(kind: str, model: str) -> dict:

@@ -14,10 +14,17 @@ import signal
 from dataclasses import dataclass
 from typing import Protocol
 
+import aiohttp
+
 from core.config import Settings
+from core.conversation import StoreUnusable
 from core.service import ChatService, open_service
 
 log = logging.getLogger(__name__)
+
+RETENTION_SWEEP_S = 3600.0
+DISCORD_API = "https://discord.com/api/v10"
+SLACK_API = "https://slack.com/api/"
 
 
 class Adapter(Protocol):
@@ -74,8 +81,29 @@ def _plan(name: str, module: str, wanted: bool, problem: str | None, library: st
     return AdapterPlan(name, module, wanted, problem)
 
 
+async def unreachable(plan: AdapterPlan, settings: Settings, timeout_s: float = 5.0) -> str | None:
+    """Why the platform's API cannot be reached from here; None when it answers at all (any status)."""
+    cfg = settings.config
+    if plan.name == "discord":
+        url = (cfg.discord.api_base_url or DISCORD_API).rstrip("/") + "/gateway"
+    elif plan.name == "slack":
+        url = (cfg.slack.api_base_url or SLACK_API).rstrip("/") + "/api.test"
+    else:
+        return None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+            async with http.get(url):
+                return None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return f"cannot reach {url}: {exc or type(exc).__name__}"
+
+
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    """Run until SIGINT/SIGTERM (or `stop`); returns a process exit code."""
+    """Run until SIGINT/SIGTERM (or `stop`); returns a process exit code.
+
+    Anything that stops start-up (an adapter that cannot start, an unusable database) ends it
+    with one log line that says what, and exit code 2.
+    """
     plans = [p for p in plan_adapters(settings) if p.wanted]
     broken = [p for p in plans if p.problem]
     for plan in broken:
@@ -85,23 +113,34 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     if not plans:
         log.error("no adapter is enabled: set a platform token or web.enabled: on")
         return 2
+    try:
+        service = await open_service(settings.config, dict(os.environ))
+    except StoreUnusable as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    service = await open_service(settings.config, dict(os.environ))
     adapters: list[Adapter] = []
     preload = asyncio.create_task(_preload(service))
+    sweep = asyncio.create_task(_retention_sweep(service))
     try:
         for plan in plans:
-            adapter = importlib.import_module(plan.module).create_adapter(service, settings)
-            await adapter.start()
+            try:
+                adapter = importlib.import_module(plan.module).create_adapter(service, settings)
+                await adapter.start()
+            except Exception as exc:  # noqa: BLE001 - reported in one line; the traceback is at DEBUG
+                log.debug("%s adapter failed to start", plan.name, exc_info=True)
+                log.error("%s adapter could not start: %s", plan.name, str(exc) or type(exc).__name__)
+                return 2
             adapters.append(adapter)
             log.info("%s adapter started", plan.name)
         await stop.wait()
         log.info("shutting down: finishing replies in flight")
     finally:
         preload.cancel()
+        sweep.cancel()
         for adapter in reversed(adapters):
             try:
                 await adapter.stop()
@@ -112,6 +151,16 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
             loop.remove_signal_handler(sig)
     log.info("stopped")
     return 0
+
+
+async def _retention_sweep(service: ChatService) -> None:
+    """Delete turns past `conversation.retention_days` now and every RETENTION_SWEEP_S while serving."""
+    while True:
+        try:
+            await service.delete_expired()
+        except Exception:  # noqa: BLE001 - try again at the next sweep
+            log.warning("retention sweep failed", exc_info=True)
+        await asyncio.sleep(RETENTION_SWEEP_S)
 
 
 async def _preload(service: ChatService) -> None:

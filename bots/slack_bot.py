@@ -1,23 +1,22 @@
 """The Slack adapter: Socket Mode (default) or the Events API over HTTP, on the shared ChatService.
 
-Listeners only acknowledge and hand over (Slack wants an ack within 3 seconds); the life of a
-reply then reads top to bottom in `SlackAdapter._answer`: access and rate checks, the message
-as words, a placeholder in the thread, the reply streamed into it by edits.
+Listeners only acknowledge and hand over (Slack wants an ack within 3 seconds), taking the
+message's place in its conversation as it arrives; the life of a reply then reads top to bottom
+in `SlackAdapter._answer`: answered once (across replicas), access, words and rate checks, a
+placeholder in the thread, the reply streamed into it by edits (bots/streaming.py).
 
 Where it answers: an `app_mention` in the thread of the mention; every DM (in its thread when
 threaded); a follow-up in a thread it already answered in, without a new mention
-(`slack.thread_followups`). One conversation per thread, and per DM.
+(`slack.thread_followups`). One conversation per thread, and per DM; a thread inherits the
+persona chosen for its channel (`/ttt persona` in the channel).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Awaitable, Hashable
 
 from aiohttp import WSMessage, WSMsgType, web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
@@ -26,16 +25,15 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bots.slack_format import LiveReply, mentioned_users, readable, stream_reply, to_mrkdwn
-from core.config import Settings
+from bots.slack_format import PLACEHOLDER, ThreadMessages, mentioned_users, readable, render, to_mrkdwn
+from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, finish_within_s, stream_reply
+from core.config import Settings, SlackSection
 from core.conversation import ConversationKey
-from core.service import ChatError, ChatService
-from core.ratelimit import RateLimiter
+from core.service import FORGET_ME, ChatService
 
 log = logging.getLogger(__name__)
 
 DEFAULT_API_URL = "https://slack.com/api/"
-APOLOGY = "Sorry, something went wrong on my side. Please try again."
 NOT_HERE = "Sorry, I'm not available to you here."
 CHANNEL_RESET = (
     "In a channel every thread is its own conversation: mention me in a new message for a fresh start. "
@@ -43,6 +41,22 @@ CHANNEL_RESET = (
 )
 # Message subtypes that are a person writing; edits, joins, bot posts and the like are not answered.
 ANSWERED_SUBTYPES = {None, "thread_broadcast", "file_share"}
+# chat.update is limited per workspace: about 50 a minute (Slack's tier 3).
+EDITS_PER_WORKSPACE = (50, 60.0)
+# Slack retries an event for a few minutes (and sends a mention twice: app_mention and message.*).
+ANSWERED_FOR_S = 3600.0
+
+
+def help_text(command: str) -> str:
+    """What `/ttt help` says, naming the configured slash command."""
+    return (
+        "Mention me in a channel (I answer in its thread) or message me directly; in a thread I've "
+        "answered in, just keep talking. "
+        f"`{command} persona NAME` switches who I am here (in a channel: for its threads; "
+        f"`{command} persona` shows it), `{command} personas` lists who I can be, "
+        f"`{command} reset` forgets a direct-message conversation, "
+        f"`{command} forget-me` deletes everything you wrote to me, `{command} help` shows this."
+    )
 
 
 def create_adapter(service: ChatService, settings: Settings) -> "SlackAdapter":
@@ -66,11 +80,9 @@ class Place:
 
     @property
     def key(self) -> ConversationKey:
-        return ConversationKey("slack", f"{self.channel}/{self.thread_ts}" if self.thread_ts else self.channel)
-
-    @property
-    def channel_key(self) -> ConversationKey:
-        """Where `/ttt persona` is kept for the channel (slash commands do not know threads)."""
+        """A thread's conversation inherits its channel's (or DM's) persona."""
+        if self.thread_ts:
+            return ConversationKey("slack", f"{self.channel}/{self.thread_ts}", parent=self.channel)
         return ConversationKey("slack", self.channel)
 
 
@@ -79,11 +91,14 @@ class SlackAdapter:
 
     name = "slack"
 
-    def __init__(self, service: ChatService, settings: Settings, *, ping_interval: float = 10.0):
+    def __init__(
+        self, service: ChatService, settings: Settings, *, ping_interval: float = 10.0,
+        edit_budget: EditBudget | None = None,
+    ):
         cfg = settings.config.slack
         secrets = settings.secrets
         self.service = service
-        self.config = cfg
+        self.config: SlackSection = cfg
         self.client = AsyncWebClient(token=secrets.get("SLACK_BOT_TOKEN"), base_url=_api_url(cfg.api_base_url))
         self.client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=2))
         http = cfg.mode == "http"
@@ -96,13 +111,10 @@ class SlackAdapter:
         self._app_token = secrets.get("SLACK_APP_TOKEN")
         self._ping_interval = ping_interval
         self.bot_user_id = ""
+        self.team_id = ""
         self._names: dict[str, str] = {}
-        # (channel, ts) of messages answered: Slack retries a delivery (same event_id) when an ack
-        # is late, and a mention arrives twice (app_mention and message.channels).
-        self._messages = RecentKeys()
-        self._threads = RecentKeys()  # threads being answered, before their first turn is stored
-        self._limiter = RateLimiter(cfg.rate_limit_per_minute)
-        self._tasks: set[asyncio.Task] = set()
+        self._replies = ReplyTasks("slack")
+        self._edits = edit_budget or EditBudget(*EDITS_PER_WORKSPACE)
         self._handler: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._listen(self.app)
@@ -111,7 +123,7 @@ class SlackAdapter:
 
     async def start(self) -> None:
         auth = await self.client.auth_test()
-        self.bot_user_id = auth["user_id"]
+        self.bot_user_id, self.team_id = auth["user_id"], auth.get("team_id", "")
         if self.config.mode == "socket":
             # connect_async() retries a rejected app token forever: ask once so that it fails here.
             await self.client.apps_connections_open(app_token=self._app_token)
@@ -134,15 +146,14 @@ class SlackAdapter:
         log.info("slack adapter up as %s (%s) via %s", auth.get("user"), self.bot_user_id, where)
 
     async def stop(self) -> None:
-        """Stop taking events, then let the replies in flight finish."""
+        """Stop taking events, then let the replies in flight finish (for a bounded time)."""
         if self._handler is not None:
             await self._handler.close_async()
             self._handler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        await self._replies.stop(finish_within_s(self.service.config))
         self.service.metrics.adapter_up.labels(self.name).set(0)
 
     @property
@@ -161,83 +172,71 @@ class SlackAdapter:
     # ---- listeners: acknowledge, hand over -------------------------------------------------
 
     def _listen(self, app: AsyncApp) -> None:
-        # bolt acks events before it runs these listeners; they only hand the work to a task.
+        # bolt acks events before it runs these listeners; they only take the message's place in
+        # its conversation (before any await: that is its arrival) and hand the work to a task.
         @app.event("app_mention")
         async def on_mention(event: dict) -> None:
             if not _from_bot(event):
-                self._spawn(self._answer(event, Place.of(event)))
+                place = Place.of(event)
+                self._replies.spawn(self._answer(event, place, followup=False), conversation=place.key)
 
         @app.event("message")
         async def on_message(event: dict) -> None:
-            if not _from_bot(event):
-                self._spawn(self._on_message(event))
+            if _from_bot(event) or event.get("subtype") not in ANSWERED_SUBTYPES:
+                return
+            place = Place.of(event)
+            # In channels only follow-ups in threads are ours here: mentions come as app_mention events.
+            followup = not place.is_dm
+            if followup and (not event.get("thread_ts") or not self.config.thread_followups):
+                return
+            self._replies.spawn(self._answer(event, place, followup=followup), conversation=place.key)
 
         @app.command(self.config.slash_command)
         async def on_command(ack, command: dict, respond) -> None:
             await ack()
-            self._spawn(self._command(command, respond))
-
-    def _spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.create_task(_logged(work))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _on_message(self, event: dict) -> None:
-        if event.get("subtype") not in ANSWERED_SUBTYPES:
-            return
-        place = Place.of(event)
-        if not place.is_dm:
-            # In channels only follow-ups are ours here: mentions come as app_mention events (and the
-            # same message seen twice is answered once, see _answer).
-            if not event.get("thread_ts") or not self.config.thread_followups or not await self._took_part(place):
-                return
-        await self._answer(event, place)
-
-    async def _took_part(self, place: Place) -> bool:
-        """Whether the bot answers in this thread (its turns are stored, so this survives restarts)."""
-        return place.key in self._threads or bool(await self.service.store.recent_turns(place.key, 1))
+            self._replies.spawn(self._command(command, respond))
 
     # ---- the life of a reply ---------------------------------------------------------------
 
-    async def _answer(self, event: dict, place: Place) -> None:
+    async def _answer(self, event: dict, place: Place, *, followup: bool) -> None:
+        """Runs after the earlier messages of the conversation were answered."""
         user = event.get("user", "")
-        if not self._messages.add((place.channel, event["ts"])):
+        if followup and not await self._took_part(place):
+            return
+        # Once per message: Slack retries deliveries and sends a mention twice (app_mention and
+        # message.*), possibly to different replicas.
+        if not await self.service.store.claim("slack-message", f"{place.channel}/{event['ts']}", ANSWERED_FOR_S):
             return
         if not self._allowed(place.channel, user, place.is_dm):
             log.info("not answering %s in %s: slack.allowed_users/allowed_channels", user, place.channel)
             return
-        wait = self._limiter.check(user)
-        if wait:
-            notice = f"You're writing faster than I can answer: try again in {math.ceil(wait)} seconds."
+        view = ReplyView(ThreadMessages(self.client, place.channel, place.thread_ts), render, self._edits,
+                         self.team_id, str(place.key))
+
+        async def slow_down(wait_s: float) -> None:  # only they see it
+            notice = f"You're writing faster than I can answer: try again in {math.ceil(wait_s)} seconds."
             await self._ephemeral(place, user, notice)
+
+        text = await admitted(
+            self.service, view, await self._readable(event.get("text") or ""),
+            platform="slack", author_id=user, per_minute=self.config.rate_limit_per_minute, slow_down=slow_down,
+        )
+        if text is None:
             return
-        self._threads.add(place.key)
-        text = await self._readable(event.get("text") or "")
         author = await self._name(user)
-        reply = LiveReply(self.client, place.channel, place.thread_ts)
-        await reply.start()
-        try:
-            persona = await self._channel_persona(place)
-            updates = self.service.respond(place.key, author, text, adapter="slack", persona=persona)
-            await stream_reply(reply, updates, self.config.stream_edit_interval_s)
-        except ChatError as exc:
-            await reply.show(exc.user_message, final=True)
-        except Exception:
-            log.exception("reply in %s failed", place.key)
-            await reply.show(APOLOGY, final=True)
+        await view.begin(PLACEHOLDER)
+        updates = self.service.respond(place.key, author, text, adapter="slack", author_id=user)
+        await stream_reply(view, updates, interval_s=self.config.stream_edit_interval_s)
+
+    async def _took_part(self, place: Place) -> bool:
+        """Whether the bot answers in this thread (its turns are stored, so this survives restarts)."""
+        return bool(await self.service.store.recent_turns(place.key, 1))
 
     def _allowed(self, channel: str, user: str, is_dm: bool) -> bool:
         cfg = self.config
         if cfg.allowed_users and user not in cfg.allowed_users:
             return False
         return is_dm or not cfg.allowed_channels or channel in cfg.allowed_channels
-
-    async def _channel_persona(self, place: Place) -> str | None:
-        """A thread speaks with the persona chosen for its channel (`/ttt persona`), if any."""
-        if place.key == place.channel_key:
-            return None
-        chosen = await self.service.store.persona(place.channel_key)
-        return chosen if chosen in {p.name for p in self.service.persona_list()} else None
 
     async def _readable(self, text: str) -> str:
         names = {user: await self._name(user) for user in mentioned_users(text) - {self.bot_user_id}}
@@ -247,15 +246,20 @@ class SlackAdapter:
         """The user's display name (users.info, cached); the id when Slack will not say."""
         if user in self._names:
             return self._names[user]
-        try:
-            info = (await self.client.users_info(user=user))["user"]
-        except SlackApiError as exc:
-            log.warning("users.info %s failed: %s", user, exc.response.get("error"))
+        info = await self._user_info(user)
+        if info is None:
             return user
         profile = info.get("profile") or {}
         name = profile.get("display_name") or profile.get("real_name") or info.get("name") or user
         self._names[user] = name
         return name
+
+    async def _user_info(self, user: str) -> dict | None:
+        try:
+            return (await self.client.users_info(user=user))["user"]
+        except SlackApiError as exc:
+            log.warning("users.info %s failed: %s", user, exc.response.get("error"))
+            return None
 
     async def _ephemeral(self, place: Place, user: str, text: str) -> None:
         try:
@@ -270,46 +274,36 @@ class SlackAdapter:
         is_dm = channel.startswith("D")
         name, _, argument = (command.get("text") or "").strip().partition(" ")
         name = name.lower() or "help"
-        if not self._allowed(channel, user, is_dm):
+        if name != FORGET_ME and not self._allowed(channel, user, is_dm):  # anyone may have their words deleted
             text = NOT_HERE
         elif name == "reset" and not is_dm:
             text = CHANNEL_RESET
+        elif name == "persona" and argument.strip() and not await self._may_switch_persona(user, is_dm):
+            text = self._switch_rule()
         else:
-            text = await self.service.command(ConversationKey("slack", channel), name, argument)
+            text = await self.service.command(
+                ConversationKey("slack", channel), name, argument,
+                help_text=help_text(self.config.slash_command), author_id=user,
+            )
         await respond(text=to_mrkdwn(text), response_type="ephemeral")
 
+    async def _may_switch_persona(self, user: str, is_dm: bool) -> bool:
+        """Workspace admins and owners may always switch; others as `persona_switch` says. DMs: anyone."""
+        rule = self.config.persona_switch
+        if is_dm or rule == "everyone" or (rule == "users" and user in self.config.persona_switch_users):
+            return True
+        info = await self._user_info(user) or {}
+        return any(info.get(flag) for flag in ("is_admin", "is_owner", "is_primary_owner"))
 
-class RecentKeys:
-    """A bounded set of recently seen keys, oldest forgotten first."""
-
-    def __init__(self, size: int = 10_000):
-        self._size = size
-        self._keys: OrderedDict[Hashable, None] = OrderedDict()
-
-    def add(self, key: Hashable) -> bool:
-        """Remember `key`; False when it was already there."""
-        if key in self._keys:
-            self._keys.move_to_end(key)
-            return False
-        self._keys[key] = None
-        if len(self._keys) > self._size:
-            self._keys.popitem(last=False)
-        return True
-
-    def __contains__(self, key: Hashable) -> bool:
-        return key in self._keys
+    def _switch_rule(self) -> str:
+        if self.config.persona_switch == "users":
+            return "Only workspace admins and the people this bot's settings name can switch my persona here."
+        return "Only workspace admins can switch my persona here."
 
 
 def _from_bot(event: dict) -> bool:
     # bolt already drops this bot's own events; other bots are ignored too (no bot-to-bot loops).
     return bool(event.get("bot_id") or event.get("subtype") == "bot_message")
-
-
-async def _logged(work: Awaitable[None]) -> None:
-    try:
-        await work
-    except Exception:
-        log.exception("handling a Slack event failed")
 
 
 def _api_url(configured: str | None) -> str:

@@ -9,19 +9,27 @@
 When TTT_API_KEY is set (required to bind beyond loopback), /api, /v1 and /metrics need
 `Authorization: Bearer <key>`. The page itself and /healthz stay open: the page holds no data
 and asks for the key when the API answers 401.
+
+Other web pages must not drive the server through the operator's browser: on loopback only
+loopback Host names are answered (DNS rebinding), state-changing requests from a foreign Origin
+are refused, and JSON endpoints take only `application/json` (which a cross-site form or a
+"simple" fetch cannot send without a CORS preflight, which is never granted).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from http import HTTPStatus
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from bots.openai_api import ApiError, OpenAIRoutes
+from bots.openai_api import OpenAIRoutes
 from bots.web_chat import ChatPageRoutes
+from bots.web_errors import ApiError
 from core.config import Config, Settings
 from core.metrics import Metrics
 from core.personas import PersonaUnavailable, UnknownPersona
@@ -31,6 +39,8 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PROTECTED = ("/api/", "/v1/")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -62,7 +72,7 @@ class WebAdapter:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app, shutdown_timeout=self._shutdown_timeout)
+        runner = _Runner(self.app, shutdown_timeout=self._shutdown_timeout)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port).start()
@@ -83,8 +93,43 @@ class WebAdapter:
             self._runner = None
 
 
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp answers a request it cannot parse (oversized headers, a broken request line) itself,
+    before any middleware runs: this gives those answers the API's JSON error shape too."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has begun: no error response can follow")
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            error = ApiError(status, "Something went wrong on the server; try again.", type="server_error")
+        else:
+            log.info("refused an unreadable request from %s: %s", request.remote, message)
+            reason = (message or HTTPStatus(status).phrase).strip().rstrip(".")
+            error = ApiError(status, f"The request could not be read: {reason}.")
+        response = error.response()
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # the same server; only the request handlers it makes differ
+        return server
+
+
 def build_app(service: ChatService, config: Config, api_key: str | None) -> web.Application:
-    app = web.Application(middlewares=[_errors, _require_key(api_key)])
+    app = web.Application(
+        middlewares=[_errors, _loopback_hosts(config.web.loopback_only), _same_origin, _require_key(api_key)],
+        client_max_size=config.web.max_request_kb * 1024,
+    )
     app.router.add_get("/", _page)
     app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get("/healthz", _health(service))
@@ -109,15 +154,49 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         if exc.status < 400 or not _is_api(request.path):
             raise
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-        message = f"{exc.reason}: {request.method} {request.path}"
+        message, code = f"{exc.reason}: {request.method} {request.path}", None
         if exc.status == 413:
-            message = "The request body is too large."
-        return ApiError(exc.status, message, type=kind).response()
+            message, code = f"The request body is too large: {exc.text}.", "request_too_large"
+        return ApiError(exc.status, message, type=kind, code=code).response()
     except ConnectionError:
         raise
     except Exception:
         log.exception("unexpected error answering %s %s", request.method, request.path)
         return ApiError(500, "Something went wrong on the server; try again.", type="server_error").response()
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, lower case, without its port."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def _loopback_hosts(loopback_only: bool):
+    """Bound to loopback, answer only requests addressed to a loopback name: a foreign name means a
+    page elsewhere resolved its own domain to 127.0.0.1 (DNS rebinding) to read this server."""
+
+    @web.middleware
+    async def loopback_hosts(request: web.Request, handler) -> web.StreamResponse:
+        host = request.headers.get("Host", "")
+        if loopback_only and _host_name(host) not in LOOPBACK_NAMES:
+            raise ApiError(403, f"This server answers only requests addressed to localhost, not {host!r}.",
+                           code="host_not_allowed")
+        return await handler(request)
+
+    return loopback_hosts
+
+
+@web.middleware
+async def _same_origin(request: web.Request, handler) -> web.StreamResponse:
+    """Refuse state-changing requests that a page of another origin sent through the user's browser."""
+    origin = request.headers.get("Origin")
+    if request.method in STATE_CHANGING and origin is not None:
+        authority = origin.partition("://")[2].lower()
+        if not authority or authority != request.headers.get("Host", "").strip().lower():
+            raise ApiError(403, f"Requests from other sites are refused (Origin {origin!r}).", code="cross_origin")
+    return await handler(request)
 
 
 def _require_key(api_key: str | None):

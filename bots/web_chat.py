@@ -4,6 +4,7 @@
     GET  /api/conversations/{id}                the current session's turns and persona
     POST /api/conversations/{id}/messages       {"text"} -> server-sent events: update*, done | error
     POST /api/conversations/{id}/reset          forget the turns
+    POST /api/conversations/{id}/forget-me      delete everything this browser wrote, in every conversation
     PUT  /api/conversations/{id}/persona        {"persona"} -> switch
 
 Errors use the same JSON shape as the OpenAI-compatible API.
@@ -17,28 +18,17 @@ import re
 
 from aiohttp import web
 
-from bots.openai_api import ApiError, bad_request, busy, read_json, unavailable, unknown_model
+from bots.web_errors import bad_request, chat_error, read_json, unavailable, unknown_model
 from core.config import Config
 from core.conversation import ConversationKey, current_session
 from core.personas import Persona, PersonaUnavailable
-from core.service import Busy, ChatError, ChatService, InputRejected, PersonaError
+from core.service import ChatError, ChatService, PersonaError
 
 log = logging.getLogger(__name__)
 
 ADAPTER = "web"
 AUTHOR = "user"
 CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-
-
-def chat_error(exc: ChatError) -> ApiError:
-    """The HTTP answer to a ChatService refusal."""
-    if isinstance(exc, InputRejected):
-        return bad_request(exc.user_message, param="text", code="invalid_message")
-    if isinstance(exc, Busy):
-        return busy(exc.user_message)
-    if isinstance(exc, PersonaError):
-        return unavailable(exc.user_message)
-    return ApiError(500, exc.user_message, type="server_error", code="reply_failed", outcome=exc.outcome)
 
 
 class ChatPageRoutes:
@@ -51,6 +41,7 @@ class ChatPageRoutes:
         app.router.add_get("/api/conversations/{id}", self.history)
         app.router.add_post("/api/conversations/{id}/messages", self.message)
         app.router.add_post("/api/conversations/{id}/reset", self.reset)
+        app.router.add_post("/api/conversations/{id}/forget-me", self.forget_me)
         app.router.add_put("/api/conversations/{id}/persona", self.set_persona)
 
     def _key(self, request: web.Request) -> ConversationKey:
@@ -93,13 +84,14 @@ class ChatPageRoutes:
         text = body.get("text") if isinstance(body, dict) else None
         if not isinstance(text, str):
             raise bad_request('Send {"text": "your message"}.', param="text")
-        updates = self.service.respond(key, AUTHOR, text, adapter=ADAPTER)
+        # The conversation id is the browser's own: it identifies the person for "forget me".
+        updates = self.service.respond(key, AUTHOR, text, adapter=ADAPTER, author_id=key.scope)
         try:
             # Refusals (empty, too long, busy, persona unavailable) come before the first update:
             # they get a proper status code and nothing is stored.
             first = await anext(updates)
         except ChatError as exc:
-            raise chat_error(exc) from None
+            raise chat_error(exc, param="text") from None
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
         })
@@ -135,6 +127,11 @@ class ChatPageRoutes:
         key = self._key(request)
         await self.service.reset(key)
         return web.json_response({"conversation": key.scope, "reset": True})
+
+    async def forget_me(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        deleted = await self.service.forget_person(ADAPTER, key.scope)
+        return web.json_response({"conversation": key.scope, "deleted": deleted})
 
     async def set_persona(self, request: web.Request) -> web.Response:
         key = self._key(request)

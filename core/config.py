@@ -7,6 +7,8 @@ the value found and what was expected. Secrets only ever come from the environme
 from __future__ import annotations
 
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,6 +100,7 @@ class DatabaseSection(Section):
 class ConversationSection(Section):
     max_turns: int = Field(40, ge=1)
     idle_minutes: float = Field(60, gt=0)
+    retention_days: float = Field(90, ge=0, description="turns older than this are deleted; 0 keeps them")
 
 
 class GeneratorSection(Section):
@@ -127,6 +130,8 @@ class WebSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_tokens_limit: int = Field(512, ge=1)
+    max_messages: int = Field(100, ge=1, description="messages in one /v1/chat/completions request")
+    max_request_kb: int = Field(1024, ge=1, description="largest request body, in KiB")
 
     @property
     def loopback_only(self) -> bool:
@@ -153,6 +158,22 @@ class DiscordSection(Section):
     stream_edit_interval_s: float = Field(1.0, ge=0)
     rate_limit_per_minute: int = Field(6, ge=0)
     shard_count: int | None = Field(None, ge=1)
+    shard_ids: list[int] | None = Field(None, min_length=1, description="the shards this process runs")
+
+    @field_validator("shard_ids")
+    @classmethod
+    def _shards_of_the_count(cls, shard_ids: list[int] | None, info) -> list[int] | None:
+        if shard_ids is None:
+            return None
+        count = info.data.get("shard_count")
+        if count is None:
+            raise ValueError("shard_ids needs shard_count (the number of shards across every process)")
+        outside = [i for i in shard_ids if not 0 <= i < count]
+        if outside:
+            raise ValueError(f"shard ids from 0 to {count - 1} (shard_count is {count}); not {outside}")
+        if len(set(shard_ids)) != len(shard_ids):
+            raise ValueError("each shard id once")
+        return shard_ids
 
 
 class SlackSection(Section):
@@ -165,6 +186,8 @@ class SlackSection(Section):
     slash_command: str = "/ttt"
     allowed_channels: list[str] = Field(default_factory=list)
     allowed_users: list[str] = Field(default_factory=list)
+    persona_switch: Literal["everyone", "admins", "users"] = "everyone"
+    persona_switch_users: list[str] = Field(default_factory=list)
     thread_followups: bool = True
     stream_edit_interval_s: float = Field(1.0, ge=0)
     rate_limit_per_minute: int = Field(6, ge=0)
@@ -268,6 +291,20 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
     return Settings(config, Secrets(environ), source)
 
 
+def check_can_serve(settings: Settings) -> None:
+    """Raise ConfigError unless the config can answer messages (serve, chat): it needs its default persona.
+
+    Training commands need no personas, so `load_settings` alone does not insist.
+    """
+    config = settings.config
+    if config.service.default_persona not in config.personas:
+        where = str(settings.source) if settings.source else "config"
+        raise ConfigError(
+            f"{where}: service.default_persona: got {config.service.default_persona!r}; expected one of the "
+            "personas, but no `personas:` section is configured (the shipped config.yaml has examples)"
+        )
+
+
 def _default_config_path() -> Path | None:
     local = Path("config.yaml")
     if local.is_file():
@@ -292,10 +329,58 @@ def _apply_env_overrides(raw: dict[str, Any], environ: dict[str, str]) -> None:
             if not isinstance(child, dict):
                 child = node[part] = {}
             node = child
-        try:
-            node[path[-1]] = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError:
-            node[path[-1]] = value
+        node[path[-1]] = _env_value(value, _annotation_at(path))
+
+
+def _annotation_at(path: list[str]) -> Any:
+    """The type the schema expects at a key path (None where the path is not in it)."""
+    annotation: Any = Config
+    for part in path:
+        annotation = _without_none(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return None
+    return annotation
+
+
+def _env_value(value: str, annotation: Any) -> Any:
+    """An override as the schema wants it: lists and mappings are parsed from YAML's flow style;
+    scalars stay text for pydantic to convert by the field's type, so an enum's `off` or a string's
+    `123` is never turned into a bool or a number. Empty means null where null is allowed."""
+    if value == "":
+        return None if _allows_none(annotation) else value
+    target = _without_none(annotation)
+    container = typing.get_origin(target) in (list, dict) or (
+        isinstance(target, type) and issubclass(target, BaseModel)
+    )
+    if not container:
+        return value
+    try:
+        # BaseLoader keeps every scalar as text: pydantic then converts each item by its own type.
+        return yaml.load(value, Loader=yaml.BaseLoader)
+    except yaml.YAMLError:
+        return value
+
+
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _allows_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in _union_args(annotation)
+
+
+def _without_none(annotation: Any) -> Any:
+    args = [arg for arg in _union_args(annotation) if arg is not type(None)]
+    return args[0] if len(args) == 1 else annotation
 
 
 def _describe(exc: ValidationError, where: str) -> str:

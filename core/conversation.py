@@ -1,32 +1,55 @@
 """Conversations: keys, turns and where they are kept (SQLite by default).
 
-The store interface is small on purpose so that a server store (Redis, Postgres) can stand in
-for multi-process deployments.
+Everything a conversation needs beyond one process's memory goes through the store interface:
+turns, the chosen persona, event dedupe (`claim`), rate-limit counters (`count_event`) and
+per-conversation ordering (`lock`), so that a server store (PostgreSQL) can stand in for
+several replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Hashable, Literal, Protocol, Sequence
+from typing import AsyncContextManager, Hashable, Literal, Protocol, Sequence
+
+from core.ratelimit import RateLimiter
 
 Role = Literal["user", "bot"]
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now (a server store lost its database); try again later."""
+
+
+class StoreUnusable(Exception):
+    """The database cannot be used at all (unwritable, not a database, damaged); the message names its path."""
+
+
 @dataclass(frozen=True)
 class ConversationKey:
-    """Where a conversation lives: a platform and a scope in it (channel, thread, DM, session)."""
+    """Where a conversation lives: a platform and a scope in it (channel, thread, DM, session).
+
+    `parent` is the enclosing scope whose settings it inherits (a thread's channel); it is not part
+    of the conversation's identity.
+    """
 
     platform: str
     scope: str
+    parent: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.platform}:{self.scope}"
+
+    @property
+    def parent_key(self) -> "ConversationKey | None":
+        return ConversationKey(self.platform, self.parent) if self.parent else None
 
     @classmethod
     def parse(cls, text: str) -> "ConversationKey":
@@ -41,6 +64,7 @@ class Turn:
     text: str
     time: float = field(default_factory=time.time)
     persona: str | None = None
+    author_id: str | None = None  # the platform's id of a user turn's author ("forget me" finds it)
 
 
 class ConversationStore(Protocol):
@@ -58,6 +82,24 @@ class ConversationStore(Protocol):
 
     async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
         """Choose the conversation's persona (None: back to the default)."""
+
+    async def forget_author(self, platform: str, author_id: str) -> int:
+        """Delete every turn this person wrote on this platform, in every conversation, and the
+        bot's replies to them; the number of turns deleted."""
+
+    async def delete_before(self, cutoff: float) -> int:
+        """Delete turns older than `cutoff` (a UNIX time); the number deleted."""
+
+    async def claim(self, namespace: str, ident: str, ttl_s: float) -> bool:
+        """Insert-if-absent with an expiry: True for the first claim of (namespace, ident) within
+        `ttl_s`, False for every later one (event dedupe, once-per-window notices)."""
+
+    async def count_event(self, namespace: str, ident: str, limit: int, window_s: float) -> float:
+        """Rate limiting: count an event and return 0 when fewer than `limit` were counted in the
+        last `window_s`; else count nothing and return the seconds until one would be allowed."""
+
+    def lock(self, key: ConversationKey) -> AsyncContextManager[None]:
+        """Hold the conversation: one reply at a time, in the order callers asked."""
 
     async def close(self) -> None:
         """Flush and release."""
@@ -81,34 +123,71 @@ _MIGRATIONS = [
     );
     CREATE INDEX turns_by_conversation ON turns (conversation, id);
     """,
+    """
+    ALTER TABLE turns ADD COLUMN author_id TEXT;
+    ALTER TABLE turns ADD COLUMN exchange TEXT;
+    CREATE INDEX turns_by_author ON turns (author_id) WHERE author_id IS NOT NULL;
+    CREATE INDEX turns_by_time ON turns (time);
+    CREATE TABLE claims (
+        namespace TEXT NOT NULL,
+        ident TEXT NOT NULL,
+        expires REAL NOT NULL,
+        PRIMARY KEY (namespace, ident)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class SQLiteStore:
-    """ConversationStore on one SQLite file (WAL), used from one dedicated thread."""
+    """ConversationStore on one SQLite file (WAL), used from one dedicated thread.
+
+    One process owns the file, so ordering locks and rate-limit counters live in its memory;
+    claims are in the file, so a restarted process still knows what it answered.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
+        self._locks = KeyedLocks()
+        self._limiters: dict[tuple[str, int, float], RateLimiter] = {}
 
     async def open(self) -> "SQLiteStore":
-        await self._run(self._open)
+        """Open (creating or migrating) the database; raises StoreUnusable saying what is wrong with it."""
+        try:
+            await self._run(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
         return self
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path} has schema version {version}, newer than this release knows ({SCHEMA_VERSION})"
-            )
-        for number in range(version, SCHEMA_VERSION):
-            db.executescript("BEGIN;" + _MIGRATIONS[number] + f"PRAGMA user_version={number + 1}; COMMIT;")
+        problem = _unusable_parent(self.path)
+        if problem:
+            raise StoreUnusable(f"database {self.path}: {problem}")
+        db = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreUnusable(
+                    f"database {self.path} has schema version {version}, newer than this release knows "
+                    f"({SCHEMA_VERSION})"
+                )
+            _check_integrity(db, self.path)
+            for number in range(version, SCHEMA_VERSION):
+                db.executescript("BEGIN;" + _MIGRATIONS[number] + f"PRAGMA user_version={number + 1}; COMMIT;")
+        except (sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.close()
+            raise StoreUnusable(f"database {self.path}: {_explain(exc)}") from None
+        except StoreUnusable:
+            db.close()
+            raise
         self._db = db
 
     async def _run(self, fn, *args):
@@ -117,7 +196,7 @@ class SQLiteStore:
     async def recent_turns(self, key: ConversationKey, limit: int) -> list[Turn]:
         def query() -> list[Turn]:
             rows = self._db.execute(
-                "SELECT role, author, text, time, persona FROM turns WHERE conversation = ? "
+                "SELECT role, author, text, time, persona, author_id FROM turns WHERE conversation = ? "
                 "ORDER BY id DESC LIMIT ?",
                 (str(key), limit),
             ).fetchall()
@@ -126,15 +205,58 @@ class SQLiteStore:
         return await self._run(query)
 
     async def add_turns(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
+        exchange = uuid.uuid4().hex  # the turns of one call answer each other: "forget me" deletes them together
+
         def write() -> None:
             with self._transaction():
                 self._touch(key, turns[-1].time if turns else time.time())
                 self._db.executemany(
-                    "INSERT INTO turns (conversation, role, author, text, time, persona) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(str(key), t.role, t.author, t.text, t.time, t.persona) for t in turns],
+                    "INSERT INTO turns (conversation, role, author, text, time, persona, author_id, exchange) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(str(key), t.role, t.author, t.text, t.time, t.persona, t.author_id, exchange) for t in turns],
                 )
 
         await self._run(write)
+
+    async def forget_author(self, platform: str, author_id: str) -> int:
+        scope = (f"{platform}:", f"{platform};")  # every key "platform:..." sorts in [platform:, platform;)
+
+        def write() -> int:
+            with self._transaction():
+                return self._db.execute(
+                    "DELETE FROM turns WHERE exchange IN (SELECT exchange FROM turns WHERE author_id = ? "
+                    "AND conversation >= ? AND conversation < ?)",
+                    (author_id, *scope),
+                ).rowcount
+
+        return await self._run(write)
+
+    async def delete_before(self, cutoff: float) -> int:
+        def write() -> int:
+            with self._transaction():
+                return self._db.execute("DELETE FROM turns WHERE time < ?", (cutoff,)).rowcount
+
+        return await self._run(write)
+
+    async def claim(self, namespace: str, ident: str, ttl_s: float) -> bool:
+        def write() -> bool:
+            now = time.time()
+            with self._transaction():
+                self._db.execute("DELETE FROM claims WHERE expires < ?", (now,))
+                inserted = self._db.execute(
+                    "INSERT OR IGNORE INTO claims (namespace, ident, expires) VALUES (?, ?, ?)",
+                    (namespace, ident, now + ttl_s),
+                ).rowcount
+            return inserted == 1
+
+        return await self._run(write)
+
+    async def count_event(self, namespace: str, ident: str, limit: int, window_s: float) -> float:
+        limiter = self._limiters.setdefault((namespace, limit, window_s), RateLimiter(limit, window_s))
+        return limiter.check(ident)
+
+    def lock(self, key: ConversationKey) -> AsyncContextManager[None]:
+        return self._locks.hold(key)
 
     async def reset(self, key: ConversationKey) -> None:
         def write() -> None:
@@ -184,6 +306,68 @@ class SQLiteStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def check_sqlite(path: Path) -> str | None:
+    """What would stop SQLiteStore from opening `path`, without creating or changing anything; None if nothing."""
+    path = Path(path)
+    problem = _unusable_parent(path)
+    if problem is None:
+        directory = next(parent for parent in path.parents if parent.exists())
+        try:
+            with _probe(directory):
+                pass
+        except OSError as exc:
+            problem = f"{directory} is not writable ({exc.strerror})"
+    if problem is None and path.exists():
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                db.execute("PRAGMA user_version").fetchone()
+                _check_integrity(db, path)
+            finally:
+                db.close()
+        except StoreUnusable as exc:
+            return str(exc)
+        except sqlite3.Error as exc:
+            problem = _explain(exc)
+    return f"database {path}: {problem}" if problem else None
+
+
+def _unusable_parent(path: Path) -> str | None:
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a directory"
+    return None
+
+
+@contextmanager
+def _probe(directory: Path):
+    """Create and delete a file in `directory`: the one test of writability that also holds for root."""
+    with tempfile.TemporaryFile(dir=directory):
+        yield
+
+
+def _check_integrity(db: sqlite3.Connection, path: Path) -> None:
+    result = [" ".join(row[0].split()) for row in db.execute("PRAGMA quick_check(1)")]
+    if result != ["ok"]:
+        raise StoreUnusable(
+            f"database {path} is damaged ({'; '.join(result)}): restore it from a backup, or move it away "
+            "to start afresh"
+        )
+
+
+def _explain(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or text} ({exc.filename or 'its directory'})"
+    if "unable to open" in text or "readonly" in text:
+        return f"cannot open or write it: is its directory writable? ({text})"
+    if "not a database" in text:
+        return f"not an SQLite database (garbage or truncated?): move it away to start afresh ({text})"
+    if "malformed" in text:
+        return f"damaged ({text}): restore it from a backup, or move it away to start afresh"
+    return text
 
 
 def current_session(turns: Sequence[Turn], idle_seconds: float, now: float | None = None) -> list[Turn]:

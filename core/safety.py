@@ -69,3 +69,59 @@ def degeneracy(reply: str, user_text: str) -> str | None:
             if most * n >= 0.6 * len(words) and most >= 4:
                 return "loop"
     return None
+
+
+_SENTENCE_END = re.compile(r"[.!?…]['\")\]*]*(?:\s|$)|\n")
+_PARTIAL_WORD = re.compile(r"[\w'’-]+$")
+_TRAILING_AT = re.compile(r"@\w*$")
+WORDS_PER_SCREEN = 16
+
+
+class StreamScreen:
+    """What of a reply being generated may be shown, and when it has to be screened first.
+
+    Anything that could still turn into a ping ("<@12", "@every") is held back. With `screening`
+    on, so is a trailing partial word ("Dick" may yet become "Dickens", "ass" become "assess"), and
+    shown text is screened first, at most once per sentence (or per WORDS_PER_SCREEN words of a
+    sentence that runs on); the whole reply is screened once more at the end.
+    """
+
+    def __init__(self, screening: bool = True) -> None:
+        self.screening = screening
+        self.raw = ""
+        self.shown = ""
+        self.checkpoint = False  # whether the text feed returned ends a sentence (or a long run of words)
+        self._checked = ""
+
+    def feed(self, piece: str) -> str | None:
+        """Add raw text; returns the text that may be shown next (after screening it, when
+        screening is on), or None while nothing new is due."""
+        self.raw += piece
+        ready = self._showable()
+        if len(ready) <= len(self.shown):
+            return None
+        fresh = ready[len(self._checked):] if ready.startswith(self._checked) else ready
+        self.checkpoint = bool(_SENTENCE_END.search(fresh)) or len(fresh.split()) >= WORDS_PER_SCREEN
+        if self.checkpoint:
+            self._checked = ready
+        return ready if self.checkpoint or not self.screening else None
+
+    def show(self, text: str) -> None:
+        """Record that `text` (from feed) passed the screen and is shown."""
+        self.shown = text
+
+    @property
+    def text(self) -> str:
+        """The whole reply as it would be shown, once generation has ended."""
+        return neutralize_mentions(self.raw).strip()
+
+    def _showable(self) -> str:
+        end = len(self.raw)
+        last_open = self.raw.rfind("<")
+        if last_open >= 0 and ">" not in self.raw[last_open:]:
+            end = last_open
+        for pattern in (_TRAILING_AT, _PARTIAL_WORD) if self.screening else (_TRAILING_AT,):
+            held = pattern.search(self.raw, 0, end)
+            if held:
+                end = held.start()
+        return neutralize_mentions(self.raw[:end]).strip()

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from core.config import Config, Decoding
-from core.conversation import ConversationKey, ConversationStore, KeyedLocks, Turn, current_session
+from core.conversation import ConversationKey, ConversationStore, StoreUnavailable, Turn, current_session
 from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
-from core.safety import degeneracy, is_offensive, neutralize_mentions
+from core.prompts import PromptTooLong, SystemPromptTooLong
+from core.replies import ReplyUpdate, screened_reply
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,23 @@ class ChatError(Exception):
 
 
 class Busy(ChatError):
+    """The generator cannot take or finish this in time: try again in a moment (HTTP: 503)."""
+
     outcome = "busy"
+
+
+class TimedOut(Busy):
+    """The reply ran past its deadline, which under load means the same as busy."""
+
+    outcome = "timeout"
 
 
 class InputRejected(ChatError):
     outcome = "rejected"
+
+
+class TooLong(InputRejected):
+    """The message (or a system prompt) does not fit the persona's context."""
 
 
 class PersonaError(ChatError):
@@ -48,26 +61,32 @@ class ReplyFailed(ChatError):
     outcome = "error"
 
 
+class MemoryUnavailable(ChatError):
+    outcome = "store"
+
+
+MEMORY_UNAVAILABLE = "I can't reach my memory right now; please try again in a moment."
+BUSY = "I'm busy with a lot of conversations right now; try again in a moment."
+
+
 @dataclass(frozen=True)
-class ReplyUpdate:
-    """The reply so far (safe to show); `final` once it is stored."""
+class RateDecision:
+    """Whether a person may send another message now; when not, whether to tell them (once a window)."""
 
-    text: str
-    final: bool = False
+    wait_s: float
+    notify: bool = False
 
-
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    persona: str
-    stats: GenerationStats
+    @property
+    def allowed(self) -> bool:
+        return self.wait_s <= 0
 
 
 HELP = (
     "Talk to me by mentioning me or messaging me directly. Commands: "
     "`reset` (forget this conversation), `persona NAME` (switch personality), "
-    "`personas` (list them), `help` (this text)."
+    "`personas` (list them), `forget-me` (delete everything you wrote to me), `help` (this text)."
 )
+FORGET_ME = "forget-me"
 
 
 class ChatService:
@@ -76,70 +95,125 @@ class ChatService:
         self.store = store
         self.personas = personas
         self.metrics = metrics
-        self._locks = KeyedLocks()
 
     # ---- replies ---------------------------------------------------------------------------
 
     def respond(
-        self, key: ConversationKey, author: str, text: str, *, adapter: str, persona: str | None = None
+        self, key: ConversationKey, author: str, text: str, *, adapter: str, author_id: str | None = None,
+        persona: str | None = None,
     ) -> AsyncIterator[ReplyUpdate]:
-        """Reply updates for one message; raises ChatError subclasses with a user-facing message."""
-        return self._respond(key, author, text, adapter, persona)
+        """Reply updates for one message; raises ChatError subclasses with a user-facing message.
+
+        `author` is the name the model reads; `author_id` the platform's id of that person, stored
+        with their turn so that "forget me" can find it.
+        """
+        return self._respond(key, author, author_id, text, adapter, persona)
 
     async def reply(
-        self, key: ConversationKey, author: str, text: str, *, adapter: str, persona: str | None = None
+        self, key: ConversationKey, author: str, text: str, *, adapter: str, author_id: str | None = None,
+        persona: str | None = None,
     ) -> str:
         """The final reply text, once stored."""
         final = ""
-        async for update in self.respond(key, author, text, adapter=adapter, persona=persona):
+        async for update in self.respond(key, author, text, adapter=adapter, author_id=author_id, persona=persona):
             final = update.text
         return final
 
-    async def _respond(self, key, author, text, adapter, persona_name) -> AsyncIterator[ReplyUpdate]:
+    async def _respond(self, key, author, author_id, text, adapter, persona_name) -> AsyncIterator[ReplyUpdate]:
         started = time.monotonic()
         label = persona_name or "?"
         try:
-            text = self._validate(text)
-            async with self._locks.hold(key):
+            text = self.validate(text)
+            async with self.store.lock(key):
                 persona = await self.persona_for(key, persona_name)
                 label = persona.name
-                reply = None
-                async for update in self._generate(key, author, text, persona):
-                    if isinstance(update, Reply):
-                        reply = update
+                cfg = self.config.conversation
+                history = current_session(
+                    await self.store.recent_turns(key, cfg.max_turns), cfg.idle_minutes * 60
+                )
+                final = None
+                async for update in self._screened(persona, history + [Turn("user", author, text)], key=key):
+                    if update.final:
+                        final = update
                     else:
                         yield update
                 await self.store.add_turns(
                     key,
                     [
-                        Turn("user", author, text, persona=persona.name),
-                        Turn("bot", persona.name, reply.text, persona=persona.name),
+                        Turn("user", author, text, persona=persona.name, author_id=author_id),
+                        Turn("bot", persona.name, final.text, persona=persona.name),
                     ],
                 )
+        except StoreUnavailable as exc:
+            # Nothing unstored is ever shown: without the store there is no final reply.
+            log.warning("no reply key=%s: the store is unavailable: %s", key, exc)
+            self.metrics.requests.labels(adapter, label, MemoryUnavailable.outcome).inc()
+            raise MemoryUnavailable(MEMORY_UNAVAILABLE) from None
         except ChatError as exc:
-            self.metrics.requests.labels(adapter, label, exc.outcome).inc()
-            log.info("no reply key=%s persona=%s outcome=%s", key, label, exc.outcome)
+            self.record_refusal(adapter, label, exc.outcome, key=key)
             raise
+        self._record_reply(adapter, label, key, started, final)
+        yield final
+
+    def complete(
+        self, persona: Persona, turns: list[Turn], *, adapter: str, system_prompt: str | None = None,
+        decoding: Decoding | None = None, retractable: bool = True,
+    ) -> AsyncIterator[ReplyUpdate]:
+        """A reply to `turns` that nothing stores (a stateless API), screened, counted and logged like
+        every reply; raises ChatError subclasses. `retractable` is False for a reader that cannot
+        take shown text back (a stream): a reply that fails the screen after part of it was shown
+        then ends there, `cut`, instead of being replaced."""
+        return self._complete(persona, turns, adapter, system_prompt, decoding, retractable)
+
+    async def _complete(self, persona, turns, adapter, system_prompt, decoding, retractable):
+        started = time.monotonic()
+        key = f"{adapter}:-"
+        finished = False
+        try:
+            async for update in self._screened(persona, turns, key=key, system_prompt=system_prompt,
+                                               decoding=decoding, retractable=retractable):
+                if update.final:
+                    self._record_reply(adapter, persona.name, key, started, update)
+                    finished = True
+                yield update
+        except ChatError as exc:
+            self.record_refusal(adapter, persona.name, exc.outcome, key=key)
+            raise
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:  # the reader went away
+                self.record_refusal(adapter, persona.name, "cancelled", key=key)
+            raise
+
+    def record_refusal(self, adapter: str, persona: str, outcome: str, *, key: object = "-") -> None:
+        """Count and log a request that got no reply (adapters call it for refusals of their own)."""
+        self.metrics.requests.labels(adapter, persona, outcome).inc()
+        log.info("no reply key=%s persona=%s outcome=%s", key, persona, outcome)
+
+    def _record_reply(self, adapter: str, persona: str, key: object, started: float, final: ReplyUpdate) -> None:
         latency = time.monotonic() - started
-        stats = reply.stats
-        self.metrics.requests.labels(adapter, label, "ok").inc()
-        self.metrics.reply_latency.labels(adapter, label).observe(latency)
+        stats = final.stats
+        self.metrics.requests.labels(adapter, persona, "cut" if final.cut else "ok").inc()
+        self.metrics.reply_latency.labels(adapter, persona).observe(latency)
         if stats.total_s > 0 and stats.new_tokens:
-            self.metrics.tokens_per_second.labels(label).set(stats.new_tokens / stats.total_s)
+            self.metrics.tokens_per_second.labels(persona).set(stats.new_tokens / stats.total_s)
         log.info(
             "reply key=%s persona=%s queue_wait=%.3fs latency=%.2fs tokens=%d",
-            key, label, stats.queue_wait_s, latency, stats.new_tokens,
+            key, persona, stats.queue_wait_s, latency, stats.new_tokens,
         )
-        log.debug("reply key=%s text=%r", key, reply.text)
-        yield ReplyUpdate(reply.text, final=True)
+        log.debug("reply key=%s text=%r", key, final.text)
 
-    def _validate(self, text: str) -> str:
+    def validate(self, text: str) -> str:
+        """The message as the service takes it (stripped); raises InputRejected (nothing counted or stored)."""
         text = (text or "").strip()
         if not text:
             raise InputRejected("I didn't catch any words there. Say something after the mention!")
         limit = self.config.service.max_input_chars
         if len(text) > limit:
             raise InputRejected(f"That message is a bit long for me: please keep it under {limit} characters.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: JSON "\ud800", or undecodable bytes read from a terminal
+            raise InputRejected("That message holds something that is not text I can read.") from None
         return text
 
     async def generate(
@@ -157,79 +231,60 @@ class ChatService:
         decoding = decoding or persona.config.decoding
         system = persona.config.system_prompt if system_prompt is None else system_prompt
         budget = max(16, persona.config.max_context_tokens - decoding.max_new_tokens)
-        prompt = await asyncio.to_thread(engine.prepare, persona.config.format, turns, system, budget)
+        try:
+            prompt = await asyncio.to_thread(engine.prepare, persona.config.format, turns, system, budget)
+        except SystemPromptTooLong as exc:
+            if system_prompt is None:  # the persona's own: the operator's to fix, not the user's
+                log.error("persona %s cannot reply: %s", persona.name, exc)
+                raise PersonaError(f"Persona {persona.name!r} is misconfigured: {exc} (in config.yaml).") from None
+            raise TooLong(f"That is too long for {persona.name}: {exc}.") from None
+        except PromptTooLong as exc:
+            raise TooLong(f"That is too long for {persona.name}: {exc}.") from None
         try:
             return engine.submit(
                 prompt, decoding, timeout=self.config.generator.request_timeout_s, adapter=persona.config.adapter
             )
         except GeneratorBusy:
-            raise Busy("I'm busy with a lot of conversations right now; try again in a moment.") from None
+            raise Busy(BUSY) from None
         except GenerationFailed as exc:
             log.warning("request rejected by the generator persona=%s: %s", persona.name, exc)
             raise ReplyFailed("Sorry, I couldn't come up with a reply to that.") from None
 
-    async def _generate(self, key, author, text, persona: Persona):
-        cfg = self.config
-        history = current_session(
-            await self.store.recent_turns(key, cfg.conversation.max_turns), cfg.conversation.idle_minutes * 60
-        )
-        turns = history + [Turn("user", author, text)]
-        decoding = persona.config.decoding
-        for attempt in range(2):
-            generation = await self.generate(persona, turns, decoding=decoding)
-            raw = ""
-            problem = None
-            try:
-                async for piece in generation:
-                    raw += piece
-                    shown = neutralize_mentions(raw).strip()
-                    if not shown:
-                        continue
-                    # Partial text is screened too: users must never see what the final check would reject.
-                    if await self._offensive(shown):
-                        problem = "offensive"
-                        generation.cancel()
-                        break
-                    yield ReplyUpdate(shown)
-            except GenerationTimeout:
-                log.warning("generation timed out key=%s persona=%s", key, persona.name)
-                raise ReplyFailed("Sorry, that took me too long. Please try again.") from None
-            except GenerationFailed:
-                log.exception("generation failed key=%s persona=%s", key, persona.name)
-                raise ReplyFailed("Sorry, something went wrong while I was thinking. Please try again.") from None
-            problem = problem or await self._problem(raw, text)
-            if problem is None:
-                yield Reply(neutralize_mentions(raw).strip(), persona.name, generation.stats)
-                return
-            log.info("discarding a %s reply key=%s persona=%s (attempt %d)", problem, key, persona.name, attempt + 1)
-            if problem == "offensive" and cfg.safety.on_offensive == "fallback":
-                break
-            decoding = decoding.model_copy(
-                update={"do_sample": True, "seed": None if decoding.seed is None else decoding.seed + 1}
-            )
-        yield Reply(cfg.safety.fallback_reply, persona.name, generation.stats)
+    async def _screened(
+        self, persona: Persona, turns: list[Turn], *, key: object, system_prompt: str | None = None,
+        decoding: Decoding | None = None, retractable: bool = True,
+    ) -> AsyncIterator[ReplyUpdate]:
+        async def generate(decoding: Decoding) -> Generation:
+            return await self.generate(persona, turns, system_prompt=system_prompt, decoding=decoding)
 
-    async def _problem(self, reply: str, user_text: str) -> str | None:
-        return degeneracy(reply, user_text) or ("offensive" if await self._offensive(reply) else None)
-
-    async def _offensive(self, text: str) -> bool:
-        safety = self.config.safety
-        if safety.on_offensive == "allow":
-            return False
-        return (await asyncio.to_thread(is_offensive, [text], safety.offensive_threshold))[0]
+        replies = screened_reply(generate, self.config.safety, turns[-1].text, decoding or persona.config.decoding,
+                                 retractable=retractable, label=f"key={key} persona={persona.name}")
+        try:
+            async for update in replies:
+                yield update
+        except GenerationTimeout:
+            log.warning("generation timed out key=%s persona=%s", key, persona.name)
+            raise TimedOut(BUSY) from None
+        except GenerationFailed:
+            log.exception("generation failed key=%s persona=%s", key, persona.name)
+            raise ReplyFailed("Sorry, something went wrong while I was thinking. Please try again.") from None
+        finally:
+            await replies.aclose()
 
     # ---- shared commands -------------------------------------------------------------------
 
     async def persona_for(self, key: ConversationKey, override: str | None = None) -> Persona:
-        """`override` if given (it must exist), else the conversation's chosen persona, else the default."""
+        """`override` if given (it must exist), else the persona chosen for the conversation, else the
+        one chosen for its parent scope (a thread inherits its channel's), else the default."""
         if override is not None:
             try:
                 return self.personas.get(override)
             except UnknownPersona as exc:
                 raise PersonaError(str(exc)) from None
-        chosen = await self.store.persona(key)
-        if chosen in self.personas.personas:
-            return self.personas.get(chosen)
+        for scope in (key, key.parent_key):
+            chosen = await self.store.persona(scope) if scope is not None else None
+            if chosen in self.personas.personas:
+                return self.personas.get(chosen)
         return self.personas.get(self.personas.default)
 
     async def set_persona(self, key: ConversationKey, name: str) -> Persona:
@@ -243,16 +298,55 @@ class ChatService:
         return persona
 
     async def reset(self, key: ConversationKey) -> None:
-        async with self._locks.hold(key):
+        async with self.store.lock(key):
             await self.store.reset(key)
+
+    async def check_rate(self, platform: str, author_id: str, per_minute: int) -> RateDecision:
+        """Count a message from this person (0 = no limit); when over the limit, `notify` is True only
+        for the first refusal in the window, so a flood gets one notice, not one per message."""
+        if per_minute <= 0:
+            return RateDecision(0.0)
+        wait = await self.store.count_event(f"rate:{platform}", author_id, per_minute, 60.0)
+        if wait <= 0:
+            return RateDecision(0.0)
+        notify = await self.store.claim(f"rate-notice:{platform}", author_id, wait)
+        return RateDecision(wait, notify)
+
+    async def forget_person(self, platform: str, author_id: str) -> int:
+        """Delete everything this person wrote on this platform (and the replies to it); turns deleted."""
+        deleted = await self.store.forget_author(platform, author_id)
+        log.info("forgot a person on %s: %d turn(s) deleted", platform, deleted)
+        return deleted
+
+    async def delete_expired(self) -> int:
+        """Delete turns older than `conversation.retention_days` (0 keeps them); turns deleted."""
+        days = self.config.conversation.retention_days
+        if not days:
+            return 0
+        deleted = await self.store.delete_before(time.time() - days * 86400)
+        if deleted:
+            log.info("retention: deleted %d turn(s) older than %g day(s)", deleted, days)
+        return deleted
 
     def persona_list(self) -> list[Persona]:
         return list(self.personas.personas.values())
 
-    async def command(self, key: ConversationKey, command: str, argument: str = "") -> str:
-        """Run a shared command (reset, persona, personas, help) and say what happened."""
+    async def command(
+        self, key: ConversationKey, command: str, argument: str = "", *, help_text: str | None = None,
+        author_id: str | None = None,
+    ) -> str:
+        """Run a shared command (reset, persona, personas, forget-me, help) and say what happened.
+
+        `help_text` is the calling platform's own help (naming its real commands); `author_id`
+        is who asked (needed by forget-me).
+        """
         command = command.strip().lower().lstrip("/!")
         argument = argument.strip()
+        if command == FORGET_ME:
+            if not author_id:
+                return "I can't tell who you are here, so there is nothing of yours I could forget."
+            deleted = await self.forget_person(key.platform, author_id)
+            return f"Done: I've deleted everything you wrote to me here ({deleted} message(s), with my replies)."
         if command == "reset":
             await self.reset(key)
             return "Done: I've forgotten this conversation. Fresh start!"
@@ -272,7 +366,7 @@ class ChatService:
                 for p in self.persona_list()
             ]
             return "Personas:\n" + "\n".join(lines)
-        return HELP
+        return help_text or HELP
 
     async def close(self) -> None:
         await self.personas.close()

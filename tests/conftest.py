@@ -26,8 +26,11 @@ from tiny import train_word_model  # noqa: E402
 
 
 def _cached_model(fmt: str) -> Path:
-    """Train once per version of tests/tiny.py; later test runs on this machine reuse the result."""
-    source = (Path(__file__).parent / "tiny.py").read_bytes() + torch.__version__.encode()
+    """Train once per version of tests/tiny.py and core/prompts.py (its labels); later test runs on this
+    machine reuse the result."""
+    here = Path(__file__).parent
+    source = (here / "tiny.py").read_bytes() + (here.parent / "core" / "prompts.py").read_bytes()
+    source += torch.__version__.encode()
     digest = hashlib.sha256(source + fmt.encode()).hexdigest()[:12]
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "talk-to-transformers" / "test-models"
     target = root / f"words-{fmt}-{digest}"

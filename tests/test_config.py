@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import typing
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import ConfigError, Secrets, load_settings
+from pydantic import BaseModel
+
+from core.config import Config, ConfigError, Endpoint, Secrets, _without_none, check_can_serve, load_settings
 from core.logs import RedactingFormatter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,3 +135,91 @@ def test_ttt_check_reports_and_never_prints_secrets(tmp_path):
     )
     assert run.returncode == 2
     assert "web.port" in run.stderr and "Traceback" not in run.stderr and TOKEN not in run.stderr
+
+
+# ---- every key through its TTT_* override, generated from the schema ----------------------------
+
+BASE = {
+    "service": {"default_persona": "p"},
+    "personas": {"p": {"model": "some/hub-id", "format": "dialogpt"},
+                 "e": {"model": "served", "endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}}},
+}
+TRICKY_TEXT = ["off", "123", "yes", "p"]  # YAML would read the first three as a bool, a number, a bool
+
+
+def _leaves(model: type[BaseModel], path: tuple[str, ...]):
+    """(key path, annotation, default) of every scalar or list setting under `model`."""
+    for name, field in model.model_fields.items():
+        here = path + (name,)
+        inner = _without_none(field.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            # An endpoint is tried on the persona that has one; everything else on the plain one.
+            yield from _leaves(inner, here[:-2] + ("e", name) if inner is Endpoint else here)
+        elif typing.get_origin(inner) is dict:
+            yield from _leaves(typing.get_args(inner)[1], here + ("p",))
+        else:
+            yield here, field.annotation, field.get_default(call_default_factory=True)
+
+
+def _candidates(annotation, default) -> list[tuple[str, object]]:
+    """(text for the environment, the value it means) for values of this type."""
+    inner = _without_none(annotation)
+    pairs: list[tuple[str, object]] = [("", None)] if type(None) in typing.get_args(annotation) else []
+    if typing.get_origin(inner) is typing.Literal:
+        return pairs + [(value, value) for value in typing.get_args(inner)]
+    if inner is bool:
+        return pairs + [("on", True), ("off", False), ("yes", True), ("no", False), ("true", True), ("false", False)]
+    if inner in (int, float):
+        numbers = [(default or 0) + 1, 2, 3, 1, (default or 0) * 0.5, 0]
+        return pairs + [(str(inner(n)), inner(n)) for n in numbers if inner(n) == n and n != default]
+    if inner in (str, Path):
+        return pairs + [(text, text) for text in TRICKY_TEXT]
+    if typing.get_origin(inner) is list:
+        items = [1, 2] if typing.get_args(inner)[0] is int else ["C1", "off"]
+        return pairs + [("[" + ", ".join(map(str, items)) + "]", items)]
+    raise AssertionError(f"no test values for {annotation}")
+
+
+def _with(data: dict, path: tuple[str, ...], value) -> dict:
+    data = copy.deepcopy(data)
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    return data
+
+
+@pytest.mark.timeout(60)
+def test_every_setting_works_through_its_environment_override(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = write(tmp_path, BASE)
+    (tmp_path / "ref").mkdir()
+    checked = []
+    for path, annotation, default in _leaves(Config, ()):
+        accepted = 0
+        for text, value in _candidates(annotation, default):
+            try:  # the same value written in config.yaml is the reference
+                expected = load_settings(write(tmp_path / "ref", _with(BASE, path, value)), environ={}).config
+            except ConfigError:
+                continue  # not a valid value for this key (out of range, unknown persona, ...)
+            name = "TTT_" + "__".join(part.upper() for part in path)
+            got = load_settings(base, environ={name: text}).config
+            assert got.model_dump() == expected.model_dump(), (name, text)
+            accepted += 1
+        assert accepted, f"no value of {'.'.join(path)} could be tested"
+        checked.append(".".join(path))
+    assert {"web.enabled", "discord.persona_switch", "personas.p.decoding.stop", "personas.e.endpoint.timeout_s",
+            "discord.allowed_guilds", "database.path", "generator.device_map"} <= set(checked)
+    assert load_settings(base, environ={"TTT_WEB__ENABLED": "off"}).config.web.enabled == "off"
+    assert load_settings(base, environ={"TTT_WEB__HOST": "123"}).config.web.host == "123"
+
+
+@pytest.mark.timeout(30)
+def test_empty_config_names_the_missing_default_persona(tmp_path):
+    empty = tmp_path / "config.yaml"
+    empty.write_text("")
+    settings = load_settings(empty, environ={})  # training commands need no personas
+    with pytest.raises(ConfigError) as info:
+        check_can_serve(settings)
+    assert "service.default_persona" in str(info.value) and "'smol'" in str(info.value)
+    assert str(empty) in str(info.value)

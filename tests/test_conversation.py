@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import textwrap
 
 import pytest
 
-from core.conversation import SCHEMA_VERSION, ConversationKey, SQLiteStore, Turn, current_session
+from core.conversation import SCHEMA_VERSION, ConversationKey, SQLiteStore, StoreUnusable, Turn, current_session
 
 KEY = ConversationKey("discord", "channel:1")
 OTHER = ConversationKey("slack", "C1/1700000000.000100")
@@ -60,7 +61,7 @@ async def test_refuses_a_newer_schema(tmp_path):
     db = tmp_path / "db.sqlite3"
     with sqlite3.connect(db) as raw:
         raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
-    with pytest.raises(RuntimeError, match="newer"):
+    with pytest.raises(StoreUnusable, match="newer"):
         await SQLiteStore(db).open()
 
 
@@ -71,3 +72,87 @@ def test_idle_conversation_starts_fresh():
     assert [t.text for t in current_session(turns, idle_seconds=3600, now=5020.0)] == ["new", "new reply"]
     assert current_session(turns, idle_seconds=3600, now=9000.0) == []
     assert len(current_session(turns, idle_seconds=10_000, now=5020.0)) == 4
+
+
+@pytest.mark.timeout(30)
+async def test_forget_author_deletes_their_turns_and_the_replies_to_them_on_that_platform_only(tmp_path):
+    store = await SQLiteStore(tmp_path / "db.sqlite3").open()
+    channel = ConversationKey("discord", "10")
+    await store.add_turns(channel, [Turn("user", "alice", "secret", author_id="1"), Turn("bot", "smol", "noted")])
+    await store.add_turns(channel, [Turn("user", "bob", "hi", author_id="2"), Turn("bot", "smol", "hello bob")])
+    await store.add_turns(ConversationKey("discord", "11"), [Turn("user", "alice", "again", author_id="1")])
+    await store.add_turns(ConversationKey("slack", "C1"), [Turn("user", "alice", "slack", author_id="1")])
+    assert await store.forget_author("discord", "1") == 3
+    assert [t.text for t in await store.recent_turns(channel, 10)] == ["hi", "hello bob"]
+    assert await store.recent_turns(ConversationKey("discord", "11"), 10) == []
+    assert [t.author_id for t in await store.recent_turns(ConversationKey("slack", "C1"), 10)] == ["1"]
+    assert await store.forget_author("discord", "1") == 0
+    await store.close()
+
+
+@pytest.mark.timeout(30)
+async def test_retention_deletes_only_older_turns(tmp_path):
+    store = await SQLiteStore(tmp_path / "db.sqlite3").open()
+    await store.add_turns(KEY, [Turn("user", "a", "old", 100.0), Turn("bot", "b", "old reply", 101.0)])
+    await store.add_turns(KEY, [Turn("user", "a", "new", 500.0)])
+    assert await store.delete_before(200.0) == 2
+    assert [t.text for t in await store.recent_turns(KEY, 10)] == ["new"]
+    await store.close()
+
+
+@pytest.mark.timeout(30)
+async def test_claims_are_first_come_and_survive_a_restart_until_they_expire(tmp_path):
+    store = await SQLiteStore(tmp_path / "db.sqlite3").open()
+    assert await store.claim("slack-event", "E1", 60)
+    assert not await store.claim("slack-event", "E1", 60)
+    assert await store.claim("other", "E1", 60)  # namespaces are separate
+    assert await store.claim("short", "x", 0.0)
+    await store.close()
+    store = await SQLiteStore(tmp_path / "db.sqlite3").open()
+    assert not await store.claim("slack-event", "E1", 60)
+    assert await store.claim("short", "x", 60)  # the expired claim is gone
+    await store.close()
+
+
+@pytest.mark.timeout(30)
+async def test_count_event_allows_the_limit_then_says_how_long_to_wait(tmp_path):
+    store = await SQLiteStore(tmp_path / "db.sqlite3").open()
+    assert [await store.count_event("rate", "u1", 2, 60.0) for _ in range(2)] == [0.0, 0.0]
+    wait = await store.count_event("rate", "u1", 2, 60.0)
+    assert 0 < wait <= 60
+    assert await store.count_event("rate", "u2", 2, 60.0) == 0.0
+    await store.close()
+
+
+@pytest.mark.timeout(30)
+async def test_lock_serves_one_conversation_at_a_time_in_arrival_order(tmp_path):
+    store = await SQLiteStore(tmp_path / "db.sqlite3").open()
+    order: list[str] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(name: str, key: ConversationKey) -> None:
+        async with store.lock(key):
+            order.append(name)
+            if name == "first":
+                inside.set()
+                await release.wait()
+
+    first = asyncio.create_task(hold("first", KEY))
+    await inside.wait()
+    waiting = [asyncio.create_task(hold(name, KEY)) for name in ("second", "third")]
+    other = asyncio.create_task(hold("other-conversation", OTHER))
+    await asyncio.wait_for(other, 5)
+    assert order == ["first", "other-conversation"]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, *waiting), 5)
+    assert order == ["first", "other-conversation", "second", "third"]
+    await store.close()
+
+
+@pytest.mark.timeout(30)
+def test_parent_scope_is_not_part_of_the_conversation_identity():
+    thread = ConversationKey("discord", "20", parent="10")
+    assert thread == ConversationKey("discord", "20") and hash(thread) == hash(ConversationKey("discord", "20"))
+    assert str(thread) == "discord:20" and thread.parent_key == ConversationKey("discord", "10")
+    assert ConversationKey("discord", "10").parent_key is None

@@ -7,20 +7,22 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
 from dataclasses import dataclass
 
 import pytest
 from transformers import AutoTokenizer
 
-from bots.discord_bot import DiscordAdapter
+from bots.discord_bot import SLOW_DOWN, DiscordAdapter
 from bots.discord_commands import HELP
-from bots.discord_format import split_message
+from bots.streaming import APOLOGY
 from conftest import make_config, make_settings
-from core.config import Config, PersonaConfig
+from core.config import Config, DiscordSection, PersonaConfig
 from core.conversation import ConversationKey
 from core.safety import neutralize_mentions
 from core.service import open_service
 from fakes.discord_server import FakeChannel, FakeDiscord, FakeGuild, FakeUser
+from fakes.scripted_model import ScriptedModel
 from tiny import WORDS, build_untrained_model, train_reply_model
 
 GREEDY = {"do_sample": False, "max_new_tokens": 16}
@@ -31,6 +33,8 @@ STORY = " ".join(
 )
 SHOUT = "@everyone look <@&42> and <@123>!"
 PEAR = "apple? no, pear."
+CODE = "Here it is:\n```python\n" + "\n".join(f"total = total + {i}  # {WORDS[i % 20]}" for i in range(90)) + "\n```"
+HINT = "I didn't catch any words there. Say something after the mention!"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +44,7 @@ def parrot_model_dir(tmp_path_factory):
         [("tell me a story", STORY)],
         [("shout", SHOUT)],
         [("the word is apple", PEAR), ("the word is apple", PEAR)],
+        [("show me code", CODE)],
     ])
 
 
@@ -53,6 +58,13 @@ async def fake():
     async with FakeDiscord(bot_name="TTT") as fake:
         yield fake
     assert fake.unknown_requests == [] and fake.server_errors == []
+    assert fake.rate_limited == []  # the bot kept within Discord's rate limits
+
+
+@pytest.fixture
+async def model():
+    async with ScriptedModel() as m:
+        yield m
 
 
 @dataclass
@@ -136,10 +148,12 @@ async def test_mention_gets_a_reply_with_typing_and_no_pings(tmp_path, word_mode
         assert reply["content"] == "apple!"
         await say(fake, world.general, world.alice, f"<@!{me.id}> ask {world.bob.mention} in {world.random.mention}")
         assert (await turns(adapter, world.general))[-2][2] == "ask Bobby in #random"
+        hint = await say(fake, world.general, world.alice, me.mention)  # a bare mention
+        assert hint["content"] == HINT and hint["message_reference"]["message_id"]
 
     invite = next(r.getMessage() for r in caplog.records if "invite" in r.getMessage())
     assert f"client_id={fake.application_id}" in invite and "scope=bot+applications.commands" in invite
-    assert "permissions=274877975552" in invite  # view, send, send in threads, read history
+    assert "permissions=274877975616" in invite  # view, send, send in threads, read history, add reactions
     assert up(adapter) == 0
     assert fake.find_requests("GET", "/gateway/bot")  # the gateway was found through the configured API
 
@@ -203,11 +217,12 @@ async def test_slash_commands_sync_defer_follow_up_and_autocomplete(
     config = bot_config(tmp_path, word_model_dir, fake, world, personas)
     async with running(config, fake) as adapter:
         assert [(guild, sorted(c["name"] for c in body)) for guild, body in fake.command_syncs] == [
-            (world.guild.id, ["help", "persona", "personas", "reset"])]
+            (world.guild.id, ["forget-me", "help", "persona", "personas", "reset"])]
 
         help_ = await fake.invoke_command(world.general, world.alice, "help")
         response = await fake.wait_for_response(help_)
         assert response["type"] == 4 and response["ephemeral"] and response["data"]["content"] == HELP
+        assert all(f"`/{name}`" in HELP for name in ("reset", "persona", "personas", "forget-me", "help"))
         listing = await fake.invoke_command(world.general, world.alice, "personas")
         assert "**parrot**" in (await fake.wait_for_response(listing))["data"]["content"]
 
@@ -233,13 +248,40 @@ async def test_commands_sync_globally_without_command_guilds(tmp_path, word_mode
 
 
 @pytest.mark.timeout(90)
-async def test_configured_shards_connect_to_the_gateway_found_through_the_api(tmp_path, word_model_dir, fake, world):
-    config = bot_config(tmp_path, word_model_dir, fake, world, discord={"shard_count": 2})
+async def test_this_process_runs_its_shards_found_through_the_api(tmp_path, word_model_dir, fake, world):
+    ours, theirs = fake.add_guild("Ours", shard=(2, 3)), fake.add_guild("Theirs", shard=(1, 3))
+    here, there = fake.add_text_channel(ours, "here"), fake.add_text_channel(theirs, "there")
+    config = bot_config(tmp_path, word_model_dir, fake, world, discord={"shard_count": 3, "shard_ids": [0, 2]})
     async with running(config, fake) as adapter:
-        assert sorted(i["shard"] for i in fake.gateway.identifies) == [[0, 2], [1, 2]]
-        assert adapter.client.shard_count == 2
-        reply = await say(fake, world.general, world.alice, f"{fake.bot_user.mention} the word is harbor")
+        assert sorted(i["shard"] for i in fake.gateway.identifies) == [[0, 3], [2, 3]]
+        assert adapter.client.shard_count == 3 and sorted(adapter.client.shards) == [0, 2]
+        reply = await say(fake, here, world.alice, f"{fake.bot_user.mention} the word is harbor")
         assert reply["content"] == "harbor!"
+        said = await fake.user_says(there, world.alice, f"{fake.bot_user.mention} the word is harbor")
+        await fake.expect_no_message(there, after=said)  # another process runs shard 1
+
+
+@pytest.mark.timeout(10)
+def test_shard_ids_must_be_shards_of_the_count():
+    assert DiscordSection(shard_count=4, shard_ids=[1, 3]).shard_ids == [1, 3]
+    for wrong in ({"shard_ids": [0]}, {"shard_count": 2, "shard_ids": [2]}, {"shard_count": 2, "shard_ids": []},
+                  {"shard_count": 2, "shard_ids": [1, 1]}):
+        with pytest.raises(ValueError, match="shard"):
+            DiscordSection.model_validate(wrong)
+
+
+@pytest.mark.timeout(30)
+async def test_an_unreachable_api_ends_the_start_with_one_clear_line(tmp_path, word_model_dir, fake, world):
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/api/v10"
+    config = bot_config(tmp_path, word_model_dir, fake, world, discord={"api_base_url": closed})
+    with pytest.raises(RuntimeError) as failed:
+        async with running(config, fake):
+            pass
+    assert str(failed.value).startswith(f"cannot reach the Discord API at {closed}: ")
+    assert "\n" not in str(failed.value) and failed.value.__cause__ is None and failed.value.__suppress_context__
+    assert fake.token not in str(failed.value)
 
 
 @pytest.mark.timeout(120)
@@ -279,6 +321,32 @@ async def test_persona_switch_rules_and_persistence_across_restart(
 
 
 @pytest.mark.timeout(90)
+async def test_a_channel_persona_reaches_its_threads_and_forget_me(
+        tmp_path, word_model_dir, parrot_model_dir, fake, world):
+    personas = {"parrot": {"model": str(parrot_model_dir), "format": "dialogpt", "decoding": GREEDY}}
+    side = fake.add_thread(world.general, "side talk", owner=world.alice)
+    config = bot_config(tmp_path, word_model_dir, fake, world, personas, discord={"auto_thread": True})
+    me = fake.bot_user.mention
+    async with running(config, fake) as adapter:
+        switched = await fake.invoke_command(world.general, world.alice, "persona", {"name": "parrot"})
+        assert (await fake.wait_for_response(switched))["data"]["content"].startswith("Switched to **parrot**")
+        await fake.user_says(world.general, world.alice, f"{me} the word is apple")
+        opened = (await fake.wait_for(lambda: fake.threads_created, 20, "a thread"))[0]
+        assert (await fake.wait_for_message(opened, timeout=20))["content"] == PEAR  # the channel's persona
+        shown = await fake.invoke_command(opened, world.bob, "persona")
+        assert "currently **parrot**" in (await fake.wait_for_response(shown))["data"]["content"]
+        await fake.wait_for_response(await fake.invoke_command(side, world.alice, "persona", {"name": "words"}))
+        assert (await say(fake, side, world.bob, f"{me} the word is apple"))["content"] == "apple!"  # its own
+
+        forget = await fake.invoke_command(world.random, world.alice, "forget-me")
+        done = await fake.wait_for_followup(forget)
+        assert forget.response["ephemeral"] and done["ephemeral"]
+        assert done["body"]["content"].startswith("Done: I've deleted everything you wrote")
+        assert await turns(adapter, opened) == []
+        assert await turns(adapter, side) == [("user", "Bobby", "the word is apple"), ("bot", "words", "apple!")]
+
+
+@pytest.mark.timeout(90)
 async def test_access_lists_dms_off_input_limit_and_rate_limit(tmp_path, word_model_dir, fake, world):
     muted = fake.add_role(world.guild, "muted")
     mallory, mute = fake.add_user("mallory"), fake.add_user("mute")
@@ -305,25 +373,39 @@ async def test_access_lists_dms_off_input_limit_and_rate_limit(tmp_path, word_mo
         assert "not available" in refused.response["data"]["content"]
 
         long = await say(fake, world.general, world.alice, f"{me} {'the word is apple ' * 4}")
-        assert long["content"].startswith("That message is a bit long for me")
-        third = await say(fake, world.general, world.alice, f"{me} the word is apple")  # alice's third this minute
-        assert third["content"] == "apple!"
-        cooldown = await say(fake, world.general, world.alice, f"{me} again")
-        assert "try again in" in cooldown["content"] and cooldown["allowed_mentions"] == {"parse": []}
+        assert long["content"].startswith("That message is a bit long for me")  # does not count
+        # Alice's second and third this minute.
+        assert (await say(fake, world.general, world.alice, f"{me} the word is apple"))["content"] == "apple!"
+        assert (await say(fake, thread, world.alice, f"{me} again"))["content"] == "lemon!"
+        flood = [await fake.user_says(world.general, world.alice, f"{me} again") for _ in range(4)]
         bob = await say(fake, world.general, world.bob, f"{me} again")  # limits are per person
         assert bob["content"] == "apple!"
+        # One quiet sign for the whole flood (a reaction on its first message), nothing in the channel.
+        assert fake.reactions == [{"channel_id": world.general.id, "message_id": int(flood[0]["id"]),
+                                   "emoji": SLOW_DOWN, "added": True}]
+        assert [m for m in fake.bot_messages(world.general) if int(m["id"]) > int(flood[0]["id"])] == [bob]
         assert await turns(adapter, world.general) == [
             ("user", "alice", "the word is apple"), ("bot", "words", "apple!"),
             ("user", "Bobby", "again"), ("bot", "words", "apple!")]
 
 
 @pytest.mark.timeout(90)
-async def test_long_reply_is_split_on_sentences_and_streamed(tmp_path, word_model_dir, parrot_model_dir, fake, world):
+async def test_long_reply_is_split_on_sentences_and_streamed_within_the_channel_budget(
+        tmp_path, word_model_dir, parrot_model_dir, fake, world):
     personas = {"parrot": {"model": str(parrot_model_dir), "format": "dialogpt", "max_context_tokens": 256,
                            "decoding": {**GREEDY, "max_new_tokens": 100}}}
     config = bot_config(tmp_path, word_model_dir, fake, world, personas, service={"default_persona": "parrot"},
                         discord={"stream_edit_interval_s": 0.001})
+    heard = []
+
+    async def listener(message, update):  # as voice will: every update, unthrottled
+        heard.append((message.id, update))
+
+    async def broken_listener(message, update):
+        raise RuntimeError("this listener is broken")
+
     async with running(config, fake) as adapter:
+        adapter.reply_listeners += [broken_listener, listener]
         said = await fake.user_says(world.general, world.alice, f"{fake.bot_user.mention} tell me a story")
         await fake.wait_for(lambda: " ".join(m["content"] for m in fake.bot_messages(world.general)) == STORY,
                             20, "the whole story")
@@ -334,8 +416,50 @@ async def test_long_reply_is_split_on_sentences_and_streamed(tmp_path, word_mode
         assert first["message_reference"]["message_id"] == said["id"]
         edited = {e["message_id"] for e in fake.edits}  # streamed: sent early, then edited as it grew
         assert int(first["id"]) in edited and edited <= {int(m["id"]) for m in fake.bot_messages(world.general)}
+        # Edits are spread out (about 5 per 5 s in a channel), not sent in bursts that Discord would refuse.
+        assert all(b["at"] - a["at"] >= 1.0 for a, b in zip(fake.edits, fake.edits[1:]))
         await adapter.stop()  # lets the reply in flight finish: it is stored
         assert (await turns(adapter, world.general))[-1] == ("bot", "parrot", STORY)
+    assert {message_id for message_id, _ in heard} == {int(said["id"])}
+    texts = [update.text for _, update in heard]
+    assert len(heard) > len(fake.edits) + 2 and all(STORY.startswith(t) for t in texts)
+    assert texts == sorted(texts, key=len) and heard[-1][1].final and texts[-1] == STORY
+
+
+@pytest.mark.timeout(90)
+async def test_a_code_block_stays_balanced_in_every_piece(tmp_path, word_model_dir, parrot_model_dir, fake, world):
+    personas = {"parrot": {"model": str(parrot_model_dir), "format": "dialogpt", "max_context_tokens": 512,
+                           "decoding": {**GREEDY, "max_new_tokens": 40}}}
+    config = bot_config(tmp_path, word_model_dir, fake, world, personas, service={"default_persona": "parrot"})
+    async with running(config, fake):
+        await fake.user_says(world.general, world.alice, f"{fake.bot_user.mention} show me code")
+        await fake.wait_for(lambda: len(fake.bot_messages(world.general)) >= 2, 20, "a reply in pieces")
+        pieces = [m["content"] for m in fake.bot_messages(world.general)]
+    assert len(pieces) == 2 and all(len(p) <= 2000 for p in pieces)
+    assert pieces[0].startswith("Here it is:\n```python\n") and pieces[0].endswith("\n```")
+    assert pieces[1].startswith("```python\n") and pieces[1].endswith("\n```")  # reopened with its language
+    lines = [line for piece in pieces for line in piece.splitlines()]
+    assert [line for line in lines if not line.startswith(("```", "Here"))] == CODE.splitlines()[2:-1]
+
+
+@pytest.mark.timeout(90)
+async def test_a_stored_reply_is_posted_anew_when_its_message_is_gone(tmp_path, word_model_dir, fake, world, model):
+    personas = {"remote": model.persona()}
+    config = bot_config(tmp_path, word_model_dir, fake, world, personas, service={"default_persona": "remote"},
+                        discord={"stream_edit_interval_s": 0.01})
+    async with running(config, fake) as adapter:
+        said = await fake.user_says(world.general, world.alice, f"{fake.bot_user.mention} tell me")
+        await model.request(0)
+        model.say(0, "Once upon a time.")
+        streamed = await fake.wait_for_message(world.general, after=said)
+        fake.delete_message(streamed)  # a moderator deletes the half-written reply
+        model.say(0, " The end.")
+        model.end(0)
+        reply = await fake.wait_for_message(world.general, lambda m: m["content"] == "Once upon a time. The end.",
+                                            after=streamed)
+        assert reply["message_reference"]["message_id"] == said["id"]
+        assert [m["content"] for m in fake.bot_messages(world.general)] == [reply["content"]]  # no apology
+        assert (await turns(adapter, world.general))[-1] == ("bot", "remote", "Once upon a time. The end.")
 
 
 @pytest.mark.timeout(90)
@@ -402,17 +526,3 @@ async def test_auto_thread_opens_a_thread_and_talks_there(tmp_path, word_model_d
         assert reply["content"] == "violet!"
         assert fake.bot_messages(world.general) == []
         assert [t[2] for t in await turns(adapter, thread)] == ["the word is violet", "violet!", "again", "violet!"]
-
-
-@pytest.mark.timeout(10)
-def test_split_message_cuts_at_the_best_boundary_within_the_limit():
-    assert split_message("short reply") == ["short reply"]
-    sentences = "One two three. Four five six! Seven eight nine? Ten."
-    assert split_message(sentences, 35) == ["One two three. Four five six!", "Seven eight nine? Ten."]
-    assert split_message("A first paragraph.\n\nA second. It goes on", 32) == ["A first paragraph.", "A second. It goes on"]
-    assert split_message("Line one. Still line one\nline two goes on", 30) == ["Line one. Still line one", "line two goes on"]
-    assert split_message("alpha beta gamma delta epsilon", 12) == ["alpha beta", "gamma delta", "epsilon"]
-    assert split_message("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no boundary: cut mid-word
-    text = " ".join(f"Sentence number {i} is here." for i in range(300))
-    pieces = split_message(text)
-    assert all(len(p) <= 2000 and p.endswith(".") for p in pieces) and " ".join(pieces) == text

@@ -37,9 +37,10 @@ def remote_config(tmp_path, word_model_dir, url: str, fmt: str = "chat"):
 async def test_chat_persona_streams_from_remote_server(tmp_path, word_model_dir):
     async with FakeOpenAIServer(api_key="k-123", delay_s=0.15) as server:
         service = await open_service(remote_config(tmp_path, word_model_dir, server.url), {"REMOTE_KEY": "k-123"})
-        updates = [u async for u in service.respond(KEY, "alice", "hello there <@123>", adapter="test")]
-        assert updates[-1].final and updates[-1].text == "you said: hello there @\u200b123"
-        # Streamed: growing partial replies (at most about four a second), then the final one.
+        updates = [u async for u in service.respond(KEY, "alice", "hello there <@123>. how are you? fine!",
+                                                    adapter="test")]
+        assert updates[-1].final and updates[-1].text == "you said: hello there @\u200b123. how are you? fine!"
+        # Streamed: growing partial replies (a screened sentence at a time), then the final one.
         assert len(updates) >= 3 and all(b.text.startswith(a.text) for a, b in zip(updates, updates[1:]))
         second = await service.reply(KEY, "bob", "and again", adapter="test")
         assert second == "you said: bob: and again"  # two speakers: names go into the user turns

@@ -1,11 +1,14 @@
-"""`ttt serve` as a process: the web adapter by default, readiness, graceful shutdown on SIGTERM."""
+"""`ttt serve` as a process: the web adapter by default, readiness, graceful shutdown on SIGTERM;
+the retention sweep while it serves."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,7 +18,9 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import make_config
+from bots.serve import serve
+from conftest import make_config, make_settings
+from core.conversation import ConversationKey, SQLiteStore, Turn
 
 
 def free_port() -> int:
@@ -76,3 +81,29 @@ def test_serve_starts_web_by_default_and_stops_gracefully(tmp_path, word_model_d
             process.kill()
     logs = process.stderr.read()
     assert "web adapter started" in logs and "shutting down" in logs and "stopped" in logs
+
+
+@pytest.mark.timeout(60)
+async def test_serve_deletes_turns_past_the_retention_period(tmp_path, word_model_dir):
+    config = make_config(tmp_path, word_model_dir, web={"port": 0}, conversation={"retention_days": 30})
+    store = await SQLiteStore(config.database.path).open()
+    key = ConversationKey("web", "old-browser-1")
+    day = 86400
+    await store.add_turns(key, [Turn("user", "u", "long ago", time=time.time() - 31 * day),
+                                Turn("bot", "words", "indeed", time=time.time() - 31 * day)])
+    await store.add_turns(key, [Turn("user", "u", "yesterday", time=time.time() - day)])
+    await store.close()
+
+    def texts() -> list[str]:
+        with sqlite3.connect(config.database.path) as db:
+            return [row[0] for row in db.execute("SELECT text FROM turns ORDER BY id")]
+
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve(make_settings(config), stop))
+    try:
+        while texts() != ["yesterday"]:  # the sweep runs as serve starts, then hourly
+            assert not serving.done() and len(texts()) in (1, 3)
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(serving, 30) == 0

@@ -14,89 +14,24 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from bots.slack_bot import CHANNEL_RESET, NOT_HERE, SlackAdapter, create_adapter
+from bots.slack_bot import CHANNEL_RESET, NOT_HERE, SlackAdapter, create_adapter, help_text
 from bots.slack_format import MESSAGE_LIMIT, PLACEHOLDER, STREAMING_MARK
+from bots.streaming import APOLOGY, EditBudget
 from conftest import make_config, make_settings
 from core.conversation import ConversationKey
 from core.service import open_service
+from fakes.scripted_model import ScriptedModel
 from fakes.slack_server import FakeSlack
 
 SIGNING_SECRET = "test-signing-secret"
-
-
-class ScriptedModel:
-    """An OpenAI-compatible model server (chat completions) whose replies the test writes piece by piece."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.fail_with: int | None = None
-        self._ending = False  # after end_all(), later requests end at once too (e.g. a retry of an empty reply)
-        self._streams: list[asyncio.Queue] = []
-        self._arrived = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> "ScriptedModel":
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.end_all()
-        await self._runner.cleanup()
-
-    def persona(self) -> dict:
-        return {"model": "scripted", "format": "chat", "description": "a scripted model server",
-                "endpoint": {"base_url": self.url, "model": "scripted"}}
-
-    async def request(self, n: int, timeout: float = 10) -> dict:
-        """The n-th request (from 0), once it has arrived."""
-        async with self._arrived:
-            await asyncio.wait_for(self._arrived.wait_for(lambda: len(self.requests) > n), timeout)
-        return self.requests[n]
-
-    def say(self, n: int, *pieces: str) -> None:
-        for piece in pieces:
-            self._streams[n].put_nowait(piece)
-
-    def end(self, n: int) -> None:
-        self._streams[n].put_nowait(None)
-
-    def end_all(self) -> None:
-        self._ending = True
-        for stream in self._streams:
-            stream.put_nowait(None)
-
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        stream: asyncio.Queue = asyncio.Queue()
-        if self._ending:
-            stream.put_nowait(None)
-        self._streams.append(stream)
-        self.requests.append(body)
-        async with self._arrived:
-            self._arrived.notify_all()
-        if self.fail_with:
-            return web.json_response({"error": {"message": "model crashed"}}, status=self.fail_with)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        while (piece := await stream.get()) is not None:
-            chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        return response
 
 
 @pytest.fixture
 async def fake():
     async with FakeSlack() as f:
         yield f
+    assert f.rate_limited == []  # the bot kept within Slack's limits
 
 
 @pytest.fixture
@@ -116,7 +51,8 @@ def environ(fake: FakeSlack) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def slack_bot(tmp_path, fake, models, *, model=None, slack=None, ping_interval=10.0, **sections):
+async def slack_bot(tmp_path, fake, models, *, model=None, slack=None, ping_interval=10.0, edit_budget=None,
+                    **sections):
     """A started SlackAdapter on its own ChatService (SQLite under tmp_path) against `fake`."""
     personas = dict(sections.pop("personas", {}))
     if model is not None:
@@ -124,7 +60,8 @@ async def slack_bot(tmp_path, fake, models, *, model=None, slack=None, ping_inte
     config = make_config(tmp_path, *models, slack={"api_base_url": fake.api_url, "http_port": 0, **(slack or {})},
                          personas=personas, **sections)
     service = await open_service(config)
-    adapter = SlackAdapter(service, make_settings(config, environ(fake)), ping_interval=ping_interval)
+    adapter = SlackAdapter(service, make_settings(config, environ(fake)), ping_interval=ping_interval,
+                           edit_budget=edit_budget)
     try:
         await adapter.start()
         yield adapter
@@ -318,8 +255,9 @@ async def test_retried_or_duplicate_delivery_answered_once(tmp_path, fake, model
 @pytest.mark.timeout(120)
 async def test_slash_command_answers_ephemerally(tmp_path, fake, models):
     async with slack_bot(tmp_path, fake, models, slack={"slash_command": "/talk"}) as bot:
-        assert "reset" in await command(fake, "help", name="/talk")
-        assert "reset" in await command(fake, "", name="/talk")
+        helped = await command(fake, "help", name="/talk")
+        assert "`/talk reset`" in helped and "`/talk persona NAME`" in helped and "`/talk forget-me`" in helped
+        assert await command(fake, "", name="/talk") == helped
         listed = await command(fake, "personas", name="/talk")
         assert "*words* (current)" in listed and "*wordchat*" in listed and "**" not in listed
         assert "There is no persona called 'nope'" in await command(fake, "persona nope", name="/talk")
@@ -358,6 +296,32 @@ async def test_channel_persona_and_threads_survive_a_restart(tmp_path, fake, mod
         assert [t.persona for t in other] == ["words", "words"]
 
 
+@pytest.mark.timeout(120)
+async def test_persona_switch_rule_and_forget_me(tmp_path, fake, models):
+    fake.users["U0ADMIN"] = {"id": "U0ADMIN", "name": "admin", "is_admin": True, "profile": {"display_name": "admin"}}
+    async with slack_bot(tmp_path, fake, models, slack={"persona_switch": "admins"}) as bot:
+        assert "Only workspace admins" in await command(fake, "persona wordchat", channel="C0RANDOM")
+        assert await bot.service.store.persona(ConversationKey("slack", "C0RANDOM")) is None
+        assert "currently *words*" in await command(fake, "persona", channel="C0RANDOM")  # looking is free
+        assert "Switched to *wordchat*" in await command(fake, "persona wordchat", channel="C0RANDOM",
+                                                         user="U0ADMIN")
+        assert "Switched to *wordchat*" in await command(fake, "persona wordchat", channel="D0BOB", user="U0BOB")
+
+        mention = fake.app_mention("C0GENERAL", "U0ALICE", "the word is apple")
+        await fake.send_event(mention)
+        assert await bot_replies(fake, "C0GENERAL", mention["ts"]) == ["apple!"]
+        await fake.send_event(fake.channel_message("C0GENERAL", "U0BOB", "again", thread_ts=mention["ts"]))
+        assert await bot_replies(fake, "C0GENERAL", mention["ts"], count=2) == ["apple!", "apple!"]
+        await fake.send_event(fake.dm("D0ALICE", "U0ALICE", "the word is lemon"))
+        assert await bot_replies(fake, "D0ALICE") == ["lemon!"]
+
+        # Everything alice wrote, in every conversation, with the replies to it; bob's words stay.
+        done = await command(fake, "forget-me", channel="C0RANDOM")
+        assert "deleted everything you wrote" in done and "4 message" in done
+        assert await turns(bot, f"C0GENERAL/{mention['ts']}") == [("user", "again"), ("bot", "apple!")]
+        assert await turns(bot, "D0ALICE") == []
+
+
 # ---- control and bad input ------------------------------------------------------------------
 
 
@@ -373,15 +337,18 @@ async def test_access_control_and_rate_limit(tmp_path, fake, models):
         assert await command(fake, "personas", channel="C0ELSEWHERE") == NOT_HERE
 
         threads = []
-        for word in ("apple", "tiger", "piano"):
+        for word in ("apple", "tiger"):
             mention = fake.app_mention("C0OK", "U0ALICE", f"the word is {word}")
             threads.append(mention["ts"])
             await fake.send_event(mention)
-            if word != "piano":
-                assert await bot_replies(fake, "C0OK", mention["ts"]) == [f"{word}!"]
-        await fake.wait_for(lambda: fake.ephemerals, 10, "the rate-limit notice")
-        notice = fake.ephemerals[0]
-        assert (notice["channel"], notice["user"], notice["thread_ts"]) == ("C0OK", "U0ALICE", threads[2])
+            assert await bot_replies(fake, "C0OK", mention["ts"]) == [f"{word}!"]
+        # Over the limit: told once (privately), then quiet. The empty message last is answered
+        # (it counts for nothing), so the ones before it were handled by then.
+        for word in ("piano", "lemon", "cloud", ""):
+            await fake.send_event(fake.dm("D0ALICE", "U0ALICE", f"the word is {word}" if word else ""))
+        assert (await bot_replies(fake, "D0ALICE"))[0].startswith("I didn't catch any words")
+        [notice] = fake.ephemerals
+        assert (notice["channel"], notice["user"], notice.get("thread_ts")) == ("D0ALICE", "U0ALICE", None)
         assert "faster than I can answer" in notice["text"]
 
         bob = fake.app_mention("C0OK", "U0BOB", "the word is river")  # the limit is per user
@@ -390,16 +357,17 @@ async def test_access_control_and_rate_limit(tmp_path, fake, models):
         await fake.send_event(fake.dm("D0BOB", "U0BOB", "the word is cloud"))  # DMs: users only
         assert await bot_replies(fake, "D0BOB") == ["cloud!"]
 
-        assert bot_messages(fake, "C0OK", threads[2]) == [] and bot_messages(fake, "C0OK", stranger["ts"]) == []
+        assert bot_messages(fake, "C0OK", stranger["ts"]) == []
         assert bot_messages(fake, "C0ELSEWHERE") == [] and bot_messages(fake, "D0EVE") == []
-        assert {m["channel"] for m in fake.posted} == {"C0OK", "D0BOB"}
+        assert {m["channel"] for m in fake.posted} == {"C0OK", "D0BOB", "D0ALICE"}
         assert len(fake.ephemerals) == 1 and requests(bot) == 4
         await all_acked(fake)
 
 
 @pytest.mark.timeout(120)
-async def test_bad_input_gets_a_short_answer_and_nothing_is_stored(tmp_path, fake, models):
-    async with slack_bot(tmp_path, fake, models, service={"max_input_chars": 40}) as bot:
+async def test_bad_input_gets_a_short_answer_and_uses_up_nothing(tmp_path, fake, models):
+    async with slack_bot(tmp_path, fake, models, service={"max_input_chars": 40},
+                         slack={"rate_limit_per_minute": 1}) as bot:
         long = fake.app_mention("C0GENERAL", "U0ALICE", "the word is " + "apple " * 10)
         empty = fake.app_mention("C0GENERAL", "U0ALICE", "")
         await fake.send_event(long)
@@ -409,6 +377,11 @@ async def test_bad_input_gets_a_short_answer_and_nothing_is_stored(tmp_path, fak
         assert await bot_replies(fake, "C0GENERAL", empty["ts"]) == [
             "I didn't catch any words there. Say something after the mention!"]
         assert await turns(bot, f"C0GENERAL/{long['ts']}") == [] and requests(bot, "rejected") == 2
+        # Rejected messages do not count: alice's one message a minute is still hers.
+        fine = fake.app_mention("C0GENERAL", "U0ALICE", "the word is apple")
+        await fake.send_event(fine)
+        assert await bot_replies(fake, "C0GENERAL", fine["ts"]) == ["apple!"]
+        assert fake.ephemerals == []
 
 
 # ---- safety, streaming, long replies (scripted model) ----------------------------------------
@@ -447,18 +420,19 @@ async def test_slow_reply_streams_into_edits_at_most_once_per_interval(tmp_path,
         assert (await fake.wait_for_ack(envelope)).ack_latency < 3
         await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == PLACEHOLDER)
 
-        model.say(0, "one")
-        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "one" + STREAMING_MARK)
-        model.say(0, " two", " three")
-        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "one two three" + STREAMING_MARK)
-        numbers = " ".join(str(i) for i in range(2000))
+        model.say(0, "one.")  # streamed text is shown a screened sentence at a time
+        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "one." + STREAMING_MARK)
+        model.say(0, " two.", " three.")
+        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "one. two. three." + STREAMING_MARK)
+        numbers = " ".join(f"Number {i} comes after {i - 1}." for i in range(1, 400))
         model.say(0, " " + numbers)
         model.end(0)
         pieces = await bot_replies(fake, "C0GENERAL", mention["ts"], count=3)
         assert len(pieces) == 3 and all(len(p) <= MESSAGE_LIMIT for p in pieces)
-        assert " ".join(pieces) == "one two three " + numbers
+        assert " ".join(pieces) == "one. two. three. " + numbers
+        assert all(p.endswith(".") for p in pieces)  # cut between sentences
         assert await turns(bot, f"C0GENERAL/{mention['ts']}") == [
-            ("user", "count for me"), ("bot", "one two three " + numbers)]
+            ("user", "count for me"), ("bot", "one. two. three. " + numbers)]
 
         streaming = [c.at for c in fake.calls_to("chat.update") if c.params["text"].endswith(STREAMING_MARK)]
         assert len(streaming) >= 2
@@ -471,8 +445,9 @@ async def test_followup_while_the_first_reply_is_written_is_answered_after_it(tm
         mention = fake.app_mention("C0GENERAL", "U0ALICE", "tell me a story")
         await fake.send_event(mention)
         await model.request(0)  # nothing of this thread is stored yet
-        await fake.send_event(fake.channel_message("C0GENERAL", "U0ALICE", "a long one", thread_ts=mention["ts"]))
-        await fake.wait_for(lambda: len(bot_messages(fake, "C0GENERAL", mention["ts"])) == 2, 10, "two placeholders")
+        followup = await fake.send_event(
+            fake.channel_message("C0GENERAL", "U0ALICE", "a long one", thread_ts=mention["ts"]))
+        await fake.wait_for_ack(followup)
         model.say(0, "Once upon a time.")
         model.end(0)
         second = await model.request(1)
@@ -499,6 +474,92 @@ async def test_stop_lets_replies_in_flight_finish(tmp_path, fake, models, model)
         assert await turns(bot, f"C0GENERAL/{mention['ts']}") == [("user", "take your time"),
                                                                   ("bot", "finished anyway")]
         assert adapter_up(bot) == 0
+
+
+@pytest.mark.timeout(120)
+async def test_messages_of_a_conversation_are_answered_in_arrival_order(tmp_path, fake, models, model):
+    async with slack_bot(tmp_path, fake, models, model=model, service={"default_persona": "remote"}) as bot:
+        await fake.send_event(fake.dm("D0ALICE", "U0ALICE", "hello"))
+        await model.request(0)
+        model.say(0, "hi")
+        model.end(0)
+        assert await bot_replies(fake, "D0ALICE") == ["hi"]
+        # The first message needs a slow look-up (whose name is <@U0BOB>?), the second none.
+        slow_lookup = fake.hold("users.info", user="U0BOB")
+        first = await fake.send_event(fake.dm("D0ALICE", "U0ALICE", "ask <@U0BOB>"))
+        second = await fake.send_event(fake.dm("D0ALICE", "U0ALICE", "and then?"))
+        await fake.wait_for_ack(first)
+        await fake.wait_for_ack(second)
+        with pytest.raises(asyncio.TimeoutError):  # the second waits for the first
+            await model.request(1, timeout=0.5)
+        slow_lookup.set()
+        assert (await model.request(1))["messages"][-1]["content"] == "ask @user_u0bob"
+        model.say(1, "asked")
+        model.end(1)
+        assert (await model.request(2))["messages"][-1]["content"] == "and then?"
+        model.say(2, "then this")
+        model.end(2)
+        assert await bot_replies(fake, "D0ALICE", count=3) == ["hi", "asked", "then this"]
+        assert [text for _, text in await turns(bot, "D0ALICE")] == [
+            "hello", "hi", "ask @user_u0bob", "asked", "and then?", "then this"]
+
+
+@pytest.mark.timeout(120)
+async def test_replies_streaming_at_once_share_the_workspace_edit_limit(tmp_path, fake, models, model):
+    # Slack allows about 50 chat.update a minute per workspace; here 15 a second, with a budget of 10.
+    fake.rate_limits["chat.update"] = (15, 1.0)
+    async with slack_bot(tmp_path, fake, models, model=model, service={"default_persona": "remote"},
+                         slack={"stream_edit_interval_s": 0.01}, edit_budget=EditBudget(10, 1.0)) as bot:
+        rooms = ["C0ONE", "C0TWO", "C0SIX"]
+        mentions = {room: fake.app_mention(room, "U0ALICE", f"count in {room}") for room in rooms}
+        for mention in mentions.values():
+            await fake.send_event(mention)
+        streams = {}  # room -> its request's number at the model
+        for n in range(3):
+            streams[(await model.request(n))["messages"][-1]["content"].split()[-1]] = n
+
+        def shown(room: str, text: str) -> bool:
+            return any(text in m["text"] for m in bot_messages(fake, room, mentions[room]["ts"]))
+
+        for i in range(8):  # each sentence shown before the next is said: one edit each
+            for room in rooms:
+                model.say(streams[room], f" Step {i}.")
+            await fake.wait_for(lambda: all(shown(room, f"Step {i}.") for room in rooms), 20, f"step {i} everywhere")
+        for room in rooms:
+            model.end(streams[room])
+        whole = " ".join(f"Step {i}." for i in range(8))
+        for room in rooms:
+            assert await bot_replies(fake, room, mentions[room]["ts"]) == [whole]
+        assert len(fake.calls_to("chat.update")) >= 27  # all went through, slowed down (no 429: see `fake`)
+
+
+@pytest.mark.timeout(120)
+async def test_a_stored_reply_reaches_the_user_when_showing_it_fails(tmp_path, fake, models, model, caplog):
+    async with slack_bot(tmp_path, fake, models, model=model, service={"default_persona": "remote"},
+                         slack={"stream_edit_interval_s": 0.01}) as bot:
+        once = fake.app_mention("C0GENERAL", "U0ALICE", "first")
+        await fake.send_event(once)
+        await model.request(0)
+        model.say(0, "Half.")
+        await fake.wait_for_message("C0GENERAL", lambda m: m["text"] == "Half." + STREAMING_MARK)
+        final = lambda params: not params["text"].endswith(STREAMING_MARK)  # noqa: E731
+        fake.inject_error("chat.update", "internal_error", when=final)  # the final edit fails once: retried
+        model.say(0, " Whole.")
+        model.end(0)
+        assert await bot_replies(fake, "C0GENERAL", once["ts"]) == ["Half. Whole."]
+
+        gone = fake.app_mention("C0GENERAL", "U0ALICE", "second")
+        await fake.send_event(gone)
+        await model.request(1)
+        model.say(1, "Half.")
+        await fake.wait_for(lambda: any(m["text"] == "Half." + STREAMING_MARK
+                                        for m in bot_messages(fake, "C0GENERAL", gone["ts"])), 10, "half")
+        fake.inject_error("chat.update", "message_not_found", times=3, when=final)  # every try fails: posted anew
+        model.say(1, " Whole.")
+        model.end(1)
+        assert await bot_replies(fake, "C0GENERAL", gone["ts"]) == ["Half. Whole."]
+        assert fake.deleted and APOLOGY not in str(fake.posted)
+        assert await turns(bot, f"C0GENERAL/{gone['ts']}") == [("user", "second"), ("bot", "Half. Whole.")]
 
 
 # ---- faults -------------------------------------------------------------------------------------
@@ -545,7 +606,8 @@ async def test_failed_or_timed_out_generation_apologizes(tmp_path, fake, models,
         await model.request(1)
         model.say(1, " ".join(str(i) for i in range(1500)))
         await fake.wait_for(lambda: len(bot_messages(fake, "C0GENERAL", slow["ts"])) == 2, 10, "two messages")
-        assert await bot_replies(fake, "C0GENERAL", slow["ts"]) == ["Sorry, that took me too long. Please try again."]
+        assert await bot_replies(fake, "C0GENERAL", slow["ts"]) == [  # a timeout is answered as busy
+            "I'm busy with a lot of conversations right now; try again in a moment."]
         assert len(fake.deleted) == 1
 
         assert "Switched to *broken*" in await command(fake, "persona broken", channel="C0BROKEN")
@@ -590,6 +652,27 @@ async def test_http_mode_checks_signatures_and_answers_once(tmp_path, fake, mode
         assert await turns(bot, f"C0GENERAL/{forged['ts']}") == []
         assert len(await turns(bot, f"C0GENERAL/{mention['ts']}")) == 2 and requests(bot) == 2
         assert fake.connections == 0 and fake.calls_to("apps.connections.open") == []
+
+
+@pytest.mark.timeout(120)
+async def test_two_replicas_answer_an_event_once(tmp_path, fake, models):
+    async with slack_bot(tmp_path, fake, models, slack={"mode": "http"}) as one, \
+            slack_bot(tmp_path, fake, models, slack={"mode": "http"}) as two:
+        mention = fake.app_mention("C0GENERAL", "U0ALICE", "the word is silver")
+        body = json.dumps(fake.event_payload(mention, event_id="Ev0SILVER")).encode()
+        async with aiohttp.ClientSession() as http:
+            for replica in (one, two):  # a retry that the load balancer sent to the other replica
+                headers = fake.signed_request_headers(body, SIGNING_SECRET)
+                async with http.post(replica.url, data=body, headers=headers) as response:
+                    assert response.status == 200
+        assert await bot_replies(fake, "C0GENERAL", mention["ts"]) == ["silver!"]
+        later = fake.app_mention("C0GENERAL", "U0BOB", "the word is copper")
+        async with aiohttp.ClientSession() as http:
+            body = json.dumps(fake.event_payload(later)).encode()
+            async with http.post(two.url, data=body, headers=fake.signed_request_headers(body, SIGNING_SECRET)):
+                pass
+        assert await bot_replies(fake, "C0GENERAL", later["ts"]) == ["copper!"]
+        assert len(bot_messages(fake, "C0GENERAL", mention["ts"])) == 1 and requests(one) + requests(two) == 2
 
 
 @pytest.mark.timeout(120)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,13 +20,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from core.config import Config
 from core.conversation import Turn
 from core.models import ModelSource, choose_placement, load_model
+from accumulation import RANK_BATCHES, batches, gradient, tiny_model
 from core.prompts import IGNORE_INDEX, encode_for_training
 from tiny import build_tokenizer
 from training.evaluate import EvalConfig, evaluate
-from training.train import (
-    LengthGroupedBatches, TrainConfig, TrainError, collate, config_snippet, encode_session, learning_rate,
-    session_turns, train,
-)
+from training.examples import LengthGroupedBatches, collate, encode_session, session_turns
+from training.personality import config_snippet
+from training.train import TrainConfig, TrainError, learning_rate, step_gradients, train
 
 SEASONS = ["fall", "spring", "summer", "winter"]
 THINGS = ["library", "campus", "food", "weather", "people", "lakes"]
@@ -62,7 +67,7 @@ def thread_sessions(threads: list[tuple[str, list[dict]]]) -> list[dict]:
     return sessions
 
 
-def tiny_base(path: Path) -> Path:
+def tiny_base(path: Path, dropout: float = 0.1) -> Path:
     """A randomly initialised 2-layer GPT-2 and a BPE tokenizer (no chat template, like DialoGPT)."""
     texts = [t["text"] for school, other in (("berkeley", "stanford"), ("stanford", "berkeley"))
              for s in thread_sessions(school_threads(school, other)) for t in s["turns"]]
@@ -71,7 +76,8 @@ def tiny_base(path: Path) -> Path:
     eos = tokenizer.eos_token_id
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos))
+                                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                                       resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -184,6 +190,83 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lrs[100] == pytest.approx(0.1)
 
 
+def targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@pytest.mark.timeout(30)
+def test_accumulated_gradient_is_the_gradient_of_the_whole_step_at_once(tokenizer):
+    from accelerate import Accelerator
+
+    micro = batches(tokenizer, [["long0", "long1"], ["short0", "short1"]])  # as length grouping makes them
+    assert targets(micro[0]) > 10 * targets(micro[1])
+    whole = batches(tokenizer, [["long0", "long1", "short0", "short1"]])[0]
+
+    model = tiny_model()
+    model(**whole).loss.backward()  # transformers' own mean over every target token of the step
+    expected, expected_loss = gradient(model), model(**whole).loss.item()
+
+    model = tiny_model()
+    loss = step_gradients(Accelerator(cpu=True), model, micro)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+    torch.testing.assert_close(gradient(model), expected, rtol=1e-4, atol=1e-7)
+
+    model = tiny_model()  # a mean per micro-batch, as before: the few short targets weigh as much as the rest
+    for batch in micro:
+        (model(**batch).loss / len(micro)).backward()
+    assert (gradient(model) - expected).norm() > 0.1 * expected.norm()
+
+
+@pytest.mark.timeout(90)
+def test_accumulation_across_processes_weighs_every_target_token_alike(tokenizer):
+    """Two DDP processes (gloo on CPU), one with nearly all the targets: the gradient they agree on
+    is the gradient of all their micro-batches at once."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    # Its own folder: pytest's shared numbered temp folders can be pruned by another pytest run meanwhile.
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "step.pt"
+        log_path = Path(folder) / "workers.log"
+        with log_path.open("w") as log_file:  # a file, not a pipe: a stray worker cannot hold it open
+            workers = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 str(root / "tests" / "accumulation.py"), str(out)],
+                env=env, stdout=subprocess.DEVNULL, stderr=log_file, start_new_session=True,
+            )
+            try:
+                workers.wait(timeout=80)
+            except subprocess.TimeoutExpired:
+                os.killpg(workers.pid, signal.SIGKILL)  # torchrun and the workers it leads
+                workers.wait()
+        assert workers.returncode == 0, log_path.read_text()[-3000:]
+        result = torch.load(out)
+    assert result["processes"] == 2
+
+    everything = [name for rank in RANK_BATCHES for batch in rank for name in batch]
+    model = tiny_model()
+    loss = model(**batches(tokenizer, [everything])[0]).loss
+    loss.backward()
+    assert result["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    torch.testing.assert_close(result["gradient"], gradient(model), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.timeout(60)
+def test_training_in_micro_batches_follows_one_big_batch(data_dir, tmp_path):
+    """8 sessions a step as 4 x 2 accumulated or as 8 at once (no length grouping, so a step holds the
+    same sessions either way; no dropout): the same losses, step by step."""
+    base = tiny_base(tmp_path / "base", dropout=0.0)
+    runs = {}
+    for batch_size, grad_accum in ((8, 1), (4, 2)):
+        work = tmp_path / f"{batch_size}x{grad_accum}"
+        runs[grad_accum] = train(train_config(base, data_dir, work, batch_size=batch_size, grad_accum=grad_accum,
+                                              group_by_length=False, max_steps=12, eval_interval=12), quiet=True)
+    assert sorted(runs[2].losses) == list(range(1, 13))
+    for step, loss in runs[1].losses.items():
+        assert runs[2].losses[step] == pytest.approx(loss, rel=1e-4), step
+    assert runs[2].perplexity == pytest.approx(runs[1].perplexity, rel=1e-4)
+
+
 def train_config(base_dir: Path, data_dir: Path, work: Path, **overrides) -> TrainConfig:
     settings = dict(
         data_dir=data_dir, out_dir=work / "personalities" / "berkeley", checkpoint_dir=work / "checkpoints",
@@ -287,3 +370,16 @@ def test_perplexity_is_exp_of_the_mean_target_loss(finished_run):
     _, result = finished_run
     card = json.loads((result.out_dir / "persona.json").read_text())
     assert math.exp(card["validation"]["loss"]) == pytest.approx(result.perplexity)
+
+
+@pytest.mark.timeout(60)
+def test_eval_skips_a_held_out_context_too_long_to_reply_to(finished_run, data_dir, tmp_path):
+    cfg, _ = finished_run
+    held_out = tmp_path / "held-out"
+    held_out.mkdir()
+    normal = json.loads((data_dir / "validation.jsonl").read_text().splitlines()[0])
+    too_long = {"turns": [{"author": "a", "text": "the word is " + "apple " * 300}, {"author": "b", "text": "ok"}],
+                "submission_id": "long"}
+    (held_out / "validation.jsonl").write_text(json.dumps(too_long) + "\n" + json.dumps(normal) + "\n")
+    result = evaluate(EvalConfig(personality=cfg.out_dir, data_dir=held_out, samples=2, report=tmp_path / "eval.md"))
+    assert [s.human for s in result.samples] == [normal["turns"][-1]["text"]]

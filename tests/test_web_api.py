@@ -15,14 +15,14 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bots.openai_api import SafeText
 from bots.serve import plan_adapters, serve
 from bots.web import WebAdapter, create_adapter
 from conftest import make_config, make_settings
 from core.config import Config
 from core.conversation import ConversationKey
-from core.safety import neutralize_mentions
 from core.service import ChatService, open_service
+from test_service import GatedOpenAIServer
+from trap_model import PROMPT, cached_trap_model
 
 API_KEY = "test-key-5f0c2a9e"
 
@@ -43,6 +43,7 @@ class Server:
 
     async def chat(self, body, headers=None) -> tuple[int, dict]:
         data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        headers = {"Content-Type": "application/json", **(headers or {})}
         async with self.http.post(f"{self.url}/v1/chat/completions", data=data, headers=headers) as r:
             return r.status, await r.json()
 
@@ -74,10 +75,16 @@ async def stop_server(server: Server) -> None:
     await server.service.close()
 
 
+@pytest.fixture(scope="module")
+def trap_model_dir():
+    return cached_trap_model()
+
+
 @pytest.fixture
-async def server(tmp_path, word_model_dir, word_chat_model_dir):
-    config = make_config(tmp_path, word_model_dir, word_chat_model_dir, web={"port": 0, "max_tokens_limit": 32},
-                         service={"max_input_chars": 100})
+async def server(tmp_path, word_model_dir, word_chat_model_dir, trap_model_dir):
+    traps = {"model": str(trap_model_dir), "format": "dialogpt", "decoding": {"do_sample": False, "max_new_tokens": 32}}
+    config = make_config(tmp_path, word_model_dir, word_chat_model_dir, web={"port": 0, "max_tokens_limit": 32,
+                         "max_messages": 8}, service={"max_input_chars": 100}, personas={"traps": traps})
     s = await start_server(config)
     yield s
     await stop_server(s)
@@ -105,13 +112,14 @@ async def test_openai_client_completes_a_chat(server):
 @pytest.mark.timeout(60, func_only=True)
 async def test_openai_client_streams_chunks(server):
     stream = await server.client().chat.completions.create(
-        model="words", messages=[user("the word is piano")], stream=True, stream_options={"include_usage": True}
+        model="traps", messages=[user(PROMPT)], stream=True, stream_options={"include_usage": True}
     )
     chunks = [chunk async for chunk in stream]
     assert len({c.id for c in chunks}) == 1 and all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert "".join(pieces) == "piano!" and len(pieces) >= 2  # streamed token by token, not in one piece
+    # Streamed as screened, a sentence at a time: the flagged prefixes ("Shit|ake", "Dick|ens") never show.
+    assert pieces == ["I love Shitake.", " Charles Dickens wrote books.", " We should assess it.", " Try a cocktail!"]
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
@@ -166,7 +174,7 @@ async def test_concurrent_requests_each_get_their_own_reply(server):
 async def test_models_lists_the_personas(server):
     client = server.client()
     models = [m async for m in client.models.list()]
-    assert [m.id for m in models] == ["words", "missing", "wordchat"]
+    assert [m.id for m in models] == ["words", "missing", "wordchat", "traps"]
     assert all(m.object == "model" for m in models)
     assert (await client.models.retrieve("wordchat")).id == "wordchat"
     with pytest.raises(openai.NotFoundError):
@@ -196,6 +204,15 @@ BAD_REQUESTS = [
      400, "messages", None),
     ("image part", {"model": "words", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content", None),
+    ("too many messages", {"model": "words", "messages": [user("hi")] * 9}, 400, "messages", "too_many_messages"),
+    ("nested 100,000 deep", "[" * 100_000 + "]" * 100_000, 400, None, "invalid_json"),
+    ("lone surrogate", '{"model": "words", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400,
+     "messages[0].content", "invalid_text"),
+    # One letter with 99 combining marks: within max_input_chars (100), but alone over the context.
+    ("message fills the context", {"model": "words", "messages": [user("a" + "\u0301" * 99)]}, 400, "messages",
+     "context_length_exceeded"),
+    ("system prompt alone too long", {"model": "wordchat", "messages": [
+        {"role": "system", "content": "a" + "\u0301" * 99}, user("hi")]}, 400, "messages", "context_length_exceeded"),
 ]
 
 
@@ -235,9 +252,67 @@ async def test_openai_client_sees_typed_errors(server):
 
 
 @pytest.mark.timeout(60, func_only=True)
-async def test_oversize_body_is_refused(server):
+async def test_oversize_body_and_headers_are_refused_in_the_error_shape(server):
     got, answer = await server.chat("{" + " " * (2 * 1024 * 1024) + "}")
     assert got == 413 and "too large" in answer["error"]["message"]
+    assert answer["error"]["code"] == "request_too_large"
+    async with server.http.get(f"{server.url}/v1/models", headers={"X-Padding": "a" * 10_000}) as r:
+        assert r.status == 400 and r.content_type == "application/json"
+        error = (await r.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"} and "could not be read" in error["message"]
+    got, answer = await server.chat({"model": "words", "messages": [user("the word is lemon")]})
+    assert got == 200  # the server keeps serving
+
+
+# ---- cross-site requests and DNS rebinding -----------------------------------------------------
+
+EVIL = "http://evil.example"
+
+
+@pytest.mark.timeout(60, func_only=True)
+async def test_other_sites_cannot_drive_the_api_through_a_browser(server):
+    conversation = "victim-browser-01"
+    await page_message(server, conversation, "the word is tiger")
+    api = f"{server.url}/api/conversations/{conversation}"
+    chat_body = json.dumps({"model": "words", "messages": [user("the word is apple")]})
+    page_body = json.dumps({"text": "the word is apple"})
+    # What a page elsewhere can send without a CORS preflight: text/plain or a form, with its own Origin.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/json"):
+        cross = {"Origin": EVIL, "Content-Type": content_type}
+        for method, url, body in (("POST", f"{server.url}/v1/chat/completions", chat_body),
+                                  ("POST", f"{api}/messages", page_body), ("POST", f"{api}/reset", ""),
+                                  ("POST", f"{api}/forget-me", ""), ("PUT", f"{api}/persona", '{"persona": "wordchat"}')):
+            async with server.http.request(method, url, data=body, headers=cross) as r:
+                assert r.status == 403, (method, url, content_type)
+                assert (await r.json())["error"]["code"] == "cross_origin"
+    assert server.stored_turns() == 2  # nothing stored, reset or forgotten
+    assert await server.service.store.persona(ConversationKey("web", conversation)) is None
+    # Without the JSON content type even a same-site request is not read as JSON.
+    for url, body in ((f"{server.url}/v1/chat/completions", chat_body), (f"{api}/messages", page_body)):
+        async with server.http.post(url, data=body, headers={"Content-Type": "text/plain"}) as r:
+            assert r.status == 415 and (await r.json())["error"]["code"] == "unsupported_media_type"
+    # The page itself (same origin) works.
+    same = {"Origin": server.url, "Content-Type": "application/json"}
+    async with server.http.post(f"{server.url}/v1/chat/completions", data=chat_body, headers=same) as r:
+        assert r.status == 200
+    async with server.http.post(f"{api}/reset", headers={"Origin": server.url}) as r:
+        assert r.status == 200
+    assert server.stored_turns() == 0
+
+
+@pytest.mark.timeout(60, func_only=True)
+async def test_only_loopback_host_names_are_answered_on_loopback(server):
+    port = server.adapter.port
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.nip.io:{port}", "10.0.0.1"):
+        for method, path in (("GET", "/healthz"), ("GET", "/metrics"), ("GET", "/api/personas"), ("GET", "/"),
+                             ("GET", "/api/conversations/some-browser-1"), ("POST", "/v1/chat/completions")):
+            async with server.http.request(method, server.url + path, headers={"Host": host},
+                                           json={"model": "words", "messages": [user("hi")]}) as r:
+                assert r.status == 403, (host, path)
+                assert (await r.json())["error"]["code"] == "host_not_allowed"
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost", "LOCALHOST:1"):
+        async with server.http.get(server.url + "/healthz", headers={"Host": host}) as r:
+            assert r.status == 200, host
 
 
 # ---- API keys and binding ------------------------------------------------------------------
@@ -302,7 +377,7 @@ async def test_page_api_streams_stores_and_resets(server):
     assert status == 200
     updates = [data["text"] for event, data in events if event == "update"]
     assert events[-1] == ("done", {"text": "apple!", "persona": "words"})
-    assert len(updates) >= 2 and all("apple!".startswith(u) for u in updates)
+    assert updates == ["apple!"]  # a one-sentence reply: shown once screened
     assert [(t.role, t.text) for t in await server.service.store.recent_turns(key, 10)] == [
         ("user", "the word is apple"), ("bot", "apple!")]
 
@@ -332,13 +407,14 @@ async def test_page_api_switches_persona(server):
     async with server.http.get(f"{server.url}/api/personas") as r:
         listing = await r.json()
     assert listing["default"] == "words"
-    assert {p["name"]: p["available"] for p in listing["personas"]} == {"words": True, "missing": False, "wordchat": True}
+    assert {p["name"]: p["available"] for p in listing["personas"]} == {"words": True, "missing": False, "wordchat": True,
+                                                                        "traps": True}
 
     async with server.http.put(url, json={"persona": "nobody"}) as r:
         assert r.status == 404 and (await r.json())["error"]["param"] == "persona"
     async with server.http.put(url, json={"persona": "missing"}) as r:
         assert r.status == 503 and "ttt train" in (await r.json())["error"]["message"]
-    async with server.http.put(url, data="{oops") as r:
+    async with server.http.put(url, data="{oops", headers={"Content-Type": "application/json"}) as r:
         assert r.status == 400
     assert await server.service.store.persona(key) is None
 
@@ -356,11 +432,14 @@ async def test_page_api_switches_persona(server):
     ("valid-conversation", {"text": "x" * 101}, 400, "invalid_message"),
     ("valid-conversation", {"words": "hi"}, 400, None),
     ("valid-conversation", "{oops", 400, "invalid_json"),
+    ("valid-conversation", "[" * 100_000 + "]" * 100_000, 400, "invalid_json"),
+    ("valid-conversation", {"text": "hi \ud800"}, 400, "invalid_message"),
+    ("valid-conversation", {"text": "a" + "\u0301" * 99}, 400, "context_length_exceeded"),  # fills the context
     ("bad!id", {"text": "hi"}, 400, None),
 ])
 async def test_page_api_rejects_bad_input_and_stores_nothing(server, conversation, body, status, code):
     url = f"{server.url}/api/conversations/{conversation}/messages"
-    kwargs = {"data": body} if isinstance(body, str) else {"json": body}
+    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, str) else {"json": body}
     async with server.http.post(url, **kwargs) as r:
         assert r.status == status
         error = (await r.json())["error"]
@@ -468,12 +547,54 @@ async def test_serve_starts_the_web_adapter_when_no_platform_is_configured(tmp_p
         socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
-@pytest.mark.timeout(10, func_only=True)
-def test_streamed_text_never_shows_a_ping():
-    safe = SafeText()
-    pieces = [" Hi <", "@12", "3> and @every", "one, <@!45", "6>", " @here", "ford  "]
-    deltas = [safe.feed(p) for p in pieces] + [safe.finish()]
-    shown = "".join(deltas)
-    assert shown == neutralize_mentions("".join(pieces)).strip() == safe.text
-    assert "<@" not in shown and "@everyone" not in shown and "@herefo" in shown.replace("\u200b", "")
-    assert all("<@" not in "".join(deltas[:i]) for i in range(len(deltas)))
+# ---- busy, forget me ---------------------------------------------------------------------------
+
+
+async def answer(response: aiohttp.ClientResponse) -> tuple[int, str, str | None, dict | None]:
+    """(status, content type, Retry-After, JSON error) of a response."""
+    error = (await response.json())["error"] if response.content_type == "application/json" else None
+    return response.status, response.content_type, response.headers.get("Retry-After"), error
+
+
+@pytest.mark.timeout(60, func_only=True)
+async def test_busy_and_timed_out_replies_get_503_with_retry_after_before_any_stream_starts(tmp_path, word_model_dir):
+    async with GatedOpenAIServer() as model_server:
+        remote = {"model": "served", "endpoint": {"base_url": model_server.url, "model": "m"}}
+        config = make_config(tmp_path, word_model_dir, web={"port": 0}, personas={"remote": remote},
+                             generator={"max_queue": 2, "request_timeout_s": 0.3}, service={"default_persona": "remote"})
+        s = await start_server(config)
+        ask = {"model": "remote", "messages": [user("hello")]}
+
+        async def post(path: str, body: dict):
+            async with s.http.post(s.url + path, json=body) as r:
+                return await answer(r)
+
+        try:
+            # Two replies the model server never answers in time: they hold the generator's two places.
+            waiting = [asyncio.create_task(post("/v1/chat/completions", {**ask, "stream": True})),
+                       asyncio.create_task(post("/api/conversations/slow-browser-1/messages", {"text": "hi"}))]
+            while len(model_server.requests) < 2:
+                assert not any(task.done() for task in waiting)
+                await asyncio.sleep(0.01)
+            for stream in (False, True):  # busy: refused at once, before any stream starts
+                status, kind, retry, error = await post("/v1/chat/completions", {**ask, "stream": stream})
+                assert (status, kind, retry, error["code"]) == (503, "application/json", "1", "busy")
+            for status, kind, retry, error in await asyncio.gather(*waiting):  # timed out: the same answer
+                assert (status, kind, retry, error["code"]) == (503, "application/json", "1", "busy")
+                assert "try again in a moment" in error["message"]
+            assert s.stored_turns() == 0
+            assert await s.metric("ttt_requests_total", adapter="openai", persona="remote", outcome="busy") == 2
+            assert await s.metric("ttt_requests_total", adapter="web", persona="remote", outcome="timeout") == 1
+        finally:
+            model_server.gate.set()
+            await stop_server(s)
+
+
+@pytest.mark.timeout(60, func_only=True)
+async def test_forget_me_deletes_what_this_browser_wrote(server):
+    for conversation in ("forgetful-browser", "other-browser-22"):
+        await page_message(server, conversation, "the word is apple")
+    async with server.http.post(f"{server.url}/api/conversations/forgetful-browser/forget-me") as r:
+        assert r.status == 200 and (await r.json())["deleted"] == 2
+    assert await server.service.store.recent_turns(ConversationKey("web", "forgetful-browser"), 10) == []
+    assert len(await server.service.store.recent_turns(ConversationKey("web", "other-browser-22"), 10)) == 2

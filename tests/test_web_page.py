@@ -23,6 +23,7 @@ from conftest import make_config, make_settings
 from core.config import Config
 from core.conversation import ConversationKey
 from core.service import open_service
+from trap_model import PROMPT, TRAPS, cached_trap_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -84,7 +85,10 @@ class ServerThread:
 
 @pytest.fixture
 def config(tmp_path, word_model_dir, word_chat_model_dir) -> Config:
-    return make_config(tmp_path, word_model_dir, word_chat_model_dir, web={"port": 0}, service={"max_input_chars": 60})
+    traps = {"model": str(cached_trap_model()), "format": "dialogpt", "description": "says tricky words",
+             "decoding": {"do_sample": False, "max_new_tokens": 32}}
+    return make_config(tmp_path, word_model_dir, word_chat_model_dir, web={"port": 0}, service={"max_input_chars": 60},
+                       personas={"traps": traps})
 
 
 @pytest.fixture
@@ -137,7 +141,7 @@ def test_chat_page_streams_keeps_history_and_switches_persona(config, browser):
         browser.get(server.url)
         wait_for(browser, ready, "the page to load")
         picker = Select(browser.find_element(By.ID, "persona"))
-        assert [o.text for o in picker.options] == ["words", "missing (unavailable)", "wordchat"]
+        assert [o.text for o in picker.options] == ["words", "missing (unavailable)", "wordchat", "traps"]
         assert picker.first_selected_option.get_attribute("value") == "words"
         assert browser.find_element(By.ID, "persona-description").text == "plays the word game"
         conversation = browser.execute_script("return localStorage.getItem('ttt.conversation')")
@@ -146,9 +150,6 @@ def test_chat_page_streams_keeps_history_and_switches_persona(config, browser):
         send(browser, "the word is apple")
         wait_for(browser, lambda d: messages(d) == [("user", "the word is apple"), ("bot", "apple!")] and ready(d),
                  "the reply")
-        shown = browser.execute_script("return window.botTexts")
-        assert shown[-1] == "apple!" and len(shown) >= 2, shown  # it grew as it was generated
-        assert all("apple!".startswith(text) for text in shown)
         assert server.turns(conversation) == [("user", "the word is apple"), ("bot", "apple!")]
 
         browser.refresh()
@@ -178,6 +179,25 @@ def test_chat_page_streams_keeps_history_and_switches_persona(config, browser):
                  "the history after a second reload")
         assert Select(browser.find_element(By.ID, "persona")).first_selected_option.get_attribute("value") == "wordchat"
         assert server.turns(conversation) == [("user", "the word is dragon"), ("bot", "dragon!")]
+
+        # A longer reply grows as it is generated, a screened sentence at a time.
+        browser.find_element(By.ID, "reset").click()
+        wait_for(browser, lambda d: messages(d) == [("note", "Conversation reset: a fresh start.")] and ready(d),
+                 "the second reset")
+        Select(browser.find_element(By.ID, "persona")).select_by_value("traps")
+        wait_for(browser, lambda d: messages(d)[-1] == ("note", "Now talking to traps.") and ready(d), "the switch")
+        browser.execute_script(RECORD_BOT_TEXTS)
+        send(browser, PROMPT)
+        wait_for(browser, lambda d: messages(d)[-1] == ("bot", TRAPS) and ready(d), "the long reply")
+        shown = browser.execute_script("return window.botTexts")
+        assert len(set(shown)) == 4 and all(TRAPS.startswith(text) for text in shown), shown
+
+        # Forget me: after a confirmation, everything this browser wrote is deleted on the server.
+        browser.find_element(By.ID, "forget").click()
+        browser.switch_to.alert.accept()
+        wait_for(browser, lambda d: messages(d) == [("note", "Forgotten: 2 message(s) deleted from the server.")]
+                 and ready(d), "forget me")
+        assert server.turns(conversation) == []
 
 
 @pytest.mark.timeout(120, func_only=True)

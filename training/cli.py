@@ -178,7 +178,8 @@ def run_build_data(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_train(settings: Settings, args: argparse.Namespace) -> int:
-    from training.train import TrainConfig, TrainError, config_snippet, train
+    from training.personality import config_snippet
+    from training.train import TrainConfig, TrainError, train
 
     training = settings.config.training
     try:

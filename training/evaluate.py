@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from core.conversation import Turn
 from core.models import ModelSource, ModelUnavailable, choose_placement, load_model
-from core.prompts import end_of_turn_ids, fit_to_budget
-from training.train import encode_all, make_loader, read_sessions, session_turns, validation_loss
+from core.prompts import PromptTooLong, SystemPromptTooLong, end_of_turn_ids, fit_to_budget
+from training.examples import encode_all, make_loader, read_sessions, session_turns
+from training.train import validation_loss
 
 NO_REPEAT_NGRAM_SIZE = 3
 
@@ -140,13 +141,23 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     stops = sorted(set(end_of_turn_ids(fmt, tokenizer) + [tokenizer.eos_token_id]))
     budget = max(16, max_length - cfg.max_new_tokens)
     samples = []
-    for session in tqdm(sessions[: cfg.samples], desc="replying", unit="context"):
-        turns = session_turns(session["turns"], fmt)
-        context, human = turns[:-1], turns[-1].text
-        _, prompt = fit_to_budget(fmt, tokenizer, context, system_prompt, budget)
-        with base_context():
-            base_reply = _reply(base_model, tokenizer, prompt, stops, cfg.max_new_tokens)
-        samples.append(Sample(context, human, base_reply, _reply(tuned, tokenizer, prompt, stops, cfg.max_new_tokens)))
+    with tqdm(total=min(cfg.samples, len(sessions)), desc="replying", unit="context") as bar:
+        for session in sessions:
+            if len(samples) == cfg.samples:
+                break
+            turns = session_turns(session["turns"], fmt)
+            context, human = turns[:-1], turns[-1].text
+            try:
+                _, prompt = fit_to_budget(fmt, tokenizer, context, system_prompt, budget)
+            except SystemPromptTooLong as exc:
+                raise EvalError(f"cannot reply with {cfg.max_new_tokens} new tokens: {exc}") from None
+            except PromptTooLong:  # its newest turn alone fills the context: not a context to reply to
+                continue
+            with base_context():
+                base_reply = _reply(base_model, tokenizer, prompt, stops, cfg.max_new_tokens)
+            tuned_reply = _reply(tuned, tokenizer, prompt, stops, cfg.max_new_tokens)
+            samples.append(Sample(context, human, base_reply, tuned_reply))
+            bar.update()
 
     result = EvalResult(
         report=cfg.report or cfg.personality / "eval.md",

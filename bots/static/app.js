@@ -8,6 +8,7 @@
   const personaSelect = $("persona");
   const personaDescription = $("persona-description");
   const resetButton = $("reset");
+  const forgetButton = $("forget");
   const statusLine = $("status");
   const keyForm = $("key-form");
   const keyInput = $("api-key");
@@ -107,6 +108,7 @@
     sendButton.disabled = !on;
     personaSelect.disabled = !on;
     resetButton.disabled = !on;
+    forgetButton.disabled = !on;
   }
 
   function askForKey(message) {
@@ -204,6 +206,21 @@
     }
   }
 
+  async function forgetMe() {
+    if (!confirm("Delete everything you have written here, and the replies to it?")) return;
+    setEnabled(false);
+    try {
+      const data = await (await api("POST", `${conversationPath}/forget-me`)).json();
+      log.replaceChildren();
+      addMessage("note", `Forgotten: ${data.deleted} message(s) deleted from the server.`);
+      showStatus("");
+    } catch (err) {
+      showStatus(err.message, true);
+    } finally {
+      if (keyForm.hidden) setEnabled(true);
+    }
+  }
+
   composer.addEventListener("submit", (event) => {
     event.preventDefault();
     const text = input.value.trim();
@@ -221,6 +238,7 @@
 
   personaSelect.addEventListener("change", () => switchPersona(personaSelect.value));
   resetButton.addEventListener("click", reset);
+  forgetButton.addEventListener("click", forgetMe);
 
   keyForm.addEventListener("submit", (event) => {
     event.preventDefault();

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import unquote
@@ -294,7 +295,8 @@ class RestHandlers:
         if int(msg["author"]["id"]) != self.bot_user.id:
             raise DiscordError(403, 50005, "Cannot edit a message authored by another user")
         body = call.json or {}
-        self.edits.append({"channel_id": int(channel_id), "message_id": int(message_id), "body": body})
+        self.edits.append({"channel_id": int(channel_id), "message_id": int(message_id), "body": body,
+                           "at": time.monotonic()})
         return self._apply_edit(msg, body)
 
     def _delete_message(self, call, channel_id, message_id):

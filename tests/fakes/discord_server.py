@@ -11,6 +11,9 @@ itself via ``GET /gateway/bot``.
   ``fake.unknown_requests`` too. Bot token checked (401) except on interaction webhooks.
   Responses carry ``Content-Type: application/json`` exactly (discord.py parses nothing else).
 * Gateway websocket (``discord_gateway.py``): READY + GUILD_CREATE, heartbeats, RESUME, intents.
+* Rate limits per route and channel like Discord's (``fake.rate_limits``; by default message
+  edits, 5 per 5 s per channel): ``X-RateLimit-*`` headers on every answer of a limited route
+  (discord.py waits by them), and a 429 with ``retry_after`` past the limit (``fake.rate_limited``).
 * Messages the bot creates are stored per channel (``fake.messages``) and echoed back over the
   gateway as MESSAGE_CREATE, as Discord does. Validation like Discord: empty message (50006),
   content over 2000 characters (50035), reply to an unknown message (50035), double interaction
@@ -29,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 import traceback
 from collections import defaultdict
 from typing import Any, Callable, Optional
@@ -69,7 +73,7 @@ class FakeDiscord(RestHandlers):
         self.unknown_requests: list[RestCall] = []
         self.server_errors: list[str] = []  # tracebacks of exceptions inside the fake's handlers
         self.messages: dict[int, list] = defaultdict(list)  # channel id -> messages, oldest first
-        self.edits: list[dict] = []  # PATCH /channels/..: {"channel_id", "message_id", "body"}
+        self.edits: list[dict] = []  # PATCH /channels/..: {"channel_id", "message_id", "body", "at"}
         self.deletions: list[dict] = []  # {"channel_id", "message_id"}
         self.typing: list[int] = []  # channel ids, one per POST /channels/{id}/typing
         self.reactions: list[dict] = []  # {"channel_id", "message_id", "emoji", "added"}
@@ -79,11 +83,16 @@ class FakeDiscord(RestHandlers):
         self.guild_commands: dict[int, list] = {}
         self.command_syncs: list[tuple] = []  # (guild id or None, PUT body)
         self.interactions: dict[int, FakeInteraction] = {}
+        # "METHOD /route/{param}" -> (requests, per seconds), counted per channel (Discord's major parameter).
+        self.rate_limits: dict[str, tuple[int, float]] = {
+            "PATCH /channels/{channel_id}/messages/{message_id}": (5, 5.0)}
+        self.rate_limited: list[RestCall] = []  # requests answered 429
+        self._windows: dict[tuple, list] = {}  # (route, channel) -> [window start, requests in it]
         self.gateway = Gateway(self, heartbeat_interval_ms)
         self._change = asyncio.Event()
         self._runner: Optional[web.AppRunner] = None
         self.port: Optional[int] = None
-        self._routes = [(m, _route(p), h, p.startswith(("/interactions", "/webhooks"))) for m, p, h in [
+        self._routes = [(m, p, _route(p), h, p.startswith(("/interactions", "/webhooks"))) for m, p, h in [
             ("GET", "/gateway", self._get_gateway),
             ("GET", "/gateway/bot", self._get_gateway_bot),
             ("GET", "/users/@me", lambda c: self._bot_user_payload()),
@@ -180,11 +189,16 @@ class FakeDiscord(RestHandlers):
         self.users[user.id] = user
         return user
 
-    def add_guild(self, name: str, *, owner: Optional[FakeUser] = None) -> FakeGuild:
+    def add_guild(self, name: str, *, owner: Optional[FakeUser] = None, shard: Optional[tuple] = None) -> FakeGuild:
         """A guild with @everyone, the bot as a member holding its managed role (see
-        ``bot_role``) and ``owner`` (a new user by default) as a member."""
+        ``bot_role``) and ``owner`` (a new user by default) as a member. ``shard``: (shard id,
+        shard count) the guild's id must fall on."""
         owner = owner or self.add_user(f"{name}-owner")
-        guild = FakeGuild(snowflake(), name, owner_id=owner.id)
+        guild_id = snowflake()
+        if shard is not None:  # Discord's rule: shard = (guild_id >> 22) % shard_count
+            shard_id, count = shard
+            guild_id += (((shard_id - (guild_id >> 22)) % count) << 22)
+        guild = FakeGuild(guild_id, name, owner_id=owner.id)
         guild.roles[guild.id] = FakeRole(guild.id, guild.id, "@everyone", EVERYONE_PERMISSIONS)
         self.guilds[guild.id] = guild
         bot_role = self._new_role(guild, self.bot_user.name, BOT_ROLE_PERMISSIONS, managed_for_bot=True)
@@ -284,6 +298,12 @@ class FakeDiscord(RestHandlers):
         msg = self._new_message(channel, user, body, extra_mentions=mentions, extra_role_mentions=mention_roles)
         self._store_and_dispatch(msg)
         return msg
+
+    def delete_message(self, message) -> None:
+        """Deletes a message as a moderator would (MESSAGE_DELETE is dispatched; later edits get 404)."""
+        msg = self._message(snowflake_id(message))
+        self._delete_message(RestCall("DELETE", "(moderator)", None, {}, []), msg["channel_id"], msg["id"])
+        self._changed()
 
     async def invoke_command(self, channel, user: FakeUser, name: str, options: Optional[dict] = None, *,
                              subcommand=None, focused: Optional[str] = None, locale: str = "en-US") -> FakeInteraction:
@@ -400,12 +420,18 @@ class FakeDiscord(RestHandlers):
         body, files = await self._read_body(request)
         call = RestCall(request.method, "/" + request.match_info["tail"], body, dict(request.query), files)
         self.requests.append(call)
+        headers = {"Content-Type": "application/json"}
         try:
-            for method, pattern, handler, tokenless in self._routes:
+            for method, route, pattern, handler, tokenless in self._routes:
                 match = pattern.fullmatch(call.path)
                 if match and method == request.method:
                     if not tokenless and request.headers.get("Authorization") != f"Bot {self.token}":
                         raise DiscordError(401, 0, "401: Unauthorized")
+                    limited = self._count(f"{method} {route}", match.groupdict().get("channel_id"), headers)
+                    if limited is not None:
+                        self.rate_limited.append(call)
+                        status, payload = 429, limited
+                        break
                     result = handler(call, **match.groupdict())
                     status, payload = result if isinstance(result, tuple) else (200, result)
                     break
@@ -423,9 +449,32 @@ class FakeDiscord(RestHandlers):
         call.status = status
         self._changed()
         if status == 204:
-            return web.Response(status=204)
-        return web.Response(status=status, body=json.dumps(payload).encode(),
-                            headers={"Content-Type": "application/json"})
+            return web.Response(status=204, headers={k: v for k, v in headers.items() if k != "Content-Type"})
+        return web.Response(status=status, body=json.dumps(payload).encode(), headers=headers)
+
+    def _count(self, route: str, channel_id: Optional[str], headers: dict) -> Optional[dict]:
+        """Counts a request against its route's limit (fixed windows, as Discord's reset works) and
+        adds the X-RateLimit headers; returns the 429 body when over the limit."""
+        if route not in self.rate_limits:
+            return None
+        limit, per = self.rate_limits[route]
+        now = time.monotonic()
+        window = self._windows.setdefault((route, channel_id), [now, 0])
+        if now >= window[0] + per:
+            window[:] = [now, 0]
+        reset_after = window[0] + per - now
+        over = window[1] >= limit
+        if not over:
+            window[1] += 1
+        headers.update({
+            "X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(limit - window[1]),
+            "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}", "X-RateLimit-Reset-After": f"{reset_after:.3f}",
+            "X-RateLimit-Bucket": f"fake-{abs(hash(route)) % 10**8:08d}"})
+        if not over:
+            return None
+        headers.update({"Retry-After": str(max(1, round(reset_after))), "X-RateLimit-Scope": "user",
+                        "Via": "1.1 google"})  # discord.py takes a 429 without Via for Cloudflare's
+        return {"message": "You are being rate limited.", "retry_after": round(reset_after, 3), "global": False}
 
     @staticmethod
     async def _read_body(request: web.Request):

@@ -7,6 +7,9 @@ Speaks the real wire protocol on 127.0.0.1 (ephemeral port), so an unmodified sl
 * Web API under ``fake.api_url`` (``http://127.0.0.1:PORT/api/``), bearer token checked.
 * Socket Mode websocket at the URL that ``apps.connections.open`` returns.
 * ``response_url`` endpoint for slash commands.
+* Rate limits per method and workspace like Slack's (``fake.rate_limits``; by default
+  ``chat.update``, 50 a minute): past one, HTTP 429 with ``Retry-After`` and
+  ``{"ok": false, "error": "ratelimited"}`` (recorded in ``fake.rate_limited``).
 
 Everything is recorded for assertions; ``wait_for`` / ``wait_for_message`` wake up on every
 recorded change (an ``asyncio.Condition``), so tests never need bare sleeps.
@@ -18,8 +21,10 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -89,7 +94,12 @@ class FakeSlack:
         self.connections = 0  # websocket connections accepted so far
         self.hellos = 0
 
-        self._errors: dict[str, list[str]] = {}  # method -> queued errors (inject_error)
+        # method -> (calls, per seconds) in any sliding window, for the one workspace.
+        self.rate_limits: dict[str, tuple[int, float]] = {"chat.update": (50, 60.0)}
+        self.rate_limited: list[ApiCall] = []  # calls answered 429
+        self._recent: dict[str, deque] = {}  # method -> times of the calls counted
+        self._errors: dict[str, list[tuple]] = {}  # method -> queued (error, when) (inject_error)
+        self._holds: list[tuple[str, dict, asyncio.Event]] = []  # (method, params, released) (hold)
         self._tickets: set[str] = set()
         self._sockets: list[web.WebSocketResponse] = []  # open ones, newest last
         self._transports: dict[int, Any] = {}  # id(ws) -> its TCP transport (for drop_socket)
@@ -184,9 +194,25 @@ class FakeSlack:
     def calls_to(self, method: str) -> list[ApiCall]:
         return [c for c in self.calls if c.method == method]
 
-    def inject_error(self, method: str, error: str, times: int = 1) -> None:
-        """The next `times` calls to method answer {"ok": false, "error": error}."""
-        self._errors.setdefault(method, []).extend([error] * times)
+    def inject_error(self, method: str, error: str, times: int = 1,
+                     when: Optional[Callable[[dict], bool]] = None) -> None:
+        """The next `times` calls to method (whose params satisfy `when`, if given) answer
+        {"ok": false, "error": error}."""
+        self._errors.setdefault(method, []).extend([(error, when)] * times)
+
+    def _injected(self, method: str, params: dict) -> Optional[str]:
+        queued = self._errors.get(method, [])
+        for i, (error, when) in enumerate(queued):
+            if when is None or when(params):
+                del queued[i]
+                return error
+        return None
+
+    def hold(self, method: str, **params) -> asyncio.Event:
+        """Calls to method with these params wait (a slow Slack) until the returned event is set."""
+        released = asyncio.Event()
+        self._holds.append((method, params, released))
+        return released
 
     # ------------------------------------------------------------------ ids
     def next_ts(self) -> str:
@@ -367,19 +393,42 @@ class FakeSlack:
         body_token = params.pop("token", None)
         token = auth[7:] if auth.startswith("Bearer ") else body_token
         self.calls.append(ApiCall(method, params, token))
+        for held, wanted, released in self._holds:
+            if held == method and all(params.get(k) == v for k, v in wanted.items()):
+                await released.wait()
         handler = getattr(self, "_api_" + method.replace(".", "_"), None)
         expected = self.app_token if method == "apps.connections.open" else self.bot_token
+        retry_after = self._count(method)
+        if retry_after is not None:
+            self.rate_limited.append(self.calls[-1])
+            await self._changed()
+            return web.json_response({"ok": False, "error": "ratelimited"}, status=429,
+                                     headers={"Retry-After": str(retry_after)})
         if handler is None:
             self.unknown_methods.append(method)
             body: dict = {"ok": False, "error": "unknown_method"}
         elif token != expected:
             body = {"ok": False, "error": "invalid_auth"}
-        elif self._errors.get(method):
-            body = {"ok": False, "error": self._errors[method].pop(0)}
+        elif (error := self._injected(method, params)) is not None:
+            body = {"ok": False, "error": error}
         else:
             body = await handler(params)
         await self._changed()
         return web.json_response(body, headers={"x-oauth-scopes": "app_mentions:read,chat:write,im:history"})
+
+    def _count(self, method: str) -> Optional[int]:
+        """Counts a call against its method's limit; the seconds to wait when over it."""
+        if method not in self.rate_limits:
+            return None
+        limit, per = self.rate_limits[method]
+        now = time.monotonic()
+        recent = self._recent.setdefault(method, deque())
+        while recent and recent[0] <= now - per:
+            recent.popleft()
+        if len(recent) >= limit:
+            return max(1, math.ceil(recent[0] + per - now))
+        recent.append(now)
+        return None
 
     def _find(self, channel: str, ts: str) -> Optional[dict]:
         return next((m for m in self.messages if m["channel"] == channel and m["ts"] == ts), None)

@@ -1,0 +1,90 @@
+"""Screened replies: one output-safety policy for every entry point, chat platforms and APIs alike.
+
+A reply is shown only as far as it passed the screen (see core.safety.StreamScreen): complete
+words, no pings, screened at most once per sentence, and the whole reply once at the end. A reply
+that fails is regenerated once, then replaced by the fallback; a reader that cannot take text
+back (a stream) instead gets the reply cut where the screened part ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable
+
+from core.config import Decoding, SafetySection
+from core.generator import Generation, GenerationStats
+from core.safety import StreamScreen, degeneracy, is_offensive
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplyUpdate:
+    """The reply so far (screened, safe to show); `final` once complete (and stored, for a conversation).
+
+    The final update carries the generation's `stats`; `cut` is set when the screen stopped a reply
+    whose beginning was already shown to a reader who cannot take text back.
+    """
+
+    text: str
+    final: bool = False
+    stats: GenerationStats | None = None
+    cut: bool = False
+
+
+async def screened_reply(
+    generate: Callable[[Decoding], Awaitable[Generation]], safety: SafetySection, user_text: str,
+    decoding: Decoding, *, retractable: bool = True, label: str = "",
+) -> AsyncIterator[ReplyUpdate]:
+    """Updates of a reply that `generate` produces, screened; the last one is final.
+
+    `user_text` is the message replied to (a reply that only echoes it is degenerate).
+    """
+    screening = safety.on_offensive != "allow"
+    for attempt in range(2):
+        generation = await generate(decoding)
+        screen = StreamScreen(screening)
+        problem = None
+        try:
+            async for piece in generation:
+                due = screen.feed(piece)
+                if due is None:
+                    continue
+                problem = await _problem(due, user_text, safety, partial=True) if screen.checkpoint else None
+                if problem:
+                    break
+                screen.show(due)
+                yield ReplyUpdate(due)
+        finally:
+            generation.cancel()  # stops it if it is still running (a problem, or the reader left)
+        text = screen.text
+        problem = problem or await _problem(text, user_text, safety, screened=screen.shown)
+        if problem is None:
+            yield ReplyUpdate(text, final=True, stats=generation.stats)
+            return
+        log.info("discarding a %s reply %s (attempt %d)", problem, label, attempt + 1)
+        if screen.shown and not retractable:
+            yield ReplyUpdate(screen.shown, final=True, stats=generation.stats, cut=True)
+            return
+        if problem == "offensive" and safety.on_offensive == "fallback":
+            break
+        decoding = decoding.model_copy(
+            update={"do_sample": True, "seed": None if decoding.seed is None else decoding.seed + 1}
+        )
+    yield ReplyUpdate(safety.fallback_reply, final=True, stats=generation.stats)
+
+
+async def _problem(
+    text: str, user_text: str, safety: SafetySection, *, partial: bool = False, screened: str = ""
+) -> str | None:
+    """Why `text` must not be shown: degenerate (part of a reply can only be told to loop) or offensive
+    (text screened before exactly as it is is not screened again)."""
+    problem = degeneracy(text, user_text)
+    if problem and (problem == "loop" or not partial):
+        return problem
+    if safety.on_offensive != "allow" and text != screened:
+        if (await asyncio.to_thread(is_offensive, [text], safety.offensive_threshold))[0]:
+            return "offensive"
+    return None
