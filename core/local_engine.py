@@ -30,7 +30,7 @@ from core.kv_cache import BatchCache, Layout, new_cache
 from core.metrics import Metrics
 from core.prefix_cache import SPARE_TOKENS, PrefixCache, Reuse
 from core.sampling import RowSampler, sample
-from core.threads import ThreadTuner, bucket
+from core.threads import ThreadTuner, bucket, one_cpu_thread
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class LocalEngine(Engine):
 
         if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in self.model.modules()):
             raise GenerationFailed("LoRA adapters need float weights: set generator.cpu_dtype to float32 or bfloat16")
-        with self._model_lock:
+        with self._model_lock, one_cpu_thread():
             if path in self._adapters:
                 return
             name = f"adapter{len(self._adapters)}"

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.threads import one_cpu_thread
+
 log = logging.getLogger(__name__)
 
 PACKAGE_SCHEME = "package://"
@@ -97,6 +99,11 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
 
 def load_model(source: ModelSource, placement: Placement, cache_dir: Path | None = None):
     """(model, tokenizer) ready for inference; raises ModelUnavailable with a clear message."""
+    with one_cpu_thread():
+        return _load_model(source, placement, cache_dir)
+
+
+def _load_model(source: ModelSource, placement: Placement, cache_dir: Path | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
