@@ -2,16 +2,16 @@
 
 Rows are left-padded so that each row's tokens end at the last column; a column is a position of
 the batch's 2D attention mask, and padding columns are masked out. Full-attention layers
-(`DynamicLayer`, or `GrowingLayer` in caches the engine builds) hold every column. Sliding-window layers (`DynamicSlidingWindowLayer`: Mistral,
-Phi-3, Qwen2's windowed layers, Gemma-3's local layers) hold only the last `sliding_window - 1`
-columns and count every column in `cumulative_length`, from which transformers places the mask.
-Since a row's tokens are contiguous and end at the last column, a window over columns is a window
-over that row's own tokens: padded rows of different lengths can share one sliding layer.
+(`DynamicLayer`, or `GrowingLayer` in the caches the engine builds) hold every column.
+Sliding-window layers (`DynamicSlidingWindowLayer`: Mistral, Phi-3, Qwen2's windowed layers,
+Gemma-3's local layers) hold only the last `sliding_window - 1` columns and count every column in
+`cumulative_length`, from which transformers places the mask. Since a row's tokens are contiguous
+and end at the last column, a window over columns is a window over that row's own tokens: padded
+rows of different lengths can share one sliding layer.
 
-Other layouts (linear-attention or recurrent states, indexed or quantized layers, shared-KV
-placeholders) cannot be left-padded after the fact: they are `Layout.DRAIN` (the engine starts a
-batch only when the previous one has finished, as `generate` batches) or, without a `Cache`
-object at all, `Layout.SERIAL` (one request at a time).
+Other layouts (convolution, linear-attention or recurrent states, indexed or quantized layers,
+shared-KV placeholders) cannot be left-padded after the fact: they are `Layout.DRAIN`, and the
+engine starts a batch only when the previous one has finished, as `generate` batches.
 """
 
 from __future__ import annotations
@@ -66,13 +66,12 @@ def new_cache(config) -> DynamicCache:
 class Layout(enum.Enum):
     JOINABLE = "joinable"  # rows join and leave a running batch at any step
     DRAIN = "drain"  # rows may leave; new rows wait for the batch to finish
-    SERIAL = "serial"  # one request at a time
 
 
-def layout_of(cache: object) -> Layout:
+def layout_of(cache: Cache) -> Layout:
     if type(cache) is DynamicCache and all(_window(layer) != -1 for layer in cache.layers):
         return Layout.JOINABLE
-    return Layout.DRAIN if isinstance(cache, Cache) else Layout.SERIAL
+    return Layout.DRAIN
 
 
 def _window(layer: object) -> int | None:
@@ -147,7 +146,7 @@ class RowState:
 class BatchCache:
     """A batch's cache and its [rows, columns] attention mask; every operation keeps them aligned."""
 
-    def __init__(self, cache: object, mask: torch.Tensor):
+    def __init__(self, cache: Cache, mask: torch.Tensor):
         self.cache = cache
         self.mask = mask
         self.layout = layout_of(cache)

@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -23,53 +22,21 @@ from core import capacity, prompts
 from core.config import Decoding
 from core.conversation import Turn
 from core.detokenize import ReplyText
+from core.engine_request import PreparedPrompt, Request
 from core.generator import (
     Engine, Generation, GenerationCancelled, GenerationFailed, GenerationTimeout, GeneratorBusy, checked_decoding,
 )
-from core.kv_cache import BatchCache, Layout, new_cache
+from core.kv_cache import BatchCache, Layout
 from core.metrics import Metrics
+from core.model_runner import BASE_ADAPTER, ModelRunner
 from core.prefix_cache import SPARE_TOKENS, PrefixCache, Reuse
 from core.sampling import RowSampler, sample
-from core.threads import ThreadTuner, bucket, one_cpu_thread
 
 log = logging.getLogger(__name__)
 
-BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 # Prompt tokens prefilled per round at most (one long prompt still goes alone): the running batch
 # gets a decode step between rounds, so a burst of arrivals does not stall everyone's stream.
 PREFILL_TOKENS_PER_ROUND = 1024
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A prompt ready for `LocalEngine.submit`: token ids, and the ids that end this persona's turn."""
-
-    ids: list[int]
-    stop_ids: frozenset[int]
-
-
-@dataclass
-class _Row:
-    generation: Generation
-    prompt: list[int]
-    stop_ids: frozenset[int]
-    sampler: RowSampler
-    text: ReplyText
-    max_new_tokens: int
-    adapter: str = BASE_ADAPTER
-    position: int = 0  # tokens of this row in the cache
-    tokens: list[int] = field(default_factory=list)  # generated so far (an end-of-turn token is not kept)
-    started: bool = False  # prefilled and decoding
-    ended: bool = False
-    reuse: Reuse | None = None  # a prefix-cache hit
-
-    def work(self) -> capacity.Work:
-        return capacity.Work(
-            remaining=self.max_new_tokens - len(self.tokens),
-            context=self.position if self.started else len(self.prompt),
-            prefill=0 if self.started else len(self.prompt),
-            deadline=self.generation.deadline,
-        )
 
 
 class LocalEngine(Engine):
@@ -86,32 +53,28 @@ class LocalEngine(Engine):
         metrics: Metrics | None = None,
         prefix_cache_mb: float = 0,
     ):
-        self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics
-        self.device = next(model.parameters()).device
         config = model.config
         self.max_positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = frozenset(t for t in eos + [tokenizer.eos_token_id] if t is not None)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.runner = ModelRunner(model, tokenizer, pad_id)
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.speed = capacity.SpeedModel()
         self.layout: Layout | None = None  # known after the first prefill
         self.joins = 0  # requests that joined a batch already decoding
-        self._tuner = ThreadTuner(torch.get_num_threads()) if self.device.type == "cpu" else None
         self._stop_ids: dict[str, frozenset[int]] = {}
-        self._pending: deque[_Row] = deque()
-        self._inflight: list[_Row] = []  # every request not yet ended, in arrival order
-        self._rows: list[_Row] = []  # the running batch, in cache row order
+        self._pending: deque[Request] = deque()
+        self._inflight: list[Request] = []  # every request not yet ended, in arrival order
+        self._rows: list[Request] = []  # the running batch, in cache row order
         self._batch: BatchCache | None = None
         self._cv = threading.Condition()
-        self._model_lock = threading.Lock()
-        self._adapters: dict[str, str] = {}  # adapter directory -> peft adapter name
         self._closing = False
         if metrics:
             metrics.expected_wait.labels(name).set_function(self.expected_wait)
@@ -132,24 +95,11 @@ class LocalEngine(Engine):
         return self._stop_ids[fmt]
 
     def has_adapter(self, path: str) -> bool:
-        return path in self._adapters
+        return path in self.runner.adapters
 
     def load_adapter(self, path: str) -> None:
         """Load a LoRA adapter onto the shared base model (blocking: call it off the event loop)."""
-        from peft import PeftModel
-
-        if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in self.model.modules()):
-            raise GenerationFailed("LoRA adapters need float weights: set generator.cpu_dtype to float32 or bfloat16")
-        with self._model_lock, one_cpu_thread():
-            if path in self._adapters:
-                return
-            name = f"adapter{len(self._adapters)}"
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-            self.model.eval()
-            self._adapters[path] = name
+        self.runner.load_adapter(path)
 
     def submit(
         self,
@@ -163,7 +113,7 @@ class LocalEngine(Engine):
         if not isinstance(prompt, PreparedPrompt):
             prompt = PreparedPrompt(list(prompt), self.eos_ids)
         ids = prompt.ids
-        if adapter is not None and adapter not in self._adapters:
+        if adapter is not None and adapter not in self.runner.adapters:
             raise GenerationFailed(f"adapter {adapter} is not loaded")
         if not ids:
             raise GenerationFailed("empty prompt")
@@ -175,9 +125,9 @@ class LocalEngine(Engine):
                 )
             max_new = min(max_new, self.max_positions - len(ids))
         generation = Generation(asyncio.get_running_loop(), timeout)
-        row = _Row(generation, list(ids), prompt.stop_ids, RowSampler(decoding, ids, self.device),
-                   ReplyText(self.tokenizer, decoding.stop), max_new,
-                   self._adapters[adapter] if adapter else BASE_ADAPTER)
+        row = Request(generation, list(ids), prompt.stop_ids, RowSampler(decoding, ids, self.runner.device),
+                      ReplyText(self.tokenizer, decoding.stop), max_new,
+                      self.runner.adapters[adapter] if adapter else BASE_ADAPTER)
         with self._cv:
             if self._closing:
                 self._refuse("closing", "the generator is shutting down")
@@ -196,7 +146,7 @@ class LocalEngine(Engine):
             self.metrics.generator_refused.labels(self.name, reason).inc()
         raise GeneratorBusy(message)
 
-    def _in_time(self, row: _Row) -> bool:
+    def _in_time(self, row: Request) -> bool:
         """Called with the lock held: would this request (and everyone admitted) finish in time?"""
         if not self.speed.ready:
             return True
@@ -250,11 +200,11 @@ class LocalEngine(Engine):
                     self._rows, self._batch = [], None
                 self._gauge()
 
-    def _take(self) -> list[_Row]:
+    def _take(self) -> list[Request]:
         """Called with the lock held: the waiting requests this round prefills."""
         if self._rows and self.layout is not Layout.JOINABLE:
             return []  # this layout cannot join a running batch: let it drain
-        taken: list[_Row] = []
+        taken: list[Request] = []
         tokens = 0
         while self._pending and len(self._rows) + len(taken) < self.max_batch_size:
             if taken and tokens + len(self._pending[0].prompt) > PREFILL_TOKENS_PER_ROUND:
@@ -263,7 +213,7 @@ class LocalEngine(Engine):
             tokens += len(taken[-1].prompt)
         return taken
 
-    def _round(self, admitted: list[_Row]) -> None:
+    def _round(self, admitted: list[Request]) -> None:
         """Prefill the newly admitted requests, then one decode step for the whole batch."""
         admitted = [row for row in admitted if self._still_wanted(row)]
         now = time.monotonic()
@@ -274,7 +224,7 @@ class LocalEngine(Engine):
         if self._rows:
             self._step()
 
-    def _still_wanted(self, row: _Row) -> bool:
+    def _still_wanted(self, row: Request) -> bool:
         generation = row.generation
         if generation.cancelled:
             self._fail(row, GenerationCancelled("cancelled"))
@@ -284,18 +234,18 @@ class LocalEngine(Engine):
             return False
         return True
 
-    def _prefill(self, rows: list[_Row]) -> None:
+    def _prefill(self, rows: list[Request]) -> None:
         fresh = []
         for row in rows:
             row.reuse = self._lookup(row)
             if row.reuse is None:
                 fresh.append(row)
             else:
-                self._start([row], lambda: self._forward_cached(row))
+                self._start([row], lambda: self.runner.prefill_after(row.reuse, row.prompt, row.adapter))
         if fresh:
-            self._start(fresh, lambda: self._forward_prompts(fresh))
+            self._start(fresh, lambda: self.runner.prefill([r.prompt for r in fresh], [r.adapter for r in fresh]))
 
-    def _start(self, rows: list[_Row], forward) -> None:
+    def _start(self, rows: list[Request], forward) -> None:
         """Run a prefill; on failure retry each request alone, so that only a bad one fails."""
         started = time.perf_counter()
         try:
@@ -304,7 +254,7 @@ class LocalEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - isolate the failing request below
             if len(rows) > 1:
                 for row in rows:
-                    self._start([row], lambda: self._forward_prompts([row]))  # noqa: B023 - called at once
+                    self._start([row], lambda: self.runner.prefill([row.prompt], [row.adapter]))  # noqa: B023
                 return
             log.exception("prefill failed for one request")
             self._fail(rows[0], GenerationFailed(f"generation failed: {exc}"))
@@ -333,64 +283,17 @@ class LocalEngine(Engine):
         if self.metrics:
             self.metrics.batch_size.labels(self.name).observe(len(self._rows))
 
-    def _forward_prompts(self, rows: list[_Row]) -> tuple[BatchCache, torch.Tensor]:
-        """Prefill whole prompts together, left-padded to the longest."""
-        width = max(len(r.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row.prompt):] = torch.tensor(row.prompt)
-            mask[i, width - len(row.prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        mask = mask.to(self.device)
-        out = self._forward([r.adapter for r in rows], ("prefill", bucket(ids.numel())), input_ids=ids.to(self.device),
-                            attention_mask=mask, position_ids=positions.to(self.device), logits_to_keep=1,
-                            past_key_values=new_cache(self.model.config))
-        return BatchCache(out.past_key_values, mask), out.logits[:, -1, :]
-
-    def _forward_cached(self, row: _Row) -> tuple[BatchCache, torch.Tensor]:
-        """Prefill only what follows the reused prefix, on top of the stored keys and values."""
-        reused = row.reuse.tokens
-        batch = row.reuse.state.to_batch(reused, owned=row.reuse.owned)
-        rest = row.prompt[reused:]
-        batch.mask = torch.ones((1, len(row.prompt)), dtype=torch.long, device=self.device)
-        out = self._forward([row.adapter], ("prefill", bucket(len(rest))),
-                            input_ids=torch.tensor([rest], device=self.device), attention_mask=batch.mask,
-                            position_ids=torch.arange(reused, len(row.prompt), device=self.device)[None],
-                            past_key_values=batch.cache, logits_to_keep=1)
-        return batch, out.logits[:, -1, :]
-
-    def _forward(self, adapters: list[str], kind: tuple, **inputs):
-        """One forward pass; `adapters` names each row's LoRA adapter (or the base)."""
-        if self._tuner is not None:
-            threads = self._tuner.choose(kind)
-            if threads != torch.get_num_threads():
-                torch.set_num_threads(threads)
-        started = time.perf_counter()
-        with self._model_lock:
-            if self._adapters:
-                inputs["adapter_names"] = adapters
-            out = self.model(use_cache=True, **inputs)
-        if self._tuner is not None:
-            self._tuner.record(kind, torch.get_num_threads(), time.perf_counter() - started)
-        return out
-
     def _step(self) -> None:
         """One decode step for every row; its whole cost (bookkeeping included) teaches the speed model."""
         started = time.perf_counter()
         self._drop_unwanted()
         if not self._rows:
             return
-        batch, rows = self._batch, len(self._rows)
-        batch.grow()
-        positions = torch.tensor([[r.position] for r in self._rows], device=self.device)
+        batch, rows = self._batch, self._rows
         try:
-            out = self._forward(
-                [r.adapter for r in self._rows], ("decode", bucket(rows)),
-                input_ids=torch.tensor([[r.tokens[-1]] for r in self._rows], device=self.device),
-                attention_mask=batch.mask, position_ids=positions, past_key_values=batch.cache,
-            )
-            tokens = sample([r.sampler for r in self._rows], out.logits[:, -1, :])
+            logits = self.runner.decode(batch, [r.tokens[-1] for r in rows], [r.position for r in rows],
+                                        [r.adapter for r in rows])
+            tokens = sample([r.sampler for r in rows], logits)
         except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
             log.exception("decode step failed; failing %d request(s)", len(self._rows))
             for row in self._rows:
@@ -398,11 +301,10 @@ class LocalEngine(Engine):
             self._rows, self._batch = [], None
             return
         width = batch.width
-        batch.cache = out.past_key_values
-        for row in self._rows:
+        for row in rows:
             row.position += 1
         self._advance(tokens, first=0)
-        self.speed.record_step(rows, width, time.perf_counter() - started)
+        self.speed.record_step(len(rows), width, time.perf_counter() - started)
 
     def _advance(self, tokens: list[int | None], first: int) -> None:
         """Record each row's new token, stream its text, and retire finished rows."""
@@ -421,31 +323,15 @@ class LocalEngine(Engine):
         if finished:
             self._keep([i for i in range(len(self._rows)) if i not in finished])
 
-    def _consume(self, row: _Row, token: int) -> str | None:
+    def _consume(self, row: Request, token: int) -> str | None:
         stats = row.generation.stats
         if stats.first_token_s is None:
             stats.first_token_s = time.monotonic() - row.generation.submitted
             if self.metrics:
                 self.metrics.first_token.observe(stats.first_token_s)
-        if token in row.stop_ids:
-            self._emit(row, row.text.finish())
-            return "stop"
-        row.tokens.append(token)
-        row.sampler.append(token)
-        stats.new_tokens = len(row.tokens)
-        self._emit(row, row.text.add(token))
-        if row.text.stopped:
-            return "stop"
-        if len(row.tokens) >= row.max_new_tokens:
-            self._emit(row, row.text.finish())
-            return "length"
-        return None
+        return row.consume(token)
 
-    def _emit(self, row: _Row, piece: str) -> None:
-        if piece:
-            row.generation.push("text", piece)
-
-    def _finish(self, row: _Row, reason: str, index: int) -> None:
+    def _finish(self, row: Request, reason: str, index: int) -> None:
         stats = row.generation.stats
         stats.total_s = time.monotonic() - row.generation.submitted
         stats.finish_reason = reason
@@ -454,10 +340,10 @@ class LocalEngine(Engine):
         self._remember(row, index)
         self._end(row, ("done", stats))
 
-    def _fail(self, row: _Row, error: GenerationFailed) -> None:
+    def _fail(self, row: Request, error: GenerationFailed) -> None:
         self._end(row, ("error", error))
 
-    def _end(self, row: _Row, event: tuple[str, object]) -> None:
+    def _end(self, row: Request, event: tuple[str, object]) -> None:
         """The one place a request ends: its caller hears it once, and it leaves the queue count."""
         if row.ended:
             return
@@ -480,7 +366,7 @@ class LocalEngine(Engine):
 
     # ---- prefix cache ----------------------------------------------------------------------
 
-    def _lookup(self, row: _Row) -> Reuse | None:
+    def _lookup(self, row: Request) -> Reuse | None:
         if self.prefix_cache is None or self.layout not in (None, Layout.JOINABLE):
             return None
         hit = self.prefix_cache.lookup(row.adapter, row.prompt)
@@ -492,7 +378,7 @@ class LocalEngine(Engine):
                 self.metrics.prefix_cache_misses.labels(self.name).inc()
         return hit
 
-    def _remember(self, row: _Row, index: int) -> None:
+    def _remember(self, row: Request, index: int) -> None:
         """Keep a finished row's keys and values (prompt and reply) for the conversation's next turn."""
         if self.prefix_cache is None or self._batch.layout is not Layout.JOINABLE:
             return
@@ -512,27 +398,8 @@ class LocalEngine(Engine):
     def _calibrate(self) -> None:
         """Time a few passes before serving, so the first burst is admitted at a measured speed."""
         try:
-            self._time_passes(1, record=False)  # warms up
-            self._time_passes(1, record=True)
-            self._time_passes(min(self.max_batch_size, 32), record=True)
+            self.runner.time_passes(1, None)  # warms up
+            self.runner.time_passes(1, self.speed)
+            self.runner.time_passes(min(self.max_batch_size, 32), self.speed)
         except Exception:  # noqa: BLE001 - without measurements every request is admitted
             log.warning("could not time the model; admission will not consider deadlines until it has", exc_info=True)
-
-    def _time_passes(self, rows: int, record: bool) -> None:
-        """A prefill of `rows` random 16-token prompts, then two decode steps."""
-        vocab = min(len(self.tokenizer), getattr(self.model.config.get_text_config(), "vocab_size", None) or 1 << 62)
-        ids = torch.randint(vocab, (rows, 16), generator=torch.Generator().manual_seed(rows)).to(self.device)
-        started = time.perf_counter()
-        out = self._forward([BASE_ADAPTER] * rows, ("prefill", bucket(ids.numel())), input_ids=ids, logits_to_keep=1)
-        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        if record:
-            self.speed.record_prefill(ids.numel(), time.perf_counter() - started)
-        cache, width = out.past_key_values, ids.shape[1]
-        for _ in range(2):
-            width += 1
-            started = time.perf_counter()
-            out = self._forward([BASE_ADAPTER] * rows, ("decode", bucket(rows)), input_ids=next_ids,
-                                past_key_values=cache)
-            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-            if record:
-                self.speed.record_step(rows, width, time.perf_counter() - started)
