@@ -17,7 +17,7 @@ from typing import Protocol
 import aiohttp
 
 from core.config import Settings
-from core.conversation import StoreUnusable
+from core.conversation import StoreUnavailable, StoreUnusable
 from core.service import ChatService, open_service
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
         return 2
     try:
         service = await open_service(settings.config, dict(os.environ))
-    except StoreUnusable as exc:
+    except (StoreUnusable, StoreUnavailable) as exc:
         log.error("cannot start: %s", exc)
         return 2
     stop = stop or asyncio.Event()

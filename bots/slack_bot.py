@@ -28,7 +28,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bots.slack_format import PLACEHOLDER, ThreadMessages, mentioned_users, readable, render, to_mrkdwn
 from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, finish_within_s, stream_reply
 from core.config import Settings, SlackSection
-from core.conversation import ConversationKey
+from core.conversation import ConversationKey, StoreUnavailable
 from core.service import FORGET_ME, ChatService
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,12 @@ class SlackAdapter:
             return
         # Once per message: Slack retries deliveries and sends a mention twice (app_mention and
         # message.*), possibly to different replicas.
-        if not await self.service.store.claim("slack-message", f"{place.channel}/{event['ts']}", ANSWERED_FOR_S):
+        try:
+            first = await self.service.store.claim("slack-message", f"{place.channel}/{event['ts']}", ANSWERED_FOR_S)
+        except StoreUnavailable as exc:  # answer anyway: the reply says the memory is unreachable
+            log.warning("%s: message %s not claimed, the store is unavailable: %s", place.key, event["ts"], exc)
+            first = True
+        if not first:
             return
         if not self._allowed(place.channel, user, place.is_dm):
             log.info("not answering %s in %s: slack.allowed_users/allowed_channels", user, place.channel)
@@ -230,7 +235,11 @@ class SlackAdapter:
 
     async def _took_part(self, place: Place) -> bool:
         """Whether the bot answers in this thread (its turns are stored, so this survives restarts)."""
-        return bool(await self.service.store.recent_turns(place.key, 1))
+        try:
+            return bool(await self.service.store.recent_turns(place.key, 1))
+        except StoreUnavailable as exc:  # not knowing, stay out of a thread rather than barge in
+            log.warning("%s: cannot tell whether I answer in this thread: %s", place.key, exc)
+            return False
 
     def _allowed(self, channel: str, user: str, is_dm: bool) -> bool:
         cfg = self.config

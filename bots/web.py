@@ -2,7 +2,7 @@
 
     /                      the chat page (static files under bots/static/, no build step)
     /api/...               the page's API (bots/web_chat.py)
-    /v1/...                the OpenAI-compatible API (bots/openai_api.py)
+    /v1/...                the OpenAI-compatible API (bots/openai_api.py; speech: bots/speech_api.py)
     /healthz               liveness and readiness (JSON)
     /metrics               Prometheus text format
 
@@ -136,6 +136,10 @@ def build_app(service: ChatService, config: Config, api_key: str | None) -> web.
     app.router.add_get("/metrics", _metrics(service.metrics))
     ChatPageRoutes(service, config).add_to(app)
     OpenAIRoutes(service, config).add_to(app)
+    if config.voice.enabled:  # imported only then: it needs the voice extra
+        from bots.speech_api import SpeechRoutes
+
+        SpeechRoutes(service, config).add_to(app)
     return app
 
 
@@ -236,7 +240,8 @@ def adapter_states(metrics: Metrics) -> dict[str, bool]:
 
 
 def _health(service: ChatService):
-    """200 while the default persona can answer; 503 once its model failed to load (or cannot)."""
+    """200 while the default persona can answer; 503 once its model failed to load (or cannot).
+    The database's state is reported with the rest."""
 
     async def handle(request: web.Request) -> web.Response:
         personas = service.personas
@@ -246,13 +251,18 @@ def _health(service: ChatService):
         except (PersonaUnavailable, UnknownPersona) as exc:
             problem = str(exc)
         adapters = adapter_states(service.metrics)
+        # A lost database keeps the process alive (200): the store reconnects by itself, so a
+        # restart would not help; it is reported, and the replica is not ready meanwhile.
+        database = await service.store.health()
+        healthy = problem is None and all(adapters.values()) and database["ok"]
         body = {
-            "status": "ok" if problem is None and all(adapters.values()) else "degraded",
-            # Ready: the default model is loaded and every adapter is connected.
-            "ready": problem is None and all(adapters.values()) and personas.is_loaded(personas.get(personas.default)),
+            "status": "ok" if healthy else "degraded",
+            # Ready: the default model is loaded, every adapter is connected, the database answers.
+            "ready": healthy and personas.is_loaded(personas.get(personas.default)),
             "default_persona": personas.default,
             "models": personas.loaded(),
             "adapters": adapters,
+            "database": database,
         }
         if problem:
             body["problem"] = problem

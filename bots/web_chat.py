@@ -20,9 +20,9 @@ from aiohttp import web
 
 from bots.web_errors import bad_request, chat_error, read_json, unavailable, unknown_model
 from core.config import Config
-from core.conversation import ConversationKey, current_session
+from core.conversation import ConversationKey, StoreUnavailable, current_session
 from core.personas import Persona, PersonaUnavailable
-from core.service import ChatError, ChatService, PersonaError
+from core.service import MEMORY_UNAVAILABLE, ChatError, ChatService, MemoryUnavailable, PersonaError
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,13 @@ class ChatPageRoutes:
     async def history(self, request: web.Request) -> web.Response:
         key = self._key(request)
         conversation = self.config.conversation
-        turns = current_session(
-            await self.service.store.recent_turns(key, conversation.max_turns), conversation.idle_minutes * 60
-        )
-        persona = await self.service.persona_for(key)
+        try:
+            turns = current_session(
+                await self.service.store.recent_turns(key, conversation.max_turns), conversation.idle_minutes * 60
+            )
+            persona = await self.service.persona_for(key)
+        except StoreUnavailable:
+            raise chat_error(MemoryUnavailable(MEMORY_UNAVAILABLE)) from None
         return web.json_response({
             "conversation": key.scope,
             "persona": self._describe(persona),

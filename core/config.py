@@ -7,10 +7,12 @@ the value found and what was expected. Secrets only ever come from the environme
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -26,6 +28,9 @@ SECRET_NAMES = (
     "REDDIT_USERNAME",
     "REDDIT_PASSWORD",
     "TTT_API_KEY",
+    "TTT_DATABASE_PASSWORD",
+    "PGPASSWORD",
+    "HF_TOKEN",  # read by huggingface_hub itself (gated voice weights); listed so logs redact it
 )
 
 
@@ -76,9 +81,16 @@ class PersonaConfig(Section):
     system_prompt: str = ""
     max_context_tokens: int = Field(1024, ge=16)
     decoding: Decoding = Field(default_factory=Decoding)
-    voice: str | None = Field(None, description="reference audio for a cloned voice")
+    voice: str | None = Field(None, description="a voice registered with `ttt voice add` (voice.voices_dir)")
     endpoint: Endpoint | None = None
     train_hint: str | None = None
+
+    @field_validator("voice")
+    @classmethod
+    def _voice_named(cls, voice: str | None) -> str | None:
+        if voice is not None and not VOICE_NAME.fullmatch(voice):
+            raise ValueError(f"voice {voice!r} must be the name of a registered voice (letters, digits, '-', '_')")
+        return voice
 
     @model_validator(mode="after")
     def _adapter_needs_local_model(self) -> "PersonaConfig":
@@ -94,7 +106,50 @@ class ServiceSection(Section):
 
 
 class DatabaseSection(Section):
+    """Where conversations are kept: a SQLite file (default), or PostgreSQL for several replicas.
+
+    The PostgreSQL password comes only from the environment (TTT_DATABASE_PASSWORD, else libpq's
+    PGPASSWORD or ~/.pgpass), never from the URL.
+    """
+
     path: Path = Path("data/conversations.sqlite3")
+    url: str | None = Field(None, description="postgresql://USER@HOST:PORT/DB selects PostgreSQL instead of `path`")
+    pool_size: int = Field(10, ge=1, description="PostgreSQL connections for reads and writes, per replica")
+    lock_pool_size: int = Field(32, ge=1, description="PostgreSQL connections holding conversation locks: "
+                                                      "replies in progress at once, per replica")
+    timeout_s: float = Field(5, gt=0, description="connecting or one statement; past it the store is unavailable")
+    lock_wait_s: float = Field(180, gt=0, description="longest wait for a conversation's earlier reply to finish")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password_in_url(cls, data: Any) -> Any:
+        url = data.get("url") if isinstance(data, dict) else None
+        if isinstance(url, str) and _has_password(url):
+            # The error quotes its input: show the URL without the password.
+            data["url"] = _without_password(url)
+            raise ValueError("database.url must not contain a password: set TTT_DATABASE_PASSWORD (or PGPASSWORD)")
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise ValueError("a postgresql://USER@HOST:PORT/DATABASE URL (or no url: SQLite at `path`)")
+        return url
+
+
+def _has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.password is not None or "password" in parse_qs(parts.query)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query)], safe="*")
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class ConversationSection(Section):
@@ -205,6 +260,29 @@ class TrainingSection(Section):
     base_model: str = "microsoft/DialoGPT-medium"
 
 
+# ---- voice (issue 11) --------------------------------------------------------------------------
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class VoiceSection(Section):
+    """Spoken replies: the text-to-speech engine, registered voices, Discord voice channels."""
+
+    enabled: bool = False
+    engine: Literal["pocket", "xtts"] = "pocket"
+    model: str | None = Field(
+        None, description="pocket: a variant name or a pocket-tts YAML config; xtts: a Coqui model name or a "
+                          "checkpoint directory (config.json, model.pth, vocab.json); null: the engine's default",
+    )
+    language: str = Field("en", description="language of the replies (xtts synthesis, reading numbers)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    voices_dir: Path = Path("voices")
+    require_registered: bool = False
+    max_queue: int = Field(8, ge=1, description="replies being spoken or waiting, process-wide; more are text only")
+    idle_leave_s: float = Field(60, gt=0)
+    allowed_roles: list[int] = Field(default_factory=list)
+# ---- end voice ---------------------------------------------------------------------------------
+
+
 class Config(Section):
     service: ServiceSection = Field(default_factory=ServiceSection)
     database: DatabaseSection = Field(default_factory=DatabaseSection)
@@ -217,6 +295,7 @@ class Config(Section):
     slack: SlackSection = Field(default_factory=SlackSection)
     reddit: RedditSection = Field(default_factory=RedditSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    voice: VoiceSection = Field(default_factory=VoiceSection)
 
     @field_validator("personas")
     @classmethod
@@ -404,8 +483,12 @@ def _resolve_paths(config: Config) -> None:
     config.training.personalities_dir = _absolute(config.training.personalities_dir, cwd)
     if config.generator.cache_dir is not None:
         config.generator.cache_dir = _absolute(config.generator.cache_dir, cwd)
+    config.voice.voices_dir = _absolute(config.voice.voices_dir, cwd)
+    model = config.voice.model
+    if model and "://" not in model and (model.startswith(("./", "../", "~")) or model.endswith((".yaml", ".yml"))):
+        config.voice.model = str(_absolute(Path(config.voice.model), cwd))
     for persona in config.personas.values():
-        for field in ("model", "adapter", "voice"):
+        for field in ("model", "adapter"):
             value = getattr(persona, field)
             if value and (value.startswith(("./", "../", "~")) or value.endswith(".gguf")) and "://" not in value:
                 setattr(persona, field, str(_absolute(Path(value), cwd)))

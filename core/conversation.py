@@ -28,6 +28,10 @@ class StoreUnavailable(Exception):
     """The store cannot be reached right now (a server store lost its database); try again later."""
 
 
+class ConversationBusy(StoreUnavailable):
+    """The conversation's earlier reply held it longer than the store's bounded lock wait."""
+
+
 class StoreUnusable(Exception):
     """The database cannot be used at all (unwritable, not a database, damaged); the message names its path."""
 
@@ -99,7 +103,11 @@ class ConversationStore(Protocol):
         last `window_s`; else count nothing and return the seconds until one would be allowed."""
 
     def lock(self, key: ConversationKey) -> AsyncContextManager[None]:
-        """Hold the conversation: one reply at a time, in the order callers asked."""
+        """Hold the conversation: one reply at a time, in the order callers asked; raises
+        ConversationBusy after the store's bounded wait."""
+
+    async def health(self) -> dict:
+        """A small JSON-able report: {"backend": ..., "ok": bool, ...} ("problem" when not ok)."""
 
     async def close(self) -> None:
         """Flush and release."""
@@ -146,8 +154,9 @@ class SQLiteStore:
     claims are in the file, so a restarted process still knows what it answered.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, lock_wait_s: float | None = None):
         self.path = Path(path)
+        self.lock_wait_s = lock_wait_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite3.Connection | None = None
         self._locks = KeyedLocks()
@@ -256,7 +265,14 @@ class SQLiteStore:
         return limiter.check(ident)
 
     def lock(self, key: ConversationKey) -> AsyncContextManager[None]:
-        return self._locks.hold(key)
+        return self._locks.hold(key, self.lock_wait_s)
+
+    async def health(self) -> dict:
+        try:
+            await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+        except sqlite3.Error as exc:
+            return {"backend": "sqlite", "ok": False, "problem": str(exc)}
+        return {"backend": "sqlite", "ok": True}
 
     async def reset(self, key: ConversationKey) -> None:
         def write() -> None:
@@ -390,12 +406,19 @@ class KeyedLocks:
         self._entries: dict[Hashable, list] = {}  # key -> [lock, users]
 
     @asynccontextmanager
-    async def hold(self, key: Hashable):
+    async def hold(self, key: Hashable, wait_s: float | None = None):
+        """Hold `key`'s lock; raises ConversationBusy when it is not free within `wait_s` (None: wait)."""
         entry = self._entries.setdefault(key, [asyncio.Lock(), 0])
         entry[1] += 1
         try:
-            async with entry[0]:
+            try:
+                await asyncio.wait_for(entry[0].acquire(), wait_s)
+            except asyncio.TimeoutError:
+                raise ConversationBusy(f"{key} stayed busy for {wait_s:g} s") from None
+            try:
                 yield
+            finally:
+                entry[0].release()
         finally:
             entry[1] -= 1
             if not entry[1]:

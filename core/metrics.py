@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 4, 8)
 
 
 class Metrics:
@@ -55,6 +56,26 @@ class Metrics:
         )
         self.adapter_up = Gauge("ttt_adapter_up", "1 when an adapter is connected", ["adapter"], registry=r)
         self.model_loaded = Gauge("ttt_model_loaded", "1 loaded, 0 failed to load", ["model"], registry=r)
+
+        # ---- voice (voice/, bots/discord_voice.py, bots/speech_api.py) ----
+        self.voice_synthesis = Histogram(
+            "ttt_voice_synthesis_seconds", "Time to synthesize one sentence", ["engine"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.voice_rtf = Histogram(
+            "ttt_voice_real_time_factor", "Synthesis time divided by the length of the audio made, per sentence",
+            ["engine"], buckets=RTF_BUCKETS, registry=r,
+        )
+        self.voice_first_audio = Histogram(
+            "ttt_voice_time_to_first_audio_seconds", "Time from the start of a reply to its first audio out",
+            ["adapter"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.voice_queue_depth = Gauge("ttt_voice_queue_depth", "Replies being spoken or waiting to be", registry=r)
+        self.voice_connections = Gauge("ttt_voice_connections", "Discord voice channels the bot is in", registry=r)
+        self.voice_audio = Counter("ttt_voice_audio_seconds", "Seconds of speech synthesized", ["adapter"], registry=r)
+        self.voice_replies = Counter(
+            "ttt_voice_replies", "Spoken replies by adapter and outcome", ["adapter", "outcome"], registry=r
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

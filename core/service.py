@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from core.config import Config, Decoding
-from core.conversation import ConversationKey, ConversationStore, StoreUnavailable, Turn, current_session
+from core.conversation import ConversationKey, ConversationStore, ConversationBusy, StoreUnavailable, Turn, current_session
 from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
@@ -67,6 +67,7 @@ class MemoryUnavailable(ChatError):
 
 MEMORY_UNAVAILABLE = "I can't reach my memory right now; please try again in a moment."
 BUSY = "I'm busy with a lot of conversations right now; try again in a moment."
+CONVERSATION_BUSY = "I'm still answering an earlier message here; try again in a moment."
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,10 @@ class ChatService:
                         Turn("bot", persona.name, final.text, persona=persona.name),
                     ],
                 )
+        except ConversationBusy:
+            log.warning("no reply key=%s: an earlier reply held the conversation past the lock wait", key)
+            self.metrics.requests.labels(adapter, label, Busy.outcome).inc()
+            raise Busy(CONVERSATION_BUSY) from None
         except StoreUnavailable as exc:
             # Nothing unstored is ever shown: without the store there is no final reply.
             log.warning("no reply key=%s: the store is unavailable: %s", key, exc)
@@ -374,9 +379,9 @@ class ChatService:
 
 
 async def open_service(config: Config, environ: dict[str, str] | None = None) -> ChatService:
-    """A ChatService on the configured SQLite store, with its own metrics registry."""
-    from core.conversation import SQLiteStore
+    """A ChatService on the configured store (SQLite, or PostgreSQL at database.url), with its own metrics."""
+    from core.stores import open_store
 
     metrics = Metrics()
-    store = await SQLiteStore(config.database.path).open()
+    store = await open_store(config.database, metrics, environ)
     return ChatService(config, store, PersonaRegistry(config, metrics, environ), metrics)

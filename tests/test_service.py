@@ -290,3 +290,24 @@ async def test_a_persona_whose_own_system_prompt_fills_the_context_says_so(tmp_p
         assert await service.store.recent_turns(KEY, 10) == []
     finally:
         await service.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_conversation_held_past_the_lock_wait_is_busy_not_memory_loss(tmp_path, word_model_dir):
+    from core.conversation import SQLiteStore
+    from core.metrics import Metrics
+    from core.personas import PersonaRegistry
+    from core.service import ChatService
+
+    config = make_config(tmp_path, word_model_dir)
+    metrics = Metrics()
+    store = await SQLiteStore(config.database.path, lock_wait_s=0.2).open()
+    service = ChatService(config, store, PersonaRegistry(config, metrics), metrics)
+    try:
+        async with store.lock(KEY):  # an earlier reply that takes too long
+            with pytest.raises(Busy, match="still answering an earlier message"):
+                await service.reply(KEY, "alice", "the word is apple", adapter="test")
+        assert await store.recent_turns(KEY, 10) == []
+        assert await service.reply(KEY, "alice", "the word is apple", adapter="test") == "apple!"
+    finally:
+        await service.close()

@@ -493,7 +493,8 @@ async def test_healthz_reflects_a_model_that_failed_to_load(tmp_path, word_model
         async with s.http.get(f"{s.url}/healthz") as r:
             assert r.status == 200
             assert await r.json() == {"status": "ok", "ready": False, "default_persona": "broken", "models": {},
-                                      "adapters": {"web": True}}  # alive, but its model is not loaded yet
+                                      "adapters": {"web": True},  # alive, but its model is not loaded yet
+                                      "database": {"backend": "sqlite", "ok": True}}
         got, answer = await s.chat({"model": "words", "messages": [user("the word is apple")]})
         assert got == 200
         got, answer = await s.chat({"model": "broken", "messages": [user("the word is apple")]})

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 async def check(settings: Settings) -> int:
     """Print what `serve` would start and every problem that would stop it; non-zero when there is one."""
     from bots.serve import plan_adapters, unreachable
-    from core.conversation import check_sqlite
+    from core.stores import check_database
     from core.metrics import Metrics
     from core.personas import PersonaRegistry
 
@@ -74,8 +74,8 @@ async def check(settings: Settings) -> int:
         check_can_serve(settings)
     except ConfigError as exc:
         problems.append(str(exc))
-    database = check_sqlite(cfg.database.path)
-    print(f"database: {cfg.database.path}{'  PROBLEM: ' + database if database else ''}")
+    database = await check_database(cfg.database, dict(os.environ))
+    print(f"database: {cfg.database.url or cfg.database.path}{'  PROBLEM: ' + database if database else ''}")
     problems += [database] if database else []
     registry = PersonaRegistry(cfg, Metrics())
     placement = registry.placement
@@ -95,6 +95,11 @@ async def check(settings: Settings) -> int:
         where, problem = _where(persona)
         problems += [f"default persona {name}: {problem}"] if problem and default else []
         print(f" {'*' if default else ' '}{name:<12} {persona.format:<8} {where}")
+    from voice.check import check_voice  # voice: engine, licence, registered voices, each persona's voice
+
+    voice = check_voice(cfg)
+    print("\n".join(voice.lines))
+    problems += voice.problems
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     return 2 if problems else 0
