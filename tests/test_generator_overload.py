@@ -74,7 +74,7 @@ async def test_requests_that_cannot_finish_by_their_deadline_are_refused_at_once
     texts = await asyncio.gather(*(g.text() for g in admitted))  # none of them times out
     await engine.close()
     assert 1 <= len(admitted) <= 3 and len(refused_in) == 12 - len(admitted)
-    assert max(refused_in) < 0.05
+    assert max(refused_in) < 0.25  # at once: no waiting for a slot
     assert all(g.stats.new_tokens == 60 for g in admitted) and len(texts) == len(admitted)
     assert wait > alone * (len(admitted) - 1) * 0.5
     refusals = metrics.registry.get_sample_value("ttt_generator_refused_total",
