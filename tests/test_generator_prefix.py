@@ -142,3 +142,27 @@ async def test_int8_weights_quantize_the_linear_layers_and_refuse_adapters(tmp_p
     with pytest.raises(GenerationFailed, match="LoRA adapters need float weights"):
         engine.load_adapter(str(tmp_path / "no-adapter-needed"))
     await engine.close()
+
+
+@pytest.mark.timeout(60)
+async def test_cpu_attention_without_key_copies_gives_the_same_replies(tmp_path, tokenizer):
+    """Loaded for the CPU, a grouped-query model attends through SDPA's own grouped heads whenever a
+    mask is needed (padded rows, a prompt continuing a cached prefix): replies are those of plain SDPA."""
+    from transformers import AutoModelForCausalLM
+
+    build_random_causal_lm("llama", len(tokenizer)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    model, _ = load_model(ModelSource(str(tmp_path / "m")), choose_placement("cpu"))
+    assert model.config._attn_implementation == "ttt_cpu_sdpa"
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert reference.config._attn_implementation == "sdpa"
+    rng = random.Random(5)
+    first, other = random_prompt(40, rng, len(tokenizer)), random_prompt(25, rng, len(tokenizer))
+    engine = LocalEngine(model, tokenizer, prefix_cache_mb=16)
+    await reply(engine, first)
+    _, reply_ids = sequential(reference, tokenizer, first, GREEDY)
+    follow_up = first + reply_ids + random_prompt(6, rng, len(tokenizer))
+    texts, stats = zip(*[await reply(engine, p) for p in (follow_up, other)])
+    await engine.close()
+    assert stats[0].cached_tokens > 0
+    assert list(texts) == [sequential(reference, tokenizer, p, GREEDY)[0] for p in (follow_up, other)]
