@@ -412,8 +412,9 @@ class KeyedLocks:
         entry[1] += 1
         try:
             try:
-                await asyncio.wait_for(entry[0].acquire(), wait_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait_s):  # cancellation-safe, unlike wait_for on 3.11
+                    await entry[0].acquire()
+            except TimeoutError:
                 raise ConversationBusy(f"{key} stayed busy for {wait_s:g} s") from None
             try:
                 yield

@@ -74,8 +74,11 @@ class Generation:
             while not self._done:
                 remaining = None if self.deadline is None else max(0.0, self.deadline - time.monotonic()) + 1.0
                 try:
-                    kind, value = await asyncio.wait_for(self._events.get(), remaining)
-                except asyncio.TimeoutError:
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                    # races with an arriving piece, and the reader would go on as if never cancelled.
+                    async with asyncio.timeout(remaining):
+                        kind, value = await self._events.get()
+                except TimeoutError:
                     raise GenerationTimeout("the reply took too long") from None
                 if kind == "text":
                     self._pieces.append(value)
