@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from bots.web_errors import ApiError, bad_request, chat_error, read_json, unknown_model
 from core.config import Config, Decoding
@@ -167,7 +168,12 @@ def _decoding(body: dict, base: Decoding, max_tokens_limit: int) -> Decoding:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise bad_request(f"`seed` must be an integer; got {seed!r}.", param="seed")
         update["seed"] = seed
-    return base.model_copy(update=update)
+    try:  # every value validated where it enters (a seed of 10**30 is a 400, not a failed generation)
+        return Decoding.model_validate({**base.model_dump(), **update})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = {"max_new_tokens": "max_tokens"}.get(str(error["loc"][0]), str(error["loc"][0]))
+        raise bad_request(f"`{name}`: {error['msg']}; got {error.get('input')!r}.", param=name) from None
 
 
 def _finish_reason(final: ReplyUpdate) -> str:

@@ -199,6 +199,7 @@ BAD_REQUESTS = [
     ("top_p text", {"model": "words", "messages": [user("hi")], "top_p": "high"}, 400, "top_p", None),
     ("n=2", {"model": "words", "messages": [user("hi")], "n": 2}, 400, "n", None),
     ("bad stop", {"model": "words", "messages": [user("hi")], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ("huge seed", {"model": "words", "messages": [user("hi")], "seed": 10**30}, 400, "seed", None),
     ("tool role", {"model": "words", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
     ("ends with assistant", {"model": "words", "messages": [user("hi"), {"role": "assistant", "content": "yo"}]},
      400, "messages", None),
