@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -58,6 +58,7 @@ class Generation:
         self.stats = GenerationStats()
         self._done = False
         self._pieces: list[str] = []
+        self._on_cancel: list[Callable[[], None]] = []
 
     def push(self, kind: str, value: Any) -> None:
         """Called from the worker thread: "text" (a piece), "done" (stats) or "error" (an exception)."""
@@ -67,7 +68,16 @@ class Generation:
             pass  # the loop has closed: nobody is listening any more
 
     def cancel(self) -> None:
+        if self.cancelled:
+            return
         self.cancelled = True
+        for callback in self._on_cancel:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the event loop) when the reader gives up: a backend that waits on I/O
+        stops at once instead of noticing the flag at its next piece."""
+        self._on_cancel.append(callback)
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
