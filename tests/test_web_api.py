@@ -106,6 +106,7 @@ async def test_openai_client_completes_a_chat(server):
     assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", "apple!", "stop")
     assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert 0 <= completion.usage.prompt_tokens_details.cached_tokens <= completion.usage.prompt_tokens
     assert server.stored_turns() == 0  # stateless: the request carries the conversation
 
 
