@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def check(settings: Settings) -> int:
     """Print what `serve` would start and every problem that would stop it; non-zero when there is one."""
-    from bots.serve import plan_adapters, unreachable
+    from bots.serve import NO_ADAPTER, plan_adapters, unreachable
     from core.stores import check_database
     from core.metrics import Metrics
     from core.personas import PersonaRegistry
@@ -82,7 +82,9 @@ async def check(settings: Settings) -> int:
     print(f"device: {placement.device}  dtype: {str(placement.dtype).removeprefix('torch.')}"
           f"{'  device_map: ' + placement.device_map if placement.device_map else ''}")
     print("adapters:")
-    for plan in plan_adapters(settings):
+    plans = plan_adapters(settings)
+    problems += [] if any(plan.wanted for plan in plans) else [NO_ADAPTER]
+    for plan in plans:
         problem = plan.problem if plan.wanted else None
         if plan.starts:
             problem = await unreachable(plan, settings)
