@@ -226,6 +226,15 @@ def test_broken_start_up_ends_in_one_clear_line_and_check_finds_it(tmp_path, wor
 
 
 @pytest.mark.timeout(60)
+def test_chat_on_an_unreachable_database_ends_in_one_clear_line(tmp_path, word_model_dir, run_ttt):
+    where = f"127.0.0.1:{closed_port()}"
+    config = make_config(tmp_path, word_model_dir, database={"url": f"postgresql://ttt@{where}/ttt", "timeout_s": 2})
+    code, out, err = run_ttt("--config", str(write_config(tmp_path, config)), "--log-level", "WARNING", "chat")
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "cannot start" in lines[0] and where in lines[0], out + err
+
+
+@pytest.mark.timeout(60)
 def test_check_tells_a_missing_local_model_from_a_hub_id(tmp_path, word_model_dir, run_ttt):
     config = make_config(tmp_path, word_model_dir, web={"port": 0},
                          personas={"gone": {"model": "./personalities/gone"}, "hub": {"model": "someone/some-model"}})

@@ -130,7 +130,7 @@ CLI_HELP = (
 
 async def chat_loop(settings: Settings, persona: str | None, session: str) -> int:
     """Read lines from stdin, answer each through the ChatService; /help lists commands."""
-    from core.conversation import ConversationKey, StoreUnusable
+    from core.conversation import ConversationKey, StoreUnavailable, StoreUnusable
     from core.service import ChatError, open_service
 
     # Undecodable input becomes text the service refuses politely; unprintable output is escaped.
@@ -138,7 +138,7 @@ async def chat_loop(settings: Settings, persona: str | None, session: str) -> in
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
         service = await open_service(settings.config, dict(os.environ))
-    except StoreUnusable as exc:
+    except (StoreUnusable, StoreUnavailable) as exc:
         print(f"ttt: cannot start: {exc}", file=sys.stderr)
         return 2
     key = ConversationKey("cli", session)
