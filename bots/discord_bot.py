@@ -6,9 +6,9 @@ whether the bot is addressed and may answer, and takes the message's place in it
 into message edits (bots/streaming.py). Slash commands are in discord_commands.py, Discord's text
 rules in discord_format.py.
 
-Voice comes later as a sibling of the text path: it will take the same client and service, add
-its commands to `tree`, its intent (voice_states) to `intents()`, and a listener to
-`reply_listeners` to hear every reply as it grows.
+Voice (bots/discord_voice.py, when `voice.enabled`) is a sibling of the text path on the same
+client and service: it adds /join /leave /skip to `tree`, the voice_states intent, Connect and
+Speak to the invite, and a listener to `reply_listeners` that speaks replies as they grow.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ def create_adapter(service: ChatService, settings: Settings) -> "DiscordAdapter"
     return DiscordAdapter(service, settings)
 
 
-def intents() -> discord.Intents:
+def intents(voice: bool = False) -> discord.Intents:
     """Guilds (channels, roles, threads), messages in guilds and DMs, and their text
     (Message Content is a privileged intent: switch it on in the developer portal)."""
     wanted = discord.Intents.none()
     wanted.guilds = wanted.guild_messages = wanted.dm_messages = wanted.message_content = True
+    wanted.voice_states = voice  # the bot speaks in voice channels
     return wanted
 
 
@@ -66,13 +67,20 @@ class DiscordAdapter:
         # AutoShardedClient also for one shard: it asks Discord how many shards to run
         # (shard_count None) or runs the configured number (all, or this process's shard_ids).
         self.client = discord.AutoShardedClient(
-            intents=intents(), shard_count=self.config.shard_count, shard_ids=self.config.shard_ids,
+            intents=intents(settings.config.voice.enabled), shard_count=self.config.shard_count,
+            shard_ids=self.config.shard_ids,
             allowed_mentions=NO_PINGS, guild_ready_timeout=guild_ready_timeout,
         )
         self.tree = app_commands.CommandTree(self.client)
         add_commands(self.tree, service, self.config, self.command_refusal)
         # Called with the message being answered and every update of its reply (voice speaks them).
         self.reply_listeners: list[ReplyListener] = []
+        self.voice = None
+        if settings.config.voice.enabled:  # imported only then: it needs the voice extra
+            from bots.discord_voice import DiscordVoice
+
+            self.voice = DiscordVoice(self.client, self.tree, service, settings, self.command_refusal)
+            self.reply_listeners.append(self.voice.on_reply)
         self._accepting = False
         self._replies = ReplyTasks("discord")
         self._edits = EditBudget(*EDITS_PER_CHANNEL)
@@ -125,13 +133,17 @@ class DiscordAdapter:
         log.info(
             "discord: logged in as %s in %d guild(s), %d shard(s); invite: %s",
             self.client.user, len(self.client.guilds), self.client.shard_count or 1,
-            invite_url(self.client.application_id, self.config.auto_thread),
+            invite_url(self.client.application_id, self.config.auto_thread, voice=self.voice is not None),
         )
+        if self.voice is not None:
+            self.voice.start()
 
     async def stop(self) -> None:
         """Take no new messages, let replies in flight finish, disconnect."""
         self._accepting = False
         await self._replies.stop(finish_within_s(self.service.config))
+        if self.voice is not None:
+            await self.voice.stop()
         await self._close_client()
 
     async def _close_client(self) -> None:

@@ -48,18 +48,19 @@ def thread_name(text: str) -> str:
     return first_line or "Conversation"
 
 
-def invite_permissions(auto_thread: bool) -> discord.Permissions:
+def invite_permissions(auto_thread: bool, voice: bool = False) -> discord.Permissions:
     """Exactly what the bot uses: read and answer (replies need the history), react (the rate-limit
-    notice), threads if it opens them."""
+    notice), threads if it opens them, Connect and Speak if it speaks in voice channels."""
     permissions = discord.Permissions(
         view_channel=True, send_messages=True, send_messages_in_threads=True, read_message_history=True,
         add_reactions=True,
     )
     permissions.create_public_threads = auto_thread
+    permissions.connect = permissions.speak = voice
     return permissions
 
 
-def invite_url(application_id: int, auto_thread: bool) -> str:
+def invite_url(application_id: int, auto_thread: bool, voice: bool = False) -> str:
     return discord.utils.oauth_url(
-        application_id, permissions=invite_permissions(auto_thread), scopes=("bot", "applications.commands")
+        application_id, permissions=invite_permissions(auto_thread, voice), scopes=("bot", "applications.commands")
     )

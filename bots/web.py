@@ -2,7 +2,7 @@
 
     /                      the chat page (static files under bots/static/, no build step)
     /api/...               the page's API (bots/web_chat.py)
-    /v1/...                the OpenAI-compatible API (bots/openai_api.py)
+    /v1/...                the OpenAI-compatible API (bots/openai_api.py; speech: bots/speech_api.py)
     /healthz               liveness and readiness (JSON)
     /metrics               Prometheus text format
 
@@ -136,6 +136,10 @@ def build_app(service: ChatService, config: Config, api_key: str | None) -> web.
     app.router.add_get("/metrics", _metrics(service.metrics))
     ChatPageRoutes(service, config).add_to(app)
     OpenAIRoutes(service, config).add_to(app)
+    if config.voice.enabled:  # imported only then: it needs the voice extra
+        from bots.speech_api import SpeechRoutes
+
+        SpeechRoutes(service, config).add_to(app)
     return app
 
 

@@ -7,6 +7,7 @@ the value found and what was expected. Secrets only ever come from the environme
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -31,6 +32,7 @@ SECRET_NAMES = (
     "TTT_API_KEY",
     "TTT_DATABASE_PASSWORD",
     "PGPASSWORD",
+    "HF_TOKEN",  # read by huggingface_hub itself (gated voice weights); listed so logs redact it
 )
 
 
@@ -64,7 +66,14 @@ class Decoding(Section):
     repetition_penalty: float = Field(1.0, ge=1.0, le=3.0)
     no_repeat_ngram_size: int = Field(0, ge=0, le=16)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's random generators accept
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        return stop
 
 
 class Endpoint(Section):
@@ -85,9 +94,16 @@ class PersonaConfig(Section):
     system_prompt: str = ""
     max_context_tokens: int = Field(1024, ge=16)
     decoding: Decoding = Field(default_factory=Decoding)
-    voice: str | None = Field(None, description="reference audio for a cloned voice")
+    voice: str | None = Field(None, description="a voice registered with `ttt voice add` (voice.voices_dir)")
     endpoint: Endpoint | None = None
     train_hint: str | None = None
+
+    @field_validator("voice")
+    @classmethod
+    def _voice_named(cls, voice: str | None) -> str | None:
+        if voice is not None and not VOICE_NAME.fullmatch(voice):
+            raise ValueError(f"voice {voice!r} must be the name of a registered voice (letters, digits, '-', '_')")
+        return voice
 
     @model_validator(mode="after")
     def _adapter_needs_local_model(self) -> "PersonaConfig":
@@ -163,6 +179,12 @@ class GeneratorSection(Section):
     max_queue: int = Field(128, ge=1)
     request_timeout_s: float = Field(120, gt=0)
     cache_dir: Path | None = Field(None, description="where dequantized GGUF weights are cached")
+    cpu_dtype: Literal["float32", "bfloat16", "int8"] = Field(
+        "float32", description="CPU weights when dtype is auto: bfloat16 (where the CPU has it) or int8 (linear layers)"
+    )
+    prefix_cache_mb: int | None = Field(
+        None, ge=0, description="memory for reusable conversation prefixes; null: a default for the device; 0: off"
+    )
 
 
 class SafetySection(Section):
@@ -251,6 +273,29 @@ class TrainingSection(Section):
     base_model: str = "microsoft/DialoGPT-medium"
 
 
+# ---- voice (issue 11) --------------------------------------------------------------------------
+VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class VoiceSection(Section):
+    """Spoken replies: the text-to-speech engine, registered voices, Discord voice channels."""
+
+    enabled: bool = False
+    engine: Literal["pocket", "xtts"] = "pocket"
+    model: str | None = Field(
+        None, description="pocket: a variant name or a pocket-tts YAML config; xtts: a Coqui model name or a "
+                          "checkpoint directory (config.json, model.pth, vocab.json); null: the engine's default",
+    )
+    language: str = Field("en", description="language of the replies (xtts synthesis, reading numbers)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    voices_dir: Path = Path("voices")
+    require_registered: bool = False
+    max_queue: int = Field(8, ge=1, description="replies being spoken or waiting, process-wide; more are text only")
+    idle_leave_s: float = Field(60, gt=0)
+    allowed_roles: list[int] = Field(default_factory=list)
+# ---- end voice ---------------------------------------------------------------------------------
+
+
 class Config(Section):
     service: ServiceSection = Field(default_factory=ServiceSection)
     database: DatabaseSection = Field(default_factory=DatabaseSection)
@@ -263,6 +308,7 @@ class Config(Section):
     slack: SlackSection = Field(default_factory=SlackSection)
     reddit: RedditSection = Field(default_factory=RedditSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    voice: VoiceSection = Field(default_factory=VoiceSection)
 
     @field_validator("personas")
     @classmethod
@@ -450,8 +496,12 @@ def _resolve_paths(config: Config) -> None:
     config.training.personalities_dir = _absolute(config.training.personalities_dir, cwd)
     if config.generator.cache_dir is not None:
         config.generator.cache_dir = _absolute(config.generator.cache_dir, cwd)
+    config.voice.voices_dir = _absolute(config.voice.voices_dir, cwd)
+    model = config.voice.model
+    if model and "://" not in model and (model.startswith(("./", "../", "~")) or model.endswith((".yaml", ".yml"))):
+        config.voice.model = str(_absolute(Path(config.voice.model), cwd))
     for persona in config.personas.values():
-        for field in ("model", "adapter", "voice"):
+        for field in ("model", "adapter"):
             value = getattr(persona, field)
             if value and (value.startswith(("./", "../", "~")) or value.endswith(".gguf")) and "://" not in value:
                 setattr(persona, field, str(_absolute(Path(value), cwd)))

@@ -15,7 +15,7 @@ import aiohttp
 
 from core.config import Decoding, Endpoint
 from core.conversation import Turn
-from core.generator import Engine, Generation, GenerationFailed, GeneratorBusy
+from core.generator import Engine, Generation, GenerationFailed, GeneratorBusy, checked_decoding
 from core.metrics import Metrics
 from core.prompts import chat_messages
 
@@ -45,6 +45,7 @@ class OpenAIEngine(Engine):
     def submit(
         self, prompt: dict, decoding: Decoding, timeout: float | None = None, adapter: str | None = None
     ) -> Generation:
+        decoding = checked_decoding(decoding)
         if len(self._in_flight) >= self._max_queue:
             raise GeneratorBusy("the remote generator's queue is full")
         generation = Generation(asyncio.get_running_loop(), timeout or self.endpoint.timeout_s)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
 from conftest import make_config
@@ -66,3 +71,34 @@ async def test_server_errors_fail_the_request_cleanly(tmp_path, word_model_dir):
         assert "Sorry" in info.value.user_message
         assert await service.store.recent_turns(KEY, 10) == []
         await service.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_deployment_on_remote_servers_only_never_imports_torch(tmp_path):
+    script = textwrap.dedent(f"""
+        import asyncio, sys
+        from core.config import Config
+        from core.conversation import ConversationKey
+        from core.service import open_service
+        from fakes.openai_server import FakeOpenAIServer
+
+        async def main():
+            async with FakeOpenAIServer() as server:
+                config = Config.model_validate({{
+                    "service": {{"default_persona": "remote"}},
+                    "database": {{"path": {str(tmp_path / "db.sqlite3")!r}}},
+                    "personas": {{"remote": {{"model": "served-model", "endpoint": {{"base_url": server.url,
+                                                                                    "model": "served-model"}}}}}},
+                }})
+                service = await open_service(config)
+                reply = await service.reply(ConversationKey("test", "x"), "alice", "hello", adapter="test")
+                await service.close()
+            print(reply, "torch" in sys.modules, "transformers" in sys.modules)
+
+        asyncio.run(main())
+    """)
+    tests = Path(__file__).resolve().parent
+    env = {"PYTHONPATH": f"{tests.parent}:{tests}", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=50)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["you", "said:", "hello", "False", "False"]

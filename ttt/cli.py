@@ -97,6 +97,11 @@ async def check(settings: Settings) -> int:
         where, problem = _where(persona)
         problems += [f"default persona {name}: {problem}"] if problem and default else []
         print(f" {'*' if default else ' '}{name:<12} {persona.format:<8} {where}")
+    from voice.check import check_voice  # voice: engine, licence, registered voices, each persona's voice
+
+    voice = check_voice(cfg)
+    print("\n".join(voice.lines))
+    problems += voice.problems
     for problem in problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     return 2 if problems else 0

@@ -144,6 +144,7 @@
     showStatus("");
     setEnabled(true);
     input.focus();
+    if (window.tttSpeech) window.tttSpeech.refresh(); // speech.js: show the speaker toggle if the server speaks
   }
 
   async function send(text) {
@@ -161,6 +162,7 @@
       }
       if (!finished) throw new ApiError(0, "The reply was cut off; please try again.");
       showStatus("");
+      if (window.tttSpeech) window.tttSpeech.speak(currentPersona, reply.textContent, reply); // speech.js
     } catch (err) {
       mine.classList.add("unsent"); // the server stored nothing: this message is not in the history
       reply.classList.add("error");

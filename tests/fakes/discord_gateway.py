@@ -29,9 +29,10 @@ RESUME, RECONNECT, REQUEST_GUILD_MEMBERS, INVALID_SESSION, HELLO, HEARTBEAT_ACK 
 
 # Intents.
 GUILDS, GUILD_MEMBERS, GUILD_MESSAGES, DIRECT_MESSAGES, MESSAGE_CONTENT = 1, 1 << 1, 1 << 9, 1 << 12, 1 << 15
+GUILD_VOICE_STATES = 1 << 7
 _GUILD_EVENT_INTENTS = {
     "GUILD_CREATE": GUILDS, "CHANNEL_CREATE": GUILDS, "THREAD_CREATE": GUILDS,
-    "GUILD_ROLE_CREATE": GUILDS, "GUILD_MEMBER_ADD": GUILD_MEMBERS,
+    "GUILD_ROLE_CREATE": GUILDS, "GUILD_MEMBER_ADD": GUILD_MEMBERS, "VOICE_STATE_UPDATE": GUILD_VOICE_STATES,
 }
 _MESSAGE_EVENTS = ("MESSAGE_CREATE", "MESSAGE_UPDATE", "MESSAGE_DELETE")
 BACKLOG = 1000
@@ -135,6 +136,10 @@ class Gateway:
             await self._identify(conn, d)
         elif op == RESUME:
             await self._resume(conn, d)
+        elif op == VOICE_STATE_UPDATE:  # the bot joins, moves or leaves a voice channel
+            self.other_ops.append(frame)
+            if conn.session is not None:
+                self.fake._bot_voice_state(conn.session, d)
         elif op == REQUEST_GUILD_MEMBERS:
             self.member_requests.append(d)
             if conn.session is not None:

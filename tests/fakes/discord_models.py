@@ -234,6 +234,7 @@ class FakeGuild:
     roles: dict = field(default_factory=dict)  # id -> FakeRole (incl. @everyone, id == guild id)
     channels: dict = field(default_factory=dict)  # id -> FakeChannel (threads included)
     members: dict = field(default_factory=dict)  # user id -> FakeMember
+    voice_states: dict = field(default_factory=dict)  # user id -> FakeVoiceState
 
     @property
     def everyone(self) -> FakeRole:
@@ -283,12 +284,42 @@ class FakeGuild:
             "channels": [c.payload() for c in channels],
             "threads": [c.payload() for c in threads],
             "members": [m.payload() for m in self.members.values()],
-            "voice_states": [],
+            "voice_states": [v.payload() for v in self.voice_states.values()],
             "presences": [],
             "stage_instances": [],
             "guild_scheduled_events": [],
             "soundboard_sounds": [],
         }
+
+
+@dataclass(eq=False)
+class FakeVoiceState:
+    """Who is in which voice channel of a guild (VOICE_STATE_UPDATE, GUILD_CREATE's voice_states)."""
+
+    guild_id: int
+    user_id: int
+    channel_id: Optional[int]
+    session_id: str
+    self_mute: bool = False
+    self_deaf: bool = False
+
+    def payload(self, member: Optional[FakeMember] = None) -> dict:
+        data = {
+            "guild_id": str(self.guild_id),
+            "channel_id": str(self.channel_id) if self.channel_id else None,
+            "user_id": str(self.user_id),
+            "session_id": self.session_id,
+            "deaf": False,
+            "mute": False,
+            "self_deaf": self.self_deaf,
+            "self_mute": self.self_mute,
+            "self_video": False,
+            "suppress": False,
+            "request_to_speak_timestamp": None,
+        }
+        if member is not None:
+            data["member"] = member.payload()
+        return data
 
 
 def channel_permissions(guild: FakeGuild, channel: FakeChannel, user_id: int) -> int:

@@ -14,6 +14,9 @@ itself via ``GET /gateway/bot``.
 * Rate limits per route and channel like Discord's (``fake.rate_limits``; by default message
   edits, 5 per 5 s per channel): ``X-RateLimit-*`` headers on every answer of a limited route
   (discord.py waits by them), and a 429 with ``retry_after`` past the limit (``fake.rate_limited``).
+* Voice: the bot's voice state updates (gateway op 4) are answered with VOICE_STATE_UPDATE and,
+  when it joins, VOICE_SERVER_UPDATE pointing at ``fake.voice_server`` (a FakeVoiceServer from
+  discord_voice_server.py); ``user_joins_voice``/``user_leaves_voice`` move people around.
 * Messages the bot creates are stored per channel (``fake.messages``) and echoed back over the
   gateway as MESSAGE_CREATE, as Discord does. Validation like Discord: empty message (50006),
   content over 2000 characters (50035), reply to an unknown message (50035), double interaction
@@ -32,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import re
+import secrets
 import time
 import traceback
 from collections import defaultdict
@@ -42,7 +46,7 @@ from aiohttp import web
 from .discord_gateway import Gateway
 from .discord_models import (
     BOT_ROLE_PERMISSIONS, DM, EVERYONE_PERMISSIONS, GUILD_TEXT, GUILD_VOICE, PRIVATE_THREAD, PUBLIC_THREAD,
-    FakeChannel, FakeGuild, FakeMember, FakeRole, FakeUser, snowflake, snowflake_id,
+    FakeChannel, FakeGuild, FakeMember, FakeRole, FakeUser, FakeVoiceState, snowflake, snowflake_id,
 )
 from .discord_rest import DiscordError, FakeInteraction, RestCall, RestHandlers, WaitTimeout
 
@@ -88,6 +92,7 @@ class FakeDiscord(RestHandlers):
             "PATCH /channels/{channel_id}/messages/{message_id}": (5, 5.0)}
         self.rate_limited: list[RestCall] = []  # requests answered 429
         self._windows: dict[tuple, list] = {}  # (route, channel) -> [window start, requests in it]
+        self.voice_server = None  # a FakeVoiceServer, for VOICE_SERVER_UPDATE
         self.gateway = Gateway(self, heartbeat_interval_ms)
         self._change = asyncio.Event()
         self._runner: Optional[web.AppRunner] = None
@@ -238,9 +243,9 @@ class FakeDiscord(RestHandlers):
         return self._add_channel(FakeChannel(snowflake(), GUILD_TEXT, name, guild_id=guild.id, topic=topic,
                                              position=len(guild.channels), overwrites=list(overwrites)))
 
-    def add_voice_channel(self, guild: FakeGuild, name: str) -> FakeChannel:
+    def add_voice_channel(self, guild: FakeGuild, name: str, *, overwrites=()) -> FakeChannel:
         return self._add_channel(FakeChannel(snowflake(), GUILD_VOICE, name, guild_id=guild.id,
-                                             position=len(guild.channels)))
+                                             position=len(guild.channels), overwrites=list(overwrites)))
 
     def add_thread(self, parent: FakeChannel, name: str, *, owner: Optional[FakeUser] = None,
                    private: bool = False) -> FakeChannel:
@@ -278,6 +283,60 @@ class FakeDiscord(RestHandlers):
         """Recorded REST calls whose method matches and whose path matches the regex ``path``."""
         return [c for c in self.requests
                 if (method is None or c.method == method) and re.fullmatch(path, c.path)]
+
+    # ==== voice ===============================================================================
+
+    def user_joins_voice(self, channel, user: FakeUser) -> None:
+        """``user`` joins (or moves to) the voice channel ``channel``: VOICE_STATE_UPDATE."""
+        channel = self._channel(channel)
+        guild = self.guilds[channel.guild_id]
+        if user.id not in guild.members:
+            self.add_member(guild, user)
+        self._set_voice_state(guild, FakeVoiceState(guild.id, user.id, channel.id, secrets.token_hex(16)))
+
+    def user_leaves_voice(self, guild: FakeGuild, user: FakeUser) -> None:
+        """``user`` leaves voice; for the bot, a moderator disconnecting it (its voice websocket is closed
+        with 4014, as Discord does)."""
+        state = guild.voice_states.get(user.id)
+        if state is not None:
+            self._set_voice_state(guild, FakeVoiceState(guild.id, user.id, None, state.session_id))
+        if user.id == self.bot_user.id and self.voice_server is not None:
+            asyncio.ensure_future(self.voice_server.disconnect(guild.id))
+
+    def voice_channel_of(self, guild: FakeGuild, user) -> Optional[int]:
+        state = guild.voice_states.get(snowflake_id(user))
+        return state.channel_id if state else None
+
+    def move_voice_server(self, guild: FakeGuild, server) -> None:
+        """Discord moves the guild's voice to another server: VOICE_SERVER_UPDATE with its endpoint."""
+        self.voice_server = server
+        state = guild.voice_states[self.bot_user.id]
+        self._voice_server_update(guild, state.session_id)
+
+    def _bot_voice_state(self, session, d: dict) -> None:
+        """The bot asked (gateway op 4) to join, move within or leave a guild's voice."""
+        guild = self.guilds.get(int(d["guild_id"]))
+        if guild is None:
+            return
+        channel_id = int(d["channel_id"]) if d.get("channel_id") else None
+        self._set_voice_state(guild, FakeVoiceState(guild.id, self.bot_user.id, channel_id, session.id,
+                                                    bool(d.get("self_mute")), bool(d.get("self_deaf"))))
+        if channel_id is not None and self.voice_server is not None:
+            self._voice_server_update(guild, session.id)
+
+    def _voice_server_update(self, guild: FakeGuild, session_id: str) -> None:
+        token = self.voice_server.expect(guild.id, self.bot_user.id, session_id)
+        self.gateway.dispatch("VOICE_SERVER_UPDATE", {"token": token, "guild_id": str(guild.id),
+                                                      "endpoint": self.voice_server.endpoint}, guild_id=guild.id)
+
+    def _set_voice_state(self, guild: FakeGuild, state: FakeVoiceState) -> None:
+        if state.channel_id is None:
+            guild.voice_states.pop(state.user_id, None)
+        else:
+            guild.voice_states[state.user_id] = state
+        self.gateway.dispatch("VOICE_STATE_UPDATE", state.payload(guild.members.get(state.user_id)),
+                              guild_id=guild.id)
+        self._changed()
 
     # ==== driving the bot =====================================================================
 

@@ -1,0 +1,204 @@
+"""SpokenReply: one chat reply spoken sentence by sentence while the model is still writing it.
+
+It listens to the reply's updates (the text so far; `final` once stored), hands each complete
+sentence, made speakable, to the synthesis worker, and the worker writes the audio into
+`output`. Sentence n+1 is synthesized while sentence n plays; a reply's sentences go to the
+worker one at a time, so replies of different guilds take turns and all keep ahead of playback.
+Nothing here raises into the caller: a voice failure ends the audio, never the text reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from core.replies import ReplyUpdate
+from voice.engine import Engine
+from voice.pcm import PcmStream
+from voice.sentences import SentenceSplitter
+from voice.speakable import speakable
+
+if TYPE_CHECKING:
+    from voice.speaker import Speaker
+
+log = logging.getLogger(__name__)
+
+_WORD = re.compile(r"\w")
+
+# When to start playing: an engine well ahead of real time starts once READY_AFTER_S is buffered;
+# one close to real time (or slower) first finishes the sentence, so that playback never runs dry.
+READY_AFTER_S = 0.2
+FAST_RTF = 0.5
+# A reply that pauses right after a sentence (it is screened a sentence at a time) has that sentence
+# spoken once no more text has come for this long.
+SETTLE_S = 0.25
+
+
+class SpokenReply:
+    def __init__(self, speaker: "Speaker", voice: str | None, output: PcmStream, *, adapter: str, label: str):
+        self.speaker = speaker
+        self.voice = voice
+        self.output = output
+        self.adapter = adapter
+        self.label = label
+        self.started = time.monotonic()
+        self.ready = asyncio.Event()  # there is audio to play (or nothing will come): start reading
+        self.synthesized = asyncio.Event()  # no more audio will be written
+        self.sentences = 0
+        self.synthesis_s = 0.0
+        self.error: Exception | None = None
+        self._engine: Engine = speaker.engine
+        self._language = speaker.section.language
+        self._splitter = SentenceSplitter(self._language)
+        self._seen = ""
+        self._pending: deque[str] = deque()
+        self._in_flight = False
+        self._final = False
+        self._stop = threading.Event()
+        self._finished = False
+        self._settle: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    # ---- the text side (event loop) ------------------------------------------------------------
+
+    async def on_update(self, update: ReplyUpdate) -> None:
+        """Take the reply so far; complete sentences go to synthesis at once."""
+        try:
+            self._take(update.text, update.final)
+        except Exception as exc:  # noqa: BLE001 - voice must never break the text reply
+            log.exception("voice: could not speak reply %s", self.label)
+            self.error = exc
+            self.cancel()
+
+    def _take(self, text: str, final: bool) -> None:
+        if self._stop.is_set() or self._final:
+            return
+        if not text.startswith(self._seen[: self._splitter.consumed]):
+            # A discarded draft (the service regenerates some replies): say the new text from its start.
+            self._pending.clear()
+            self._splitter = SentenceSplitter(self._language)
+        self._seen = text
+        if self._settle is not None:
+            self._settle.cancel()
+        self._queue(self._splitter.feed(text, final))
+        self._final = final
+        if not final:
+            self._settle = self._loop.call_later(SETTLE_S, self._settled)
+        self._next()
+
+    def _settled(self) -> None:
+        if not (self._stop.is_set() or self._final):
+            self._queue(self._splitter.ended(self._seen))
+            self._next()
+
+    def _queue(self, sentences: list[str]) -> None:
+        for sentence in sentences:
+            said = speakable(sentence, read_numbers=not self._engine.reads_numbers, language=self._language)
+            if _WORD.search(said):  # punctuation alone says nothing
+                self._pending.append(said)
+
+    def _next(self) -> None:
+        if self._in_flight or self.synthesized.is_set():
+            return
+        if self._pending and not self._stop.is_set():
+            self._in_flight = True
+            sentence = self._pending.popleft()
+            self.speaker.worker.submit(lambda engine: self._synthesize(engine, sentence))
+        elif self._final or self._stop.is_set():
+            self._end()
+
+    def cancel(self) -> None:
+        """Stop now (/skip, or the text reply failed): nothing more is synthesized or played."""
+        if self._settle is not None:
+            self._settle.cancel()
+        self._stop.set()
+        self._pending.clear()
+        self.output.cancel()
+        self._next()
+
+    def abandon_unfinished(self) -> None:
+        """The text reply ended without a final update (it failed): drop what is not spoken yet."""
+        if not self._final:
+            self.error = self.error or RuntimeError("the text reply failed before it was complete")
+            self.cancel()
+
+    def _end(self) -> None:
+        self.output.finish()
+        self.synthesized.set()
+        self.ready.set()
+
+    # ---- synthesis (worker thread) -------------------------------------------------------------
+
+    def _synthesize(self, engine: Engine, sentence: str) -> None:
+        error = None
+        try:
+            if not self._stop.is_set():
+                state = self.speaker.voice_state(self.voice, engine)
+                worker = self.speaker.worker
+                early = worker.rtf is None or worker.rtf <= FAST_RTF
+                started, samples = time.monotonic(), 0
+                for chunk in engine.synthesize(state, sentence, self._stop):
+                    self.output.write(chunk)
+                    samples += len(chunk)
+                    if early and self.output.seconds_written >= READY_AFTER_S and not self.ready.is_set():
+                        self._loop.call_soon_threadsafe(self.ready.set)
+                took = time.monotonic() - started
+                self.synthesis_s += took
+                self.speaker.metrics.voice_synthesis.labels(engine.name).observe(took)
+                if samples:
+                    rtf = took / (samples / engine.sample_rate)
+                    worker.observe_rtf(rtf)
+                    self.speaker.metrics.voice_rtf.labels(engine.name).observe(rtf)
+        except Exception as exc:  # noqa: BLE001 - reported on the loop; the text reply goes on
+            error = exc
+        try:
+            self._loop.call_soon_threadsafe(self._synthesized, error)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+
+    def _synthesized(self, error: Exception | None) -> None:
+        self._in_flight = False
+        if error is not None:
+            log.warning("voice: synthesis failed for reply %s (voice %s): %s",
+                        self.label, self.voice or "default", error)
+            self.error = error
+            self._stop.set()
+            self._pending.clear()
+        else:
+            self.sentences += 1
+            self.ready.set()
+        self._next()
+
+    # ---- the end -------------------------------------------------------------------------------
+
+    def finish(self, outcome: str) -> None:
+        """The listener is done with this reply (spoken, skipped, failed...): free its slot, log, count."""
+        if self._finished:
+            return
+        self._finished = True
+        if not self.synthesized.is_set():
+            self.cancel()
+        self.speaker.released()
+        if self.error is not None and outcome == "spoken":
+            outcome = "failed"
+        metrics, output = self.speaker.metrics, self.output
+        metrics.voice_replies.labels(self.adapter, outcome).inc()
+        metrics.voice_audio.labels(self.adapter).inc(output.seconds_written)
+        first_audio = None
+        if output.first_read_at is not None:
+            first_audio = output.first_read_at - self.started
+            metrics.voice_first_audio.labels(self.adapter).observe(first_audio)
+        audio = output.seconds_written
+        log.info(
+            "voice: reply %s voice=%s outcome=%s sentences=%d audio=%.2fs frames=%d synthesis=%.2fs rtf=%.2f "
+            "first_audio=%s longest_gap=%.0fms",
+            self.label, self.voice or "default", outcome, self.sentences, audio,
+            output.bytes_written // output.frame_bytes if output.frame_bytes else 0, self.synthesis_s,
+            self.synthesis_s / audio if audio else 0.0,
+            f"{first_audio:.2f}s" if first_audio is not None else "none", output.longest_gap_s * 1000,
+        )

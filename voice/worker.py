@@ -1,0 +1,92 @@
+"""The process's text-to-speech model and the one thread that runs it.
+
+Engines are not thread-safe, and one loaded model serves every guild, browser and command of the
+process: `acquire_worker` loads an engine once per (engine, model, device, language) and hands
+every caller the same worker; the last `release()` unloads it. Jobs run one at a time, in
+submission order, off the event loop. `max_queue` bounds how many replies may be spoken or
+waiting at once; a reply that does not fit gets VoiceBusy and stays text only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+from core.config import VoiceSection
+from voice.engine import Engine, load_engine
+
+log = logging.getLogger(__name__)
+
+Job = Callable[[Engine], None]
+
+
+class VoiceBusy(RuntimeError):
+    """Too many replies are being spoken or waiting; this one stays text only."""
+
+
+class SynthesisWorker:
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.replies = 0  # replies holding a slot: being spoken or waiting
+        self.rtf: float | None = None  # recent real-time factor (synthesis time / audio time), smoothed
+        self._users = 0
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"voice-{engine.name}", daemon=True)
+        self._thread.start()
+
+    def reserve(self) -> None:
+        """Take a reply slot; raises VoiceBusy when all `max_queue` are taken."""
+        with self._lock:
+            if self.replies >= self.max_queue:
+                raise VoiceBusy(f"{self.replies} replies are already being spoken or waiting")
+            self.replies += 1
+
+    def unreserve(self) -> None:
+        with self._lock:
+            self.replies -= 1
+
+    def observe_rtf(self, rtf: float) -> None:
+        """Record one sentence's real-time factor (from the worker thread)."""
+        self.rtf = rtf if self.rtf is None else 0.7 * self.rtf + 0.3 * rtf
+
+    def submit(self, job: Job) -> None:
+        """Run `job(engine)` in the worker thread after the jobs already submitted."""
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job(self.engine)
+            except Exception:  # noqa: BLE001 - jobs report their own failures; never lose the thread
+                log.exception("voice: a synthesis job failed")
+
+    def release(self) -> None:
+        """Done with the worker; the last user's release stops it and unloads the model."""
+        with _WORKERS_LOCK:
+            self._users -= 1
+            if self._users:
+                return
+            for key, worker in list(_WORKERS.items()):
+                if worker is self:
+                    del _WORKERS[key]
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+
+_WORKERS: dict[tuple, SynthesisWorker] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def acquire_worker(section: VoiceSection) -> SynthesisWorker:
+    """The worker of the configured engine, loading it on first use (blocking: call it off the loop)."""
+    key = (section.engine, section.model, section.device, section.language)
+    with _WORKERS_LOCK:
+        worker = _WORKERS.get(key)
+        if worker is None:
+            worker = _WORKERS[key] = SynthesisWorker(load_engine(section), section.max_queue)
+        worker._users += 1
+        return worker
