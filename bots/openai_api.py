@@ -94,20 +94,27 @@ def _conversation(
                 f"{param}.content is {len(text)} characters long; the limit is {max_chars}.",
                 param=f"{param}.content", code="message_too_long",
             )
-        try:
-            service.validate(text)
-        except InputRejected as exc:
-            raise bad_request(exc.user_message, param=f"{param}.content", code="invalid_text") from None
+        _readable(service, text, f"{param}.content")
         if role in ("system", "developer"):
             systems.append(text)
         elif role == "user":
             name = message.get("name")
-            turns.append(Turn("user", name if isinstance(name, str) and name else "user", text))
+            # The model reads names when several people talk: they must be readable text too.
+            author = _readable(service, name, f"{param}.name") if isinstance(name, str) and name.strip() else "user"
+            turns.append(Turn("user", author, text))
         else:
             turns.append(Turn("bot", persona.name, text, persona=persona.name))
     if not turns or turns[-1].role != "user":
         raise bad_request("The last message (other than system ones) must be from the user.", param="messages")
     return systems, turns
+
+
+def _readable(service: ChatService, text: str, param: str) -> str:
+    """`text` as the service takes it; a 400 naming `param` when it is not readable text."""
+    try:
+        return service.validate(text)
+    except InputRejected as exc:
+        raise bad_request(exc.user_message, param=param, code="invalid_text") from None
 
 
 def _text(content: object, param: str) -> str:

@@ -11,11 +11,13 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator,
+)
 
 ENV_PREFIX = "TTT_"
 SECRET_NAMES = (
@@ -40,6 +42,17 @@ class ConfigError(Exception):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _switch_word(value: Any) -> Any:
+    # YAML 1.1 reads a bare `on`/`off` (and yes/no) in config.yaml as a boolean.
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
+"""An adapter switch: `auto` (decided by the tokens that are set), `on` or `off`."""
 
 
 class Decoding(Section):
@@ -181,7 +194,7 @@ class SafetySection(Section):
 
 
 class WebSection(Section):
-    enabled: Literal["auto", "on", "off"] = "auto"
+    enabled: Switch = "auto"
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_tokens_limit: int = Field(512, ge=1)
@@ -195,7 +208,7 @@ class WebSection(Section):
 
 
 class DiscordSection(Section):
-    enabled: Literal["auto", "on", "off"] = "auto"
+    enabled: Switch = "auto"
     api_base_url: str | None = None
     command_guilds: list[int] = Field(default_factory=list)
     allowed_guilds: list[int] = Field(default_factory=list)
@@ -232,7 +245,7 @@ class DiscordSection(Section):
 
 
 class SlackSection(Section):
-    enabled: Literal["auto", "on", "off"] = "auto"
+    enabled: Switch = "auto"
     mode: Literal["socket", "http"] = "socket"
     api_base_url: str | None = None
     http_host: str = "127.0.0.1"
