@@ -12,7 +12,7 @@ from core.capacity import SpeedModel
 from core.generator import GenerationFailed
 from core.kv_cache import BatchCache, new_cache
 from core.prefix_cache import Reuse
-from core.threads import ThreadTuner, bucket, one_cpu_thread
+from core.threads import ThreadTuner, bucket, model_loading
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
@@ -30,11 +30,12 @@ class ModelRunner:
 
     def load_adapter(self, path: str) -> None:
         """Load a LoRA adapter onto the shared base model (blocking: call it off the event loop)."""
-        from peft import PeftModel
+        with model_loading():
+            from peft import PeftModel
 
         if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in self.model.modules()):
             raise GenerationFailed("LoRA adapters need float weights: set generator.cpu_dtype to float32 or bfloat16")
-        with self._lock, one_cpu_thread():
+        with self._lock, model_loading():
             if path in self.adapters:
                 return
             name = f"adapter{len(self.adapters)}"

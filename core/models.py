@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.threads import one_cpu_thread
+from core.threads import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
 
 def load_model(source: ModelSource, placement: Placement, cache_dir: Path | None = None):
     """(model, tokenizer) ready for inference; raises ModelUnavailable with a clear message."""
-    with one_cpu_thread():
+    with model_loading():
         return _load_model(source, placement, cache_dir)
 
 
@@ -182,8 +182,8 @@ def _quantize_linear_layers(model, tokenizer):
 
 def _load_gguf(source: ModelSource, placement: Placement, cache_dir: Path | None):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf_path = Path(source.model) / source.gguf_file
     if not gguf_path.is_file():
         raise ModelUnavailable(f"GGUF file {gguf_path} does not exist")

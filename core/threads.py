@@ -66,6 +66,20 @@ class ThreadTuner:
         return min(seconds, key=seconds.__getitem__) if seconds else None
 
 
+# One model (or adapter) loads at a time in a process: transformers' lazy module is not thread-safe
+# on first use ("ImportError: cannot import name 'AutoModelForCausalLM'"), and two from_pretrained
+# calls at once in two threads broke each other's meta-device initialisation ("Cannot copy out of
+# meta tensor"). Personas, adapters and voice models all load in worker threads.
+_LOADING = threading.Lock()
+
+
+@contextmanager
+def model_loading():
+    """Hold the process's model-loading turn, on one CPU thread (see `one_cpu_thread`)."""
+    with _LOADING, one_cpu_thread():
+        yield
+
+
 @contextmanager
 def one_cpu_thread():
     """Run torch work (loading a model, an adapter) on one thread of this thread's own.

@@ -95,3 +95,29 @@ async def test_lora_chat_persona_stops_at_end_of_turn_on_a_base_with_another_eos
     assert generation.stats.finish_reason == "stop"
     assert await service.reply(key, "alice", "the word is lemon", adapter="test") == "lemon!"
     await service.close()
+
+
+@pytest.mark.timeout(120)
+def test_models_loading_at_once_in_a_fresh_process_all_load(word_model_dir, word_chat_model_dir):
+    """transformers' lazy module is not thread-safe on first use; personas load in worker threads."""
+    script = textwrap.dedent(f"""
+        import threading
+        import torch  # as the service has it: torch imported, transformers not yet
+        from core.models import choose_placement, load_model, resolve_source
+        results = []
+        def load(path):
+            try:
+                load_model(resolve_source(path), choose_placement("cpu"))
+                results.append("ok")
+            except Exception as exc:
+                results.append(repr(exc))
+        threads = [threading.Thread(target=load, args=(path,))
+                   for path in ({str(word_model_dir)!r}, {str(word_chat_model_dir)!r}, {str(word_model_dir)!r})]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(results)
+    """)
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=100)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['ok', 'ok', 'ok']", done.stdout
