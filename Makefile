@@ -20,6 +20,7 @@ test: setup system-deps
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/generator.py
+	HF_HUB_OFFLINE=1 $(PY) bench/conversation.py
 
 bench-voice: setup system-deps
 	HF_HUB_OFFLINE=1 $(PY) bench/voice.py

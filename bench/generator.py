@@ -2,7 +2,11 @@
 
 A DialoGPT-small-shaped GPT-2 (12 layers, width 768, random weights: nothing to download).
 32 conversations arrive at staggered times with 30-60 token prompts and want 32 new tokens each,
-sampling on. Run: python bench/generator.py [--requests 32]
+sampling on. Then the other cache layouts, each an 8-layer, width-512 model of its architecture
+(Llama: full attention; Mistral and Phi-3: sliding window of 32, shorter than the prompts;
+Gemma-3: sliding and full layers; Qwen2: full, then sliding layers), 16 requests at once, against
+`generate_batch` (transformers' continuous batching with a paged cache).
+Run: python bench/generator.py [--requests 32] [--archs llama,mistral,...]
 The last line is machine-readable.
 """
 
@@ -16,21 +20,39 @@ import time
 
 import torch
 from tokenizers import Tokenizer, decoders, models
+import transformers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from core.config import Decoding
-from core.generator import LocalEngine
+from core.local_engine import LocalEngine, PreparedPrompt
+from core.threads import in_own_thread
 
 VOCAB = 50257
 NEW_TOKENS = 32
 SAMPLING = dict(do_sample=True, temperature=0.8, top_k=50, top_p=0.9)
+WINDOW = 32
+SHAPE = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=4, max_position_embeddings=2048, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 1,
+             pad_token_id=VOCAB - 1)
+ARCHITECTURES = {
+    "llama": lambda: transformers.LlamaConfig(**SHAPE),
+    "mistral": lambda: transformers.MistralConfig(sliding_window=WINDOW, **SHAPE),
+    "phi3": lambda: transformers.Phi3Config(sliding_window=WINDOW, **SHAPE),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        sliding_window=WINDOW, head_dim=64, layer_types=["sliding_attention"] * 5 + ["full_attention"] * 3, **SHAPE),
+    "qwen2": lambda: transformers.Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=4,
+                                              **SHAPE),
+}
 
 
 def build_model() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=VOCAB, eos_token_id=VOCAB - 1,
                         bos_token_id=VOCAB - 1)
-    model = GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(config).eval(), build_tokenizer()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
     # A byte-level vocabulary of GPT-2's size, so decoding costs what it costs with the real one.
     alphabet = [chr(c) for c in range(0x21, 0x7F)] + [chr(c) for c in range(0xA1, 0x1A0)]
     vocab = {ch: i for i, ch in enumerate(alphabet[:256])}
@@ -40,8 +62,7 @@ def build_model() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     vocab["<|endoftext|>"] = VOCAB - 1
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    return model, tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def workload(n: int, spread_s: float) -> list[tuple[float, list[int]]]:
@@ -115,43 +136,84 @@ async def run_engine(engine: LocalEngine, work) -> tuple[dict, float]:
     return row, lags[int(0.99 * (len(lags) - 1))] * 1000
 
 
-async def idle_ratio(model, engine: LocalEngine, prompt: list[int], repeats: int = 3) -> float:
+def direct_single(model, prompt: list[int], repeats: int = 3) -> float:
     config = GenerationConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=VOCAB - 1,
                               **SAMPLING)
-    decoding = Decoding(max_new_tokens=NEW_TOKENS, **SAMPLING)
-    direct, ours = [], []
+    times = []
     for _ in range(repeats):
         start = time.monotonic()
         with torch.inference_mode():
             model.generate(torch.tensor([prompt]), generation_config=config)
-        direct.append(time.monotonic() - start)
+        times.append(time.monotonic() - start)
+    return min(times)
+
+
+async def engine_single(engine: LocalEngine, prompt: list[int], repeats: int = 3) -> float:
+    decoding = Decoding(max_new_tokens=NEW_TOKENS, **SAMPLING)
+    times = []
+    for _ in range(repeats):
         start = time.monotonic()
-        await engine.submit(prompt, decoding).text()
-        ours.append(time.monotonic() - start)
-    print(f"idle single request: direct generate {min(direct):.3f}s, generator {min(ours):.3f}s", flush=True)
-    return min(ours) / min(direct)
+        await engine.submit(PreparedPrompt(prompt, frozenset()), decoding).text()
+        times.append(time.monotonic() - start)
+    return min(times)
+
+
+async def compare_architecture(arch: str, tokenizer, requests: int) -> float:
+    """Tokens/s of this generator and of `generate_batch`, every request submitted at once."""
+    torch.manual_seed(0)
+    model = in_own_thread(lambda: transformers.AutoModelForCausalLM.from_config(ARCHITECTURES[arch]()).eval())
+    work = [p for _, p in workload(requests, 0.0)]
+    engine = LocalEngine(model, tokenizer, name=arch, max_batch_size=requests)
+    await engine.submit(work[0], Decoding(max_new_tokens=2)).text()  # warm-up
+    decoding = Decoding(max_new_tokens=NEW_TOKENS, **SAMPLING)
+    start = time.monotonic()
+    generations = [engine.submit(p, decoding) for p in work]
+    await asyncio.gather(*(g.text() for g in generations))
+    ours = sum(g.stats.new_tokens for g in generations) / (time.monotonic() - start)
+    await engine.close()
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, pad_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+                              max_batch_tokens=4096, **SAMPLING)
+
+    def theirs() -> tuple[float, list[str]]:
+        start = time.monotonic()
+        results = model.generate_batch(inputs=work, generation_config=config, progress_bar=False)
+        speed = sum(len(r.generated_tokens) for r in results.values()) / (time.monotonic() - start)
+        with torch.inference_mode():
+            layers = model(torch.tensor([work[0]]), use_cache=True).past_key_values.layers
+        return speed, sorted({type(layer).__name__ for layer in layers})
+
+    speed, layers = in_own_thread(theirs)
+    print(f"{arch:<8} ({', '.join(layers)})  generator {ours:6.1f} tokens/s  generate_batch {speed:6.1f} tokens/s  "
+          f"ratio {ours / speed:.2f}", flush=True)
+    return ours / speed
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--spread", type=float, default=2.0, help="arrivals spread over this many seconds")
+    parser.add_argument("--archs", default=",".join(ARCHITECTURES), help="other architectures to compare")
+    parser.add_argument("--arch-requests", type=int, default=16)
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}, building DialoGPT-small-shaped model...", flush=True)
-    model, tokenizer = build_model()
+    model, tokenizer = in_own_thread(build_model)
     work = workload(args.requests, args.spread)
+    direct = in_own_thread(direct_single, model, work[0][1])
+    a = in_own_thread(run_sequential, model, work)
+    b = in_own_thread(run_generate_batch, model, work)
     engine = LocalEngine(model, tokenizer, name="bench", max_batch_size=args.requests)
     await engine.submit(work[0][1], Decoding(max_new_tokens=2)).text()  # warm-up
-    ratio_idle = await idle_ratio(model, engine, work[0][1])
+    ours = await engine_single(engine, work[0][1])
+    print(f"idle single request: direct generate {direct:.3f}s, generator {ours:.3f}s", flush=True)
+    ratio_idle = ours / direct
     c, lag_p99 = await run_engine(engine, work)
-    a = run_sequential(model, work)
-    b = run_generate_batch(model, work)
     await engine.close()
     vs_a, vs_b = c["tokens_s"] / a["tokens_s"], c["tokens_s"] / b["tokens_s"]
     print(f"c/a {vs_a:.2f}x (target >= 5)  c/b {vs_b:.2f}x (target >= 1.5)  "
-          f"loop lag p99 {lag_p99:.1f} ms (target < 50)  idle {ratio_idle:.2f}x (target <= 1.15)")
+          f"loop lag p99 {lag_p99:.1f} ms (target < 50)  idle {ratio_idle:.2f}x (target <= 1.15)", flush=True)
+    ratios = [await compare_architecture(arch, tokenizer, args.arch_requests) for arch in args.archs.split(",") if arch]
     print(f"vs_sequential={vs_a:.2f} vs_generate_batch={vs_b:.2f} loop_lag_p99_ms={lag_p99:.1f} "
-          f"idle_ratio={ratio_idle:.2f}")
+          f"idle_ratio={ratio_idle:.2f}" + (f" archs_vs_generate_batch_min={min(ratios):.2f}" if ratios else ""))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from discord import app_commands
 
 from core.config import DiscordSection
 from core.conversation import ConversationKey
-from core.service import ChatService, PersonaError
+from core.service import ChatError, ChatService
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def add_commands(
             return
         try:
             chosen = await service.set_persona(key, name)
-        except PersonaError as exc:
+        except ChatError as exc:  # an unknown or unavailable persona, or the store is unreachable
             await interaction.response.send_message(exc.user_message, ephemeral=True)
             return
         await interaction.response.send_message(f"Switched to **{chosen.name}**: {chosen.description}")

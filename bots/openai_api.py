@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from bots.web_errors import ApiError, bad_request, chat_error, read_json, unknown_model
 from core.config import Config, Decoding
@@ -93,20 +94,27 @@ def _conversation(
                 f"{param}.content is {len(text)} characters long; the limit is {max_chars}.",
                 param=f"{param}.content", code="message_too_long",
             )
-        try:
-            service.validate(text)
-        except InputRejected as exc:
-            raise bad_request(exc.user_message, param=f"{param}.content", code="invalid_text") from None
+        _readable(service, text, f"{param}.content")
         if role in ("system", "developer"):
             systems.append(text)
         elif role == "user":
             name = message.get("name")
-            turns.append(Turn("user", name if isinstance(name, str) and name else "user", text))
+            # The model reads names when several people talk: they must be readable text too.
+            author = _readable(service, name, f"{param}.name") if isinstance(name, str) and name.strip() else "user"
+            turns.append(Turn("user", author, text))
         else:
             turns.append(Turn("bot", persona.name, text, persona=persona.name))
     if not turns or turns[-1].role != "user":
         raise bad_request("The last message (other than system ones) must be from the user.", param="messages")
     return systems, turns
+
+
+def _readable(service: ChatService, text: str, param: str) -> str:
+    """`text` as the service takes it; a 400 naming `param` when it is not readable text."""
+    try:
+        return service.validate(text)
+    except InputRejected as exc:
+        raise bad_request(exc.user_message, param=param, code="invalid_text") from None
 
 
 def _text(content: object, param: str) -> str:
@@ -167,7 +175,12 @@ def _decoding(body: dict, base: Decoding, max_tokens_limit: int) -> Decoding:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise bad_request(f"`seed` must be an integer; got {seed!r}.", param="seed")
         update["seed"] = seed
-    return base.model_copy(update=update)
+    try:  # every value validated where it enters (a seed of 10**30 is a 400, not a failed generation)
+        return Decoding.model_validate({**base.model_dump(), **update})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = {"max_new_tokens": "max_tokens"}.get(str(error["loc"][0]), str(error["loc"][0]))
+        raise bad_request(f"`{name}`: {error['msg']}; got {error.get('input')!r}.", param=name) from None
 
 
 def _finish_reason(final: ReplyUpdate) -> str:
@@ -286,4 +299,5 @@ def _envelope(kind: str, model: str) -> dict:
 
 def _usage(stats) -> dict:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-            "total_tokens": stats.prompt_tokens + stats.new_tokens}
+            "total_tokens": stats.prompt_tokens + stats.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}  # reused from the prefix cache

@@ -23,6 +23,7 @@ from core.service import ChatService, open_service
 log = logging.getLogger(__name__)
 
 RETENTION_SWEEP_S = 3600.0
+NO_ADAPTER = "no adapter is enabled: set a platform token or web.enabled: on"
 DISCORD_API = "https://discord.com/api/v10"
 SLACK_API = "https://slack.com/api/"
 
@@ -111,7 +112,7 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     if broken:
         return 2
     if not plans:
-        log.error("no adapter is enabled: set a platform token or web.enabled: on")
+        log.error(NO_ADAPTER)
         return 2
     try:
         service = await open_service(settings.config, dict(os.environ))

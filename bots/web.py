@@ -160,7 +160,7 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
         message, code = f"{exc.reason}: {request.method} {request.path}", None
         if exc.status == 413:
-            message, code = f"The request body is too large: {exc.text}.", "request_too_large"
+            message, code = f"The request body is too large: {exc.text.rstrip('.')}.", "request_too_large"
         return ApiError(exc.status, message, type=kind, code=code).response()
     except ConnectionError:
         raise

@@ -18,11 +18,11 @@ import re
 
 from aiohttp import web
 
-from bots.web_errors import bad_request, chat_error, read_json, unavailable, unknown_model
+from bots.web_errors import bad_request, chat_error, read_json, unknown_model
 from core.config import Config
 from core.conversation import ConversationKey, StoreUnavailable, current_session
 from core.personas import Persona, PersonaUnavailable
-from core.service import MEMORY_UNAVAILABLE, ChatError, ChatService, MemoryUnavailable, PersonaError
+from core.service import MEMORY_UNAVAILABLE, ChatError, ChatService, MemoryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,18 @@ class ChatPageRoutes:
 
     async def reset(self, request: web.Request) -> web.Response:
         key = self._key(request)
-        await self.service.reset(key)
+        try:
+            await self.service.reset(key)
+        except ChatError as exc:
+            raise chat_error(exc) from None
         return web.json_response({"conversation": key.scope, "reset": True})
 
     async def forget_me(self, request: web.Request) -> web.Response:
         key = self._key(request)
-        deleted = await self.service.forget_person(ADAPTER, key.scope)
+        try:
+            deleted = await self.service.forget_person(ADAPTER, key.scope)
+        except ChatError as exc:
+            raise chat_error(exc) from None
         return web.json_response({"conversation": key.scope, "deleted": deleted})
 
     async def set_persona(self, request: web.Request) -> web.Response:
@@ -147,6 +153,6 @@ class ChatPageRoutes:
             raise unknown_model(name, self.service.personas.names, param="persona")
         try:
             persona = await self.service.set_persona(key, name)
-        except PersonaError as exc:
-            raise unavailable(exc.user_message) from None
+        except ChatError as exc:
+            raise chat_error(exc, param="persona") from None
         return web.json_response({"conversation": key.scope, "persona": self._describe(persona)})

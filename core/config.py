@@ -11,11 +11,13 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator,
+)
 
 ENV_PREFIX = "TTT_"
 SECRET_NAMES = (
@@ -42,6 +44,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _switch_word(value: Any) -> Any:
+    # YAML 1.1 reads a bare `on`/`off` (and yes/no) in config.yaml as a boolean.
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
+"""An adapter switch: `auto` (decided by the tokens that are set), `on` or `off`."""
+
+
 class Decoding(Section):
     """How a persona samples its replies."""
 
@@ -53,7 +66,14 @@ class Decoding(Section):
     repetition_penalty: float = Field(1.0, ge=1.0, le=3.0)
     no_repeat_ngram_size: int = Field(0, ge=0, le=16)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch's random generators accept
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        return stop
 
 
 class Endpoint(Section):
@@ -159,6 +179,12 @@ class GeneratorSection(Section):
     max_queue: int = Field(128, ge=1)
     request_timeout_s: float = Field(120, gt=0)
     cache_dir: Path | None = Field(None, description="where dequantized GGUF weights are cached")
+    cpu_dtype: Literal["float32", "bfloat16", "int8"] = Field(
+        "float32", description="CPU weights when dtype is auto: bfloat16 (where the CPU has it) or int8 (linear layers)"
+    )
+    prefix_cache_mb: int | None = Field(
+        None, ge=0, description="memory for reusable conversation prefixes; null: a default for the device; 0: off"
+    )
 
 
 class SafetySection(Section):
@@ -168,7 +194,7 @@ class SafetySection(Section):
 
 
 class WebSection(Section):
-    enabled: Literal["auto", "on", "off"] = "auto"
+    enabled: Switch = "auto"
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_tokens_limit: int = Field(512, ge=1)
@@ -182,7 +208,7 @@ class WebSection(Section):
 
 
 class DiscordSection(Section):
-    enabled: Literal["auto", "on", "off"] = "auto"
+    enabled: Switch = "auto"
     api_base_url: str | None = None
     command_guilds: list[int] = Field(default_factory=list)
     allowed_guilds: list[int] = Field(default_factory=list)
@@ -219,7 +245,7 @@ class DiscordSection(Section):
 
 
 class SlackSection(Section):
-    enabled: Literal["auto", "on", "off"] = "auto"
+    enabled: Switch = "auto"
     mode: Literal["socket", "http"] = "socket"
     api_base_url: str | None = None
     http_host: str = "127.0.0.1"

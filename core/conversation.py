@@ -337,6 +337,12 @@ def check_sqlite(path: Path) -> str | None:
             problem = f"{directory} is not writable ({exc.strerror})"
     if problem is None and path.exists():
         try:
+            with open(path, "r+b"):  # opened for writing, nothing written
+                pass
+        except OSError as exc:
+            problem = f"the file is not writable ({exc.strerror})"
+    if problem is None and path.exists():
+        try:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
             try:
                 db.execute("PRAGMA user_version").fetchone()
@@ -378,7 +384,7 @@ def _explain(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"{exc.strerror or text} ({exc.filename or 'its directory'})"
     if "unable to open" in text or "readonly" in text:
-        return f"cannot open or write it: is its directory writable? ({text})"
+        return f"cannot open or write it: are the file and its directory writable? ({text})"
     if "not a database" in text:
         return f"not an SQLite database (garbage or truncated?): move it away to start afresh ({text})"
     if "malformed" in text:
@@ -412,8 +418,9 @@ class KeyedLocks:
         entry[1] += 1
         try:
             try:
-                await asyncio.wait_for(entry[0].acquire(), wait_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait_s):  # cancellation-safe, unlike wait_for on 3.11
+                    await entry[0].acquire()
+            except TimeoutError:
                 raise ConversationBusy(f"{key} stayed busy for {wait_s:g} s") from None
             try:
                 yield

@@ -30,6 +30,27 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
         )
         self.generated_tokens = Counter("ttt_generated_tokens", "Tokens generated", ["engine"], registry=r)
+        self.expected_wait = Gauge(
+            "ttt_generator_expected_wait_seconds", "Estimated wait before a request arriving now starts decoding",
+            ["engine"], registry=r,
+        )
+        self.generator_refused = Counter(
+            "ttt_generator_refused", "Requests refused at once (queue_full, deadline, closing)", ["engine", "reason"],
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "ttt_prefix_cache_hits", "Prompts that reused cached keys/values", ["engine"], registry=r
+        )
+        self.prefix_cache_misses = Counter(
+            "ttt_prefix_cache_misses", "Prompts prefilled from scratch", ["engine"], registry=r
+        )
+        self.prefix_cache_reused_tokens = Counter(
+            "ttt_prefix_cache_reused_tokens", "Prompt tokens not prefilled thanks to the prefix cache", ["engine"],
+            registry=r,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "ttt_prefix_cache_bytes", "Memory held by the prefix cache", ["engine"], registry=r
+        )
         self.tokens_per_second = Gauge(
             "ttt_reply_tokens_per_second", "Decode speed of the latest reply", ["persona"], registry=r
         )

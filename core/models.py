@@ -1,6 +1,8 @@
 """Loading a persona's model: hub id, local directory, GGUF file, or a GGUF shipped in a package.
 
-GGUF weights are dequantized once and cached as safetensors, so later starts are fast.
+GGUF weights are dequantized once and cached as safetensors, so later starts are fast. torch and
+transformers are imported only when a model is placed or loaded: a deployment whose personas all
+run on a remote server never loads them.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from core.threads import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +44,36 @@ class ModelSource:
 @dataclass(frozen=True)
 class Placement:
     device: str  # "cpu" or "cuda"
-    dtype: torch.dtype
+    dtype: str  # "float32", "bfloat16", "float16", or "int8" (CPU: linear layers quantized dynamically)
     device_map: str | None
 
+    @property
+    def weights_dtype(self):
+        """The torch dtype weights are loaded in (int8 quantizes float32 weights after loading)."""
+        import torch
 
-def choose_placement(device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> Placement:
-    """CUDA when present (bf16 where supported, else fp16), else CPU fp32."""
+        return torch.float32 if self.dtype == "int8" else getattr(torch, self.dtype)
+
+
+def choose_placement(
+    device: str = "auto", dtype: str = "auto", device_map: str | None = None, cpu_dtype: str = "float32"
+) -> Placement:
+    """CUDA when present (bf16 where supported, else fp16), else CPU in `cpu_dtype` (float32 unless opted in)."""
+    import torch
+
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
         raise ModelUnavailable("generator.device is 'cuda' but no CUDA device is available")
     use_cuda = cuda if device == "auto" else device == "cuda"
-    if dtype == "auto":
-        if use_cuda:
-            chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            chosen = torch.float32
+    if dtype != "auto":
+        chosen = dtype
+    elif use_cuda:
+        chosen = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     else:
-        chosen = getattr(torch, dtype)
+        chosen = cpu_dtype
+        if chosen == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning("this CPU has no fast bfloat16; generator.cpu_dtype falls back to float32")
+            chosen = "float32"
     return Placement("cuda" if use_cuda else "cpu", chosen, device_map if use_cuda else None)
 
 
@@ -82,6 +99,11 @@ def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:
 
 def load_model(source: ModelSource, placement: Placement, cache_dir: Path | None = None):
     """(model, tokenizer) ready for inference; raises ModelUnavailable with a clear message."""
+    with model_loading():
+        return _load_model(source, placement, cache_dir)
+
+
+def _load_model(source: ModelSource, placement: Placement, cache_dir: Path | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
@@ -89,14 +111,14 @@ def load_model(source: ModelSource, placement: Placement, cache_dir: Path | None
     is_local = Path(location).exists()
     if not is_local and (Path(location).is_absolute() or location.startswith((".", "~")) or location.count("/") > 1):
         raise ModelUnavailable(f"model directory {location} does not exist")
-    log.info("loading model %s on %s (%s)", source.label, placement.device, str(placement.dtype).removeprefix("torch."))
+    log.info("loading model %s on %s (%s)", source.label, placement.device, placement.dtype)
     try:
         if source.gguf_file:
             model, tokenizer = _load_gguf(source, placement, cache_dir)
         else:
             tokenizer = AutoTokenizer.from_pretrained(location)
             model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=placement.dtype, device_map=placement.device_map
+                location, dtype=placement.weights_dtype, device_map=placement.device_map
             )
     except ModelUnavailable:
         raise
@@ -108,45 +130,114 @@ def load_model(source: ModelSource, placement: Placement, cache_dir: Path | None
     if placement.device_map is None:
         model.to(placement.device)
     model.eval()
+    if placement.device == "cpu":
+        from core.cpu_attention import use_grouped_sdpa
+
+        use_grouped_sdpa(model)
+    if placement.dtype == "int8":
+        model = _quantize_linear_layers(model, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     log.info("loaded %s in %.1fs", source.label, time.monotonic() - started)
     return model, tokenizer
 
 
-def _load_gguf(source: ModelSource, placement: Placement, cache_dir: Path | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# int8 quantizes activations on the fly, one scale per tensor: a layer whose input peaks far above
+# its typical magnitude (SmolLM2 has a few, ratios of 800 to 10,000) loses its small values, which
+# tripled perplexity when every layer was quantized. Those few layers stay in float.
+OUTLIER_RATIO = 100
+SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog. Hello! How are you today? 1, 2, 3."
 
+
+def _quantize_linear_layers(model, tokenizer):
+    """int8 weights (one scale per output channel) for the linear layers whose inputs have no outliers,
+    measured on a sample text; activations are quantized on the fly (CPU only)."""
+    import warnings
+
+    import torch
+
+    peaks: dict[str, float] = {}
+
+    def measure(name):
+        def hook(_module, inputs):
+            x = inputs[0].detach().abs().float()
+            peaks[name] = max(peaks.get(name, 0.0), float(x.max() / x.mean().clamp(min=1e-12)))
+        return hook
+
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    hooks = [m.register_forward_pre_hook(measure(name)) for name, m in linears.items()]
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([tokenizer(SAMPLE_TEXT)["input_ids"]], device=model.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    quantized = {name for name in linears if peaks.get(name, 0.0) <= OUTLIER_RATIO}
+    log.info("int8: %d of %d linear layers quantized (the others' inputs have outliers)", len(quantized), len(linears))
+    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch announces the successor (torchao); this API still works
+        return torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in quantized}, dtype=torch.qint8)
+
+
+def _load_gguf(source: ModelSource, placement: Placement, cache_dir: Path | None):
+    import torch
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf_path = Path(source.model) / source.gguf_file
     if not gguf_path.is_file():
         raise ModelUnavailable(f"GGUF file {gguf_path} does not exist")
-    cache = _gguf_cache_path(gguf_path, cache_dir)
-    if (cache / "model.safetensors").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(cache)
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=placement.dtype, device_map=placement.device_map)
-        return model, tokenizer
-    log.info("dequantizing %s once; the result is cached in %s", gguf_path.name, cache)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained: copy config and weights into a plain model.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = type(loaded)(config)
-    plain.load_state_dict(loaded.state_dict())
-    tmp = cache.with_name(cache.name + ".partial")
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-    tmp.rename(cache)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=placement.dtype, device_map=placement.device_map)
+    base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "talk-to-transformers"
+    cache = base / "gguf" / f"{gguf_path.stem}-{gguf_digest(gguf_path, base / 'gguf')[:16]}"
+    if not (cache / "model.safetensors").is_file():
+        log.info("dequantizing %s once; the result is cached in %s", gguf_path.name, cache)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: copy config and weights into a plain model.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = type(loaded)(config)
+        plain.load_state_dict(loaded.state_dict())
+        # A private directory, renamed into place whole: two processes starting at once never collide.
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}.partial-"))
+        try:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+            tmp.rename(cache)
+        except OSError:
+            if not (cache / "model.safetensors").is_file():
+                raise
+            log.info("another process cached %s first", gguf_path.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=placement.weights_dtype, device_map=placement.device_map)
     return model, tokenizer
 
 
-def _gguf_cache_path(gguf_path: Path, cache_dir: Path | None) -> Path:
-    # Keyed by content (size and the first MiB), not by path: every install of the same file shares one cache.
+def gguf_digest(gguf_path: Path, index_dir: Path) -> str:
+    """SHA-256 of the whole file: two exports of one base under one name differ only in their weights.
+    Remembered by (path, size, mtime) in `index_dir/digests.json`, so a restart does not read it again."""
+    stat = gguf_path.stat()
+    key = str(gguf_path.resolve())
+    index_file = index_dir / "digests.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    known = index.get(key)
+    if known and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns:
+        return known["sha256"]
+    digest = hashlib.sha256()
     with gguf_path.open("rb") as handle:
-        head = handle.read(1 << 20)
-    digest = hashlib.sha256(head + str(gguf_path.stat().st_size).encode()).hexdigest()[:16]
-    base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "talk-to-transformers"
-    return base / "gguf" / f"{gguf_path.stem}-{digest}"
+        while chunk := handle.read(1 << 23):
+            digest.update(chunk)
+    index[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    index_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=index_dir, prefix=".digests-")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(index, handle)
+    os.replace(tmp, index_file)
+    return index[key]["sha256"]

@@ -15,9 +15,9 @@ import aiohttp
 
 from core.config import Decoding, Endpoint
 from core.conversation import Turn
-from core.generator import Engine, Generation, GenerationFailed, GeneratorBusy
+from core.generator import Engine, Generation, GenerationFailed, GeneratorBusy, checked_decoding
 from core.metrics import Metrics
-from core.prompts import chat_messages
+from core.prompts import PromptTooLong, SystemPromptTooLong, chat_messages
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,26 @@ class OpenAIEngine(Engine):
         self._session: aiohttp.ClientSession | None = None
 
     def prepare(self, fmt: str, turns: Sequence[Turn], system_prompt: str, budget: int) -> dict:
-        kept = list(turns)
-        while len(kept) > 1 and sum(len(t.text) for t in kept) > budget * CHARS_PER_TOKEN:
-            kept.pop(0)
+        """The newest whole turns that fit `budget` (estimated: the server's tokenizer is not here);
+        raises PromptTooLong / SystemPromptTooLong as the local engine does."""
+        room = budget * CHARS_PER_TOKEN - len(system_prompt)
+        if room <= 0:
+            raise SystemPromptTooLong(
+                f"the system prompt alone (about {len(system_prompt) // CHARS_PER_TOKEN} tokens) fills the "
+                f"budget of {budget} tokens"
+            )
+        kept: list[Turn] = []
+        for turn in reversed(turns):  # newest first, each turn counted once
+            if len(turn.text) > room:
+                break
+            room -= len(turn.text)
+            kept.append(turn)
+        if not kept:
+            raise PromptTooLong(
+                f"the newest message (about {len(turns[-1].text) // CHARS_PER_TOKEN} tokens) does not fit the "
+                f"budget of {budget} tokens"
+            )
+        kept.reverse()
         if fmt == "dialogpt":
             return {"prompt": "".join(t.text + "<|endoftext|>" for t in kept)}
         return {"messages": chat_messages(kept, system_prompt)}
@@ -45,12 +62,14 @@ class OpenAIEngine(Engine):
     def submit(
         self, prompt: dict, decoding: Decoding, timeout: float | None = None, adapter: str | None = None
     ) -> Generation:
+        decoding = checked_decoding(decoding)
         if len(self._in_flight) >= self._max_queue:
             raise GeneratorBusy("the remote generator's queue is full")
         generation = Generation(asyncio.get_running_loop(), timeout or self.endpoint.timeout_s)
         task = asyncio.create_task(self._run(generation, prompt, decoding))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+        generation.on_cancel(task.cancel)  # closes the HTTP request: the server stops generating too
         return generation
 
     async def _run(self, generation: Generation, prompt: dict, decoding: Decoding) -> None:
@@ -81,15 +100,17 @@ class OpenAIEngine(Engine):
                 if response.status >= 400:
                     detail = (await response.text())[:200]
                     raise GenerationFailed(f"the model server answered {response.status}: {detail}")
-                async for text in _sse_texts(response):
-                    if generation.cancelled:
-                        return
+                finish = "stop"
+                async for text, reason in _sse_texts(response):
+                    finish = reason or finish
+                    if not text:
+                        continue
                     if stats.first_token_s is None:
                         stats.first_token_s = time.monotonic() - generation.submitted
-                    stats.new_tokens += 1
+                    stats.new_tokens += 1  # a streamed chunk: servers send about one token each
                     generation.push("text", text)
             stats.total_s = time.monotonic() - generation.submitted
-            stats.finish_reason = "stop"
+            stats.finish_reason = "length" if finish == "length" else "stop"
             generation.push("done", stats)
         except GenerationFailed as exc:
             generation.push("error", exc)
@@ -110,7 +131,7 @@ class OpenAIEngine(Engine):
 
 
 async def _sse_texts(response: aiohttp.ClientResponse):
-    """Text pieces from an OpenAI streaming response (chat or completions)."""
+    """(text piece, finish reason or None) from an OpenAI streaming response (chat or completions)."""
     async for raw in response.content:
         line = raw.decode("utf-8").strip()
         if not line.startswith("data:"):
@@ -121,5 +142,5 @@ async def _sse_texts(response: aiohttp.ClientResponse):
         chunk = json.loads(data)
         for choice in chunk.get("choices", []):
             text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-            if text:
-                yield text
+            if text or choice.get("finish_reason"):
+                yield text or "", choice.get("finish_reason")

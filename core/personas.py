@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import Config, PersonaConfig
-from core.generator import Engine, LocalEngine
+from core.generator import Engine
 from core.metrics import Metrics
 from core.models import ModelSource, ModelUnavailable, Placement, choose_placement, load_model, resolve_source
 from core.openai_backend import OpenAIEngine
@@ -70,7 +70,7 @@ class PersonaRegistry:
     def placement(self) -> Placement:
         if self._placement is None:
             g = self._config.generator
-            self._placement = choose_placement(g.device, g.dtype, g.device_map)
+            self._placement = choose_placement(g.device, g.dtype, g.device_map, g.cpu_dtype)
         return self._placement
 
     def engine_key(self, persona: Persona) -> object:
@@ -107,7 +107,7 @@ class PersonaRegistry:
         """The shared engine for this persona, loading it (and its adapter) off the event loop on first use."""
         engine = await self._base_engine(persona)
         adapter = persona.config.adapter
-        if adapter and isinstance(engine, LocalEngine) and not engine.has_adapter(adapter):
+        if adapter and not engine.has_adapter(adapter):  # adapters are served on local models only
             if adapter in self._failures:
                 raise PersonaUnavailable(self._explain(persona, self._failures[adapter]))
             try:
@@ -143,11 +143,15 @@ class PersonaRegistry:
     async def _build(self, persona: Persona, key: object) -> Engine:
         g = self._config.generator
         if isinstance(key, ModelSource):
+            from core.local_engine import LocalEngine
+            from core.prefix_cache import default_prefix_cache_mb
+
             placement = await asyncio.to_thread(lambda: self.placement)  # CUDA probing can take a while
             model, tokenizer = await asyncio.to_thread(load_model, key, placement, g.cache_dir)
+            cache_mb = default_prefix_cache_mb(placement.device) if g.prefix_cache_mb is None else g.prefix_cache_mb
             return LocalEngine(
                 model, tokenizer, name=_label(key), max_batch_size=g.max_batch_size, max_queue=g.max_queue,
-                metrics=self._metrics,
+                metrics=self._metrics, prefix_cache_mb=cache_mb,
             )
         endpoint = persona.config.endpoint
         api_key = self._env.get(endpoint.api_key_env) if endpoint.api_key_env else None

@@ -71,7 +71,7 @@ async def screened_reply(
         if problem == "offensive" and safety.on_offensive == "fallback":
             break
         decoding = decoding.model_copy(
-            update={"do_sample": True, "seed": None if decoding.seed is None else decoding.seed + 1}
+            update={"do_sample": True, "seed": None if decoding.seed is None else (decoding.seed + 1) % 2**64}
         )
     yield ReplyUpdate(safety.fallback_reply, final=True, stats=generation.stats)
 

@@ -1,10 +1,13 @@
 """Per-row decoding for a batch in which every row may have its own settings.
 
-Each request keeps its own random generator, so a seeded request samples the same reply
-whatever else shares its batch.
+The arithmetic is transformers' own (`generate`'s processors and warpers, in its order), and each
+request keeps its own random generator: a seeded request samples the same reply whatever else
+shares its batch, and the same reply as `torch.manual_seed(seed); model.generate(...)`.
 """
 
 from __future__ import annotations
+
+from itertools import groupby
 
 import torch
 
@@ -14,9 +17,9 @@ from core.config import Decoding
 class RowSampler:
     """Decoding state of one request: settings, seen tokens, n-gram table, random stream."""
 
-    def __init__(self, decoding: Decoding, prompt: list[int]):
+    def __init__(self, decoding: Decoding, prompt: list[int], device: torch.device | str = "cpu"):
         self.decoding = decoding
-        self.generator = torch.Generator()
+        self.generator = torch.Generator(device=device)
         if decoding.seed is not None:
             self.generator.manual_seed(decoding.seed)
         else:
@@ -48,52 +51,50 @@ class RowSampler:
         prefix = tuple(self.history[len(self.history) - n + 1:]) if n > 1 else ()
         return list(self.ngrams.get(prefix, ()))
 
+    @property
+    def warping(self) -> tuple[float, int, float]:
+        """The settings that shape the distribution; rows that share them are warped together."""
+        d = self.decoding
+        return d.temperature, d.top_k, d.top_p
+
 
 def sample(rows: list[RowSampler], logits: torch.Tensor) -> list[int]:
     """Choose the next token of every row from its [batch, vocab] logits."""
-    logits = logits.float()
+    scores = logits.to(dtype=torch.float32, copy=True)
     for i, row in enumerate(rows):
         penalty = row.decoding.repetition_penalty
         if penalty != 1.0 and row.seen:
-            index = torch.tensor(list(row.seen), dtype=torch.long, device=logits.device)
-            values = logits[i, index]
-            logits[i, index] = torch.where(values < 0, values * penalty, values / penalty)
+            index = torch.tensor(list(row.seen), dtype=torch.long, device=scores.device)
+            values = scores[i, index]
+            scores[i, index] = torch.where(values < 0, values * penalty, values / penalty)
         banned = row.banned()
         if banned:
-            logits[i, banned] = float("-inf")
+            scores[i, banned] = float("-inf")
 
-    chosen = torch.empty(len(rows), dtype=torch.long)
+    chosen = [0] * len(rows)
     greedy = [i for i, row in enumerate(rows) if not row.decoding.do_sample]
-    sampled = [i for i, row in enumerate(rows) if row.decoding.do_sample]
     if greedy:
-        chosen[greedy] = logits[greedy].argmax(-1).cpu()
-    if sampled:
-        chosen[sampled] = _sample_rows([rows[i] for i in sampled], logits[sampled]).cpu()
-    return chosen.tolist()
+        for i, token in zip(greedy, scores[greedy].argmax(-1).tolist()):
+            chosen[i] = token
+    sampled = sorted((i for i, row in enumerate(rows) if row.decoding.do_sample), key=lambda i: rows[i].warping)
+    for warping, group in groupby(sampled, key=lambda i: rows[i].warping):
+        group = list(group)
+        probs = _warp(scores[group], *warping).softmax(-1)
+        for offset, i in enumerate(group):
+            chosen[i] = int(torch.multinomial(probs[offset:offset + 1], 1, generator=rows[i].generator))
+    return chosen
 
 
-def _sample_rows(rows: list[RowSampler], logits: torch.Tensor) -> torch.Tensor:
-    device = logits.device
-    temperature = torch.tensor([r.decoding.temperature for r in rows], device=device)
-    logits = logits / temperature[:, None]
-    top_k = [r.decoding.top_k for r in rows]
-    vocab = logits.shape[-1]
-    if all(k > 0 for k in top_k):
-        kmax = min(max(top_k), vocab)
-        values, index = logits.topk(kmax, dim=-1)
-        ks = torch.tensor(top_k, device=device)
-        values = values.masked_fill(torch.arange(kmax, device=device)[None, :] >= ks[:, None], float("-inf"))
-    else:
-        values, index = logits.sort(dim=-1, descending=True)
-        for i, k in enumerate(top_k):
-            if 0 < k < vocab:
-                values[i, k:] = float("-inf")
-    probs = values.softmax(-1)
-    top_p = torch.tensor([r.decoding.top_p for r in rows], device=device)
-    if bool((top_p < 1.0).any()):
-        before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(before > top_p[:, None], 0.0)
-    cdf = probs.cumsum(-1)
-    draws = torch.stack([torch.rand((), generator=r.generator) for r in rows]).to(device)
-    pick = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
-    return index.gather(1, pick).squeeze(1)
+def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, top-k and top-p as transformers' warpers compute them (one setting for all rows)."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        k = min(top_k, scores.size(-1))
+        scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return scores

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterator
 
 from core.config import Config, Decoding
 from core.conversation import ConversationKey, ConversationStore, ConversationBusy, StoreUnavailable, Turn, current_session
@@ -80,6 +81,18 @@ class RateDecision:
     @property
     def allowed(self) -> bool:
         return self.wait_s <= 0
+
+
+@contextmanager
+def _store_trouble(key: object) -> Iterator[None]:
+    """Store failures as what the user is told: the memory is unreachable, or the conversation still busy."""
+    try:
+        yield
+    except ConversationBusy:
+        raise Busy(CONVERSATION_BUSY) from None
+    except StoreUnavailable as exc:
+        log.warning("no store for %s: %s", key, exc)
+        raise MemoryUnavailable(MEMORY_UNAVAILABLE) from None
 
 
 HELP = (
@@ -293,18 +306,22 @@ class ChatService:
         return self.personas.get(self.personas.default)
 
     async def set_persona(self, key: ConversationKey, name: str) -> Persona:
-        """Switch this conversation's persona; raises PersonaError for an unknown name."""
+        """Switch this conversation's persona; raises PersonaError for an unknown name, MemoryUnavailable
+        without the store."""
         persona = await self.persona_for(key, name.strip())
         try:
             self.personas.check(persona)
         except PersonaUnavailable as exc:
             raise PersonaError(str(exc)) from None
-        await self.store.set_persona(key, persona.name)
+        with _store_trouble(key):
+            await self.store.set_persona(key, persona.name)
         return persona
 
     async def reset(self, key: ConversationKey) -> None:
-        async with self.store.lock(key):
-            await self.store.reset(key)
+        """Forget the conversation's turns; raises MemoryUnavailable (or Busy) when the store cannot."""
+        with _store_trouble(key):
+            async with self.store.lock(key):
+                await self.store.reset(key)
 
     async def check_rate(self, platform: str, author_id: str, per_minute: int) -> RateDecision:
         """Count a message from this person (0 = no limit); when over the limit, `notify` is True only
@@ -318,8 +335,10 @@ class ChatService:
         return RateDecision(wait, notify)
 
     async def forget_person(self, platform: str, author_id: str) -> int:
-        """Delete everything this person wrote on this platform (and the replies to it); turns deleted."""
-        deleted = await self.store.forget_author(platform, author_id)
+        """Delete everything this person wrote on this platform (and the replies to it); turns deleted.
+        Raises MemoryUnavailable without the store."""
+        with _store_trouble(platform):
+            deleted = await self.store.forget_author(platform, author_id)
         log.info("forgot a person on %s: %d turn(s) deleted", platform, deleted)
         return deleted
 
@@ -340,11 +359,20 @@ class ChatService:
         self, key: ConversationKey, command: str, argument: str = "", *, help_text: str | None = None,
         author_id: str | None = None,
     ) -> str:
-        """Run a shared command (reset, persona, personas, forget-me, help) and say what happened.
+        """Run a shared command (reset, persona, personas, forget-me, help) and say what happened
+        (also when the store cannot be reached).
 
         `help_text` is the calling platform's own help (naming its real commands); `author_id`
         is who asked (needed by forget-me).
         """
+        try:
+            with _store_trouble(key):
+                return await self._command(key, command, argument, help_text, author_id)
+        except ChatError as exc:
+            return exc.user_message
+
+    async def _command(self, key: ConversationKey, command: str, argument: str, help_text: str | None,
+                       author_id: str | None) -> str:
         command = command.strip().lower().lstrip("/!")
         argument = argument.strip()
         if command == FORGET_ME:

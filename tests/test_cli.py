@@ -124,13 +124,12 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def make_read_only(directory: Path) -> None:
-    """A directory nobody, root included, can write in (root ignores permission bits; not the immutable flag)."""
-    directory.mkdir()
+def make_read_only(path: Path) -> None:
+    """A directory or file nobody, root included, can write (root ignores permission bits; not the immutable flag)."""
     if os.geteuid() != 0:
-        directory.chmod(0o555)
-    elif subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
-        pytest.skip("cannot make a read-only directory on this file system")
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a read-only file or directory on this file system")
 
 
 def valid_database(path: Path) -> bytes:
@@ -144,8 +143,13 @@ def valid_database(path: Path) -> bytes:
 def broken_database(tmp_path: Path, kind: str) -> tuple[Path, str]:
     """(database path, what the one line must say) for each way a database can be unusable."""
     if kind == "read-only directory":
+        (tmp_path / "locked").mkdir()
         make_read_only(tmp_path / "locked")
         return tmp_path / "locked" / "db.sqlite3", str(tmp_path / "locked")
+    if kind == "read-only file":
+        valid_database(tmp_path / "locked")
+        make_read_only(tmp_path / "locked")
+        return tmp_path / "locked", str(tmp_path / "locked")
     if kind == "parent is a file":
         (tmp_path / "afile").write_text("not a directory")
         return tmp_path / "afile" / "db.sqlite3", f"{tmp_path / 'afile'} is a file"
@@ -186,8 +190,8 @@ def run_ttt(tmp_path, monkeypatch):
 
 
 PROGRESS = re.compile(r"\d+%\|")  # a progress bar (the default model loads meanwhile)
-START_UP_FAILURES = ["read-only directory", "parent is a file", "garbage", "truncated", "corrupt", "empty config",
-                     "unreachable discord"]
+START_UP_FAILURES = ["read-only directory", "read-only file", "parent is a file", "garbage", "truncated", "corrupt",
+                     "empty config", "unreachable discord", "no adapter"]
 
 
 @pytest.mark.timeout(120)
@@ -204,6 +208,9 @@ def test_broken_start_up_ends_in_one_clear_line_and_check_finds_it(tmp_path, wor
         url = f"http://127.0.0.1:{closed_port()}/api/v10"
         path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "discord": {"api_base_url": url}}))
         expected = f"127.0.0.1:{url.split(':')[2].split('/')[0]}"
+    elif kind == "no adapter":
+        monkeypatch.setenv("TTT_WEB__ENABLED", "off")  # and no platform token
+        expected = "web.enabled"
     else:
         database, expected = broken_database(tmp_path, kind)
         path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "database": {"path": str(database)}}))
@@ -216,6 +223,15 @@ def test_broken_start_up_ends_in_one_clear_line_and_check_finds_it(tmp_path, wor
     code, out, err = run_ttt("--config", str(path), "--log-level", "WARNING", "check")
     assert code == 2 and "PROBLEM:" in err and expected in err, out + err
     assert "Traceback" not in out + err
+
+
+@pytest.mark.timeout(60)
+def test_chat_on_an_unreachable_database_ends_in_one_clear_line(tmp_path, word_model_dir, run_ttt):
+    where = f"127.0.0.1:{closed_port()}"
+    config = make_config(tmp_path, word_model_dir, database={"url": f"postgresql://ttt@{where}/ttt", "timeout_s": 2})
+    code, out, err = run_ttt("--config", str(write_config(tmp_path, config)), "--log-level", "WARNING", "chat")
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "cannot start" in lines[0] and where in lines[0], out + err
 
 
 @pytest.mark.timeout(60)

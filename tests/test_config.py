@@ -223,3 +223,13 @@ def test_empty_config_names_the_missing_default_persona(tmp_path):
         check_can_serve(settings)
     assert "service.default_persona" in str(info.value) and "'smol'" in str(info.value)
     assert str(empty) in str(info.value)
+
+
+@pytest.mark.timeout(30)
+def test_on_and_off_written_plainly_in_config_yaml_mean_on_and_off(tmp_path):
+    # YAML 1.1 reads a bare on/off (yes/no) as a boolean: `enabled: off` must still mean "off".
+    for written, meant in (("off", "off"), ("on", "on"), ("no", "off"), ("yes", "on"), ("auto", "auto")):
+        path = tmp_path / "config.yaml"
+        path.write_text(f"web:\n  enabled: {written}\ndiscord:\n  enabled: {written}\nslack:\n  enabled: {written}\n")
+        cfg = load_settings(path, environ={}).config
+        assert (cfg.web.enabled, cfg.discord.enabled, cfg.slack.enabled) == (meant, meant, meant), written

@@ -103,10 +103,12 @@ async def test_busy_generator_answers_busy_and_stores_nothing_for_it(tmp_path, w
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("action, generations", [("regenerate", 2), ("fallback", 1)])
-async def test_offensive_replies_are_replaced(tmp_path, word_model_dir, action, generations, caplog):
+@pytest.mark.parametrize("action, generations, seed", [("regenerate", 2, None), ("fallback", 1, None),
+                                                       ("regenerate", 2, 2**64 - 1)])  # the retry's seed wraps
+async def test_offensive_replies_are_replaced(tmp_path, word_model_dir, action, generations, seed, caplog):
     # A threshold this low makes the real classifier flag every reply.
     config = make_config(tmp_path, word_model_dir, safety={"offensive_threshold": 1e-9, "on_offensive": action})
+    config.personas["words"].decoding.seed = seed
     service = await open_service(config)
     with caplog.at_level("INFO", logger="core.replies"):
         updates = [u async for u in service.respond(KEY, "alice", "the word is apple", adapter="test")]

@@ -26,7 +26,7 @@ async def test_smol_loads_from_gguf_caches_and_answers(tmp_path, monkeypatch):
     key = ConversationKey("test", "smol")
     reply = await service.reply(key, "alice", "What is the capital of France?", adapter="test")
     assert "Paris" in reply
-    cached = list((tmp_path / "cache" / "gguf").iterdir())
+    cached = [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()]
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()
     await service.close()
 
@@ -35,5 +35,5 @@ async def test_smol_loads_from_gguf_caches_and_answers(tmp_path, monkeypatch):
     again = await service.reply(ConversationKey("test", "smol-2"), "alice", "What is the capital of France?",
                                 adapter="test")
     assert again == reply
-    assert list((tmp_path / "cache" / "gguf").iterdir()) == cached
+    assert [p for p in (tmp_path / "cache" / "gguf").iterdir() if p.is_dir()] == cached
     await service.close()

@@ -20,7 +20,8 @@ from bots.web import WebAdapter, create_adapter
 from conftest import make_config, make_settings
 from core.config import Config
 from core.conversation import ConversationKey
-from core.service import ChatService, open_service
+from core.service import MEMORY_UNAVAILABLE, ChatService, open_service
+from pg import pg_url, postgres  # noqa: F401 (fixtures)
 from test_service import GatedOpenAIServer
 from trap_model import PROMPT, cached_trap_model
 
@@ -106,6 +107,7 @@ async def test_openai_client_completes_a_chat(server):
     assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", "apple!", "stop")
     assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    assert 0 <= completion.usage.prompt_tokens_details.cached_tokens <= completion.usage.prompt_tokens
     assert server.stored_turns() == 0  # stateless: the request carries the conversation
 
 
@@ -199,6 +201,7 @@ BAD_REQUESTS = [
     ("top_p text", {"model": "words", "messages": [user("hi")], "top_p": "high"}, 400, "top_p", None),
     ("n=2", {"model": "words", "messages": [user("hi")], "n": 2}, 400, "n", None),
     ("bad stop", {"model": "words", "messages": [user("hi")], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ("huge seed", {"model": "words", "messages": [user("hi")], "seed": 10**30}, 400, "seed", None),
     ("tool role", {"model": "words", "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
     ("ends with assistant", {"model": "words", "messages": [user("hi"), {"role": "assistant", "content": "yo"}]},
      400, "messages", None),
@@ -208,6 +211,9 @@ BAD_REQUESTS = [
     ("nested 100,000 deep", "[" * 100_000 + "]" * 100_000, 400, None, "invalid_json"),
     ("lone surrogate", '{"model": "words", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400,
      "messages[0].content", "invalid_text"),
+    ("lone surrogate in a name", '{"model": "wordchat", "messages": [{"role": "user", "content": "hi", "name": "al"}, '
+     '{"role": "assistant", "content": "yo"}, {"role": "user", "content": "hi", "name": "\\udfff"}]}', 400,
+     "messages[2].name", "invalid_text"),
     # One letter with 99 combining marks: within max_input_chars (100), but alone over the context.
     ("message fills the context", {"model": "words", "messages": [user("a" + "\u0301" * 99)]}, 400, "messages",
      "context_length_exceeded"),
@@ -254,7 +260,7 @@ async def test_openai_client_sees_typed_errors(server):
 @pytest.mark.timeout(60, func_only=True)
 async def test_oversize_body_and_headers_are_refused_in_the_error_shape(server):
     got, answer = await server.chat("{" + " " * (2 * 1024 * 1024) + "}")
-    assert got == 413 and "too large" in answer["error"]["message"]
+    assert got == 413 and "too large" in answer["error"]["message"] and ".." not in answer["error"]["message"]
     assert answer["error"]["code"] == "request_too_large"
     async with server.http.get(f"{server.url}/v1/models", headers={"X-Padding": "a" * 10_000}) as r:
         assert r.status == 400 and r.content_type == "application/json"
@@ -599,3 +605,30 @@ async def test_forget_me_deletes_what_this_browser_wrote(server):
         assert r.status == 200 and (await r.json())["deleted"] == 2
     assert await server.service.store.recent_turns(ConversationKey("web", "forgetful-browser"), 10) == []
     assert len(await server.service.store.recent_turns(ConversationKey("web", "other-browser-22"), 10)) == 2
+
+
+@pytest.mark.timeout(120, func_only=True)
+async def test_commands_say_the_memory_is_unreachable_while_the_database_is_away(tmp_path, word_model_dir, pg_url,
+                                                                                 postgres):
+    config = make_config(tmp_path, word_model_dir, web={"port": 0}, database={"url": pg_url, "timeout_s": 2})
+    s = await start_server(config)
+    page = f"{s.url}/api/conversations/outage-browser"
+    try:
+        postgres.stop()
+        try:
+            for method, action, body in (("POST", "reset", None), ("POST", "forget-me", None),
+                                         ("PUT", "persona", {"persona": "words"})):
+                async with s.http.request(method, f"{page}/{action}", json=body) as r:
+                    assert r.status == 503 and r.headers["Retry-After"], action
+                    assert (await r.json())["error"]["code"] == "store_unavailable", action
+            # What Discord, Slack and `ttt chat` run for their commands.
+            key = ConversationKey("slack", "C0OUTAGE")
+            for command, argument in (("reset", ""), ("forget-me", ""), ("persona", "words"), ("persona", ""),
+                                      ("personas", "")):
+                assert await s.service.command(key, command, argument, author_id="U0A") == MEMORY_UNAVAILABLE
+        finally:
+            postgres.start()
+        async with s.http.post(f"{page}/reset") as r:
+            assert r.status == 200  # back by itself
+    finally:
+        await stop_server(s)

@@ -162,3 +162,93 @@ def build_untrained_model(out_dir: Path, n_positions: int = 512, seed: int = 0) 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+ARCHITECTURES = ("gpt2", "llama", "mistral", "gemma3", "qwen2", "phi3", "lfm2")
+
+
+def build_random_causal_lm(arch: str, vocab_size: int, window: int = 8, seed: int = 0):
+    """A tiny randomly initialised causal LM of one architecture, in its own cache layout:
+    gpt2 and llama full attention; mistral and phi3 every layer sliding (`window`); gemma3 sliding
+    then full (hybrid); qwen2 full then sliding; lfm2 convolution + attention (no joinable cache).
+    No eos, so generation runs to its length limit; weights large enough that logits are well apart."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    configs = {
+        "gpt2": lambda: T.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                     initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=0),
+        "llama": lambda: T.LlamaConfig(**common),
+        "mistral": lambda: T.MistralConfig(sliding_window=window, **common),
+        "gemma3": lambda: T.Gemma3TextConfig(sliding_window=window, head_dim=16,
+                                             layer_types=["sliding_attention", "full_attention"], **common),
+        "qwen2": lambda: T.Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=1, **common),
+        "phi3": lambda: T.Phi3Config(sliding_window=window, **common),
+        "lfm2": lambda: T.Lfm2Config(layer_types=["conv", "full_attention"],
+                                     **{k: v for k, v in common.items() if k != "intermediate_size"},
+                                     intermediate_size=128),
+    }
+    config = configs[arch]()
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A 1-layer Llama with the word-game tokenizer as a GGUF file (float32, ~3 MB), as a llama.cpp
+    export writes it. `seed` changes only the last tensor, past the first MiB: two exports of one
+    base differ like that, in their weights, not in their header or size."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    tokenizer = build_tokenizer()
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    special = set(tokenizer.all_special_tokens)
+    hidden, heads, ffn = 256, 4, 512
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_bos_token_id(tokenizer.eos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    shared = np.random.default_rng(0)
+
+    def weight(name: str, *shape: int, rng=shared) -> None:
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.1).astype(np.float32))
+
+    weight("token_embd.weight", len(tokens), hidden)
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    weight("output.weight", len(tokens), hidden)
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(hidden, np.float32))
+    writer.add_tensor("blk.0.ffn_norm.weight", np.ones(hidden, np.float32))
+    for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+        weight(f"blk.0.{name}.weight", hidden, hidden)
+    weight("blk.0.ffn_gate.weight", ffn, hidden)
+    weight("blk.0.ffn_up.weight", ffn, hidden)
+    weight("blk.0.ffn_down.weight", hidden, ffn, rng=np.random.default_rng(seed + 1))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

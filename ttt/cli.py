@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 async def check(settings: Settings) -> int:
     """Print what `serve` would start and every problem that would stop it; non-zero when there is one."""
-    from bots.serve import plan_adapters, unreachable
+    from bots.serve import NO_ADAPTER, plan_adapters, unreachable
     from core.stores import check_database
     from core.metrics import Metrics
     from core.personas import PersonaRegistry
@@ -82,7 +82,9 @@ async def check(settings: Settings) -> int:
     print(f"device: {placement.device}  dtype: {str(placement.dtype).removeprefix('torch.')}"
           f"{'  device_map: ' + placement.device_map if placement.device_map else ''}")
     print("adapters:")
-    for plan in plan_adapters(settings):
+    plans = plan_adapters(settings)
+    problems += [] if any(plan.wanted for plan in plans) else [NO_ADAPTER]
+    for plan in plans:
         problem = plan.problem if plan.wanted else None
         if plan.starts:
             problem = await unreachable(plan, settings)
@@ -133,7 +135,7 @@ CLI_HELP = (
 
 async def chat_loop(settings: Settings, persona: str | None, session: str) -> int:
     """Read lines from stdin, answer each through the ChatService; /help lists commands."""
-    from core.conversation import ConversationKey, StoreUnusable
+    from core.conversation import ConversationKey, StoreUnavailable, StoreUnusable
     from core.service import ChatError, open_service
 
     # Undecodable input becomes text the service refuses politely; unprintable output is escaped.
@@ -141,7 +143,7 @@ async def chat_loop(settings: Settings, persona: str | None, session: str) -> in
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
         service = await open_service(settings.config, dict(os.environ))
-    except StoreUnusable as exc:
+    except (StoreUnusable, StoreUnavailable) as exc:
         print(f"ttt: cannot start: {exc}", file=sys.stderr)
         return 2
     key = ConversationKey("cli", session)

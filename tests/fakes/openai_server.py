@@ -18,6 +18,7 @@ class FakeOpenAIServer:
         self.fail_with = fail_with
         self.delay_s = delay_s
         self.requests: list[dict] = []
+        self.disconnects = 0  # streams the client closed before their end
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -25,7 +26,7 @@ class FakeOpenAIServer:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
-        self._runner = web.AppRunner(app)
+        self._runner = web.AppRunner(app, handler_cancellation=True)  # a closed stream is seen at once
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -66,14 +67,21 @@ class FakeOpenAIServer:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         words = text.split(" ")
-        for i, word in enumerate(words[: body.get("max_tokens", 100)]):
-            piece = word if i == 0 else " " + word
-            choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
-            chunk = {"id": "cmpl-1", "object": "chat.completion.chunk", "created": int(time.time()),
-                     "model": body["model"], "choices": [choice]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        limit = body.get("max_tokens", 100)
+        try:
+            for i, word in enumerate(words[:limit]):
+                piece = word if i == 0 else " " + word
+                choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+                if i == min(len(words), limit) - 1:
+                    choice["finish_reason"] = "length" if len(words) > limit else "stop"
+                chunk = {"id": "cmpl-1", "object": "chat.completion.chunk", "created": int(time.time()),
+                         "model": body["model"], "choices": [choice]}
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            raise
         return response
