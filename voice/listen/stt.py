@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from core.config import ListenSection
+from core.threads import model_loading
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class SpeechToText(ABC):
 
 def load_stt(section: ListenSection) -> SpeechToText:
     """Load the configured engine and model (downloads on first use); raises SttUnavailable."""
+    with model_loading():  # never next to another model's load in this process (see core.threads)
+        return _load_stt(section)
+
+
+def _load_stt(section: ListenSection) -> SpeechToText:
     model = section.model or DEFAULT_MODELS[section.engine]
     device = _device(section.device)
     if section.engine == "faster-whisper":
