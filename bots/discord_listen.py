@@ -31,9 +31,9 @@ from bots.discord_playback import GuildVoice
 from bots.discord_receive import ListeningVoiceClient, TurnSink, untested_versions
 from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, split_text, stream_reply
 from core.config import Settings
-from core.conversation import ConversationKey
+from core.conversation import ConversationKey, StoreUnavailable
 from core.replies import ReplyUpdate
-from core.service import ChatError, ChatService
+from core.service import MEMORY_UNAVAILABLE, ChatError, ChatService
 from voice.listen.transcriber import Transcriber, Transcript, acquire_transcriber
 from voice.listen.turns import Listener, Turn
 
@@ -46,6 +46,7 @@ NO_PINGS = discord.AllowedMentions.none()
 MIC = "\N{STUDIO MICROPHONE}\N{VARIATION SELECTOR-16}"
 TICK_S = 0.05  # how often turns whose audio stopped coming are checked for their end
 ADAPTER = "discord-voice"
+IGNORE_PREFERENCE = "discord:listen-ignore"  # people who said /listen ignore-me (user id -> "1")
 
 
 class DiscordListening:
@@ -60,7 +61,7 @@ class DiscordListening:
         self.discord = settings.config.discord
         self.metrics = service.metrics
         self.transcriber: Transcriber | None = None
-        self.ignored: set[int] = set()  # people who opted out (/listen ignore-me)
+        self.ignored: set[int] = set()  # people who opted out (/listen ignore-me), kept in the store
         self.guilds: dict[int, GuildListening] = {}
         self.tasks = ReplyTasks(ADAPTER)
         self._edits = EditBudget(*EDITS_PER_CHANNEL)
@@ -71,7 +72,8 @@ class DiscordListening:
     # ---- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the speech-to-text model (once, off the event loop); raises SttUnavailable."""
+        """Load who opted out, and the speech-to-text model (once, off the event loop); raises SttUnavailable."""
+        await self.load_ignored()
         if self.transcriber is not None:
             return
         if self._loading is None or (self._loading.done() and self._loading.exception() is not None):
@@ -130,8 +132,20 @@ class DiscordListening:
             else "I've stopped listening: I only speak my replies now. `/listen on` to talk again."
         )
 
+    async def load_ignored(self) -> None:
+        """Who opted out, as the store says (another process may have been told since)."""
+        try:
+            self.ignored = {int(ident) for ident in await self.service.store.preferences(IGNORE_PREFERENCE)}
+        except StoreUnavailable as exc:  # keep what this process knows; the next join asks again
+            log.warning("listen: cannot read who opted out: %s", exc)
+
     async def ignore_me(self, interaction: discord.Interaction, ignore: bool) -> None:
         user = interaction.user.id
+        try:
+            await self.service.store.set_preference(IGNORE_PREFERENCE, str(user), "1" if ignore else None)
+        except StoreUnavailable:
+            await interaction.response.send_message(MEMORY_UNAVAILABLE, ephemeral=True)
+            return
         if ignore:
             self.ignored.add(user)
             for listening in self.guilds.values():

@@ -202,11 +202,14 @@ async def test_barge_in_and_who_is_not_heard_itself_bots_listening_off_ignore_me
         # /listen ignore-me: Bob is not heard; Alice still is. Then Bob asks to be heard again.
         answer = await listen(fake, g.general, g.bob, "ignore-me")
         assert answer["ephemeral"] and answer["content"].startswith("I won't listen to you")
+        ignored = adapter.service.store.preferences
+        assert await ignored("discord:listen-ignore") == {str(g.bob.id): "1"}  # kept: a restart remembers it
         await server.speak(guild, g.bob.id, said[MORE])
         await server.speak(guild, g.alice.id, said[APPLE])
         mark = await heard_line(fake, g.general, g.alice.name, APPLE, after=line)
         assert heard_lines(fake, g.general, line) == [f"{MIC} {g.alice.name}: {APPLE}"]
         assert (await listen(fake, g.general, g.bob, "ignore-me", ignore=False))["content"].startswith("I'll listen")
+        assert await ignored("discord:listen-ignore") == {}
 
         # Alice leaves while she is speaking: what she said is dropped; Bob, after her, is heard.
         alice = session.speakers[g.alice.id]
