@@ -110,6 +110,15 @@ def test_voice_add_list_remove_with_manifest_and_state_cache(tmp_path, clips, mo
     assert ttt(config, "say", "Hello.", "--voice", "alice", "-o", str(tmp_path / "c.wav"))[0] == 0
     pockets = [s for s in states(voice_dir) if s.startswith("pocket-")]
     assert len(pockets) == 2 and pocket_state in pockets
+    # Where no WAV can be written, or nothing would be said: one line saying so, no file.
+    (tmp_path / "taken").write_text("a file, not a folder")
+    code, _, err = ttt(config, "say", "Hello.", "--voice", "alice", "-o", str(tmp_path / "taken" / "d.wav"))
+    assert code == 2 and err == f"ttt: cannot write {tmp_path / 'taken' / 'd.wav'}: Not a directory\n"
+    code, _, err = ttt(config, "say", "Hello.", "--voice", "alice", "-o", str(tmp_path / "d.mp3"))
+    assert code == 2 and "give a name that ends in .wav" in err
+    code, _, err = ttt(config, "say", "\N{GRINNING FACE} :)", "--voice", "alice", "-o", str(tmp_path / "d.wav"))
+    assert code == 2 and "nothing to say" in err
+    assert not list(tmp_path.glob("d.*"))
 
     # Registering the same name again changes nothing.
     code, _, err = ttt(config, "voice", "add", "alice", str(clips["good"]), "--consent", CONSENT)

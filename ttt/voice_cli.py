@@ -97,12 +97,18 @@ def run_say(settings: Settings, args: argparse.Namespace) -> int:
     from voice.engine import VoiceUnavailable
     from voice.registry import VoiceError
     from voice.say import say
+    from voice.speakable import speakable
 
     cfg = settings.config
     persona = args.persona or (None if args.voice else cfg.service.default_persona)
     if persona is not None and persona not in cfg.personas:
         return _fail(f"no persona called {persona!r}; pick one of: {', '.join(sorted(cfg.personas))}")
     voice = args.voice if args.voice else cfg.personas[persona].voice
+    if args.output.suffix.lower() != ".wav":
+        return _fail(f"-o {args.output}: ttt say writes a WAV file; give a name that ends in .wav")
+    if not speakable(args.text).strip():
+        return _fail(f"nothing to say: {args.text!r} holds no words that are read aloud "
+                     "(emoji, emoticons and markup are skipped)")
     _loading(settings)
     try:
         seconds = asyncio.run(say(cfg.voice, args.text, voice, args.output))
