@@ -133,7 +133,8 @@ def test_voice_add_list_remove_with_manifest_and_state_cache(tmp_path, clips, mo
 
 @pytest.mark.timeout(60)
 def test_voice_add_rejects_bad_clips_and_stores_nothing(tmp_path, clips):
-    config = write_config(tmp_path)
+    # Clips are checked before the engine loads (a real one may download first): this one cannot load.
+    config = write_config(tmp_path, model=tmp_path / "no-such-model.yaml")
     code, _, err = ttt(config, "voice", "add", "bob", *(str(clips[k]) for k in
                        ("good", "short", "silent", "long", "text", "locked", "missing")), "--consent", CONSENT)
     assert code == 2

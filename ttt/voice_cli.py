@@ -48,11 +48,12 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
     from voice.engine import VoiceUnavailable
     from voice.registry import VoiceError, VoiceRegistry
 
-    section = settings.config.voice
+    registry = VoiceRegistry(settings.config.voice.voices_dir)
     try:
+        registry.validate(args.name, args.clips, args.consent)  # before the engine loads (it may download)
         engine = _load_engine(settings)
         started = time.monotonic()
-        voice = VoiceRegistry(section.voices_dir).add(args.name, args.clips, args.consent, engine)
+        voice = registry.add(args.name, args.clips, args.consent, engine)
     except (VoiceError, VoiceUnavailable) as exc:
         return _fail(str(exc))
     print(f"registered voice {voice.name}: {len(voice.clips)} clip(s), {voice.seconds:.1f} s, in {voice.directory}")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core.config import VOICE_NAME
-from voice.audio import CLIP_RATE, ClipError, load_clip, read_wav, write_wav
+from voice.audio import CLIP_RATE, Clip, ClipError, load_clip, read_wav, write_wav
 from voice.engine import Engine, VoiceState
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,34 @@ class VoiceRegistry:
     def add(self, name: str, clips: list[Path], consent: str, engine: Engine | None = None) -> RegisteredVoice:
         """Validate and store the clips with the consent; with an engine, compute its voice state too.
         Nothing is stored unless all of it succeeds."""
+        loaded = self.validate(name, clips, consent)
+        consent = consent.strip()
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".adding-{name}-"))
+        try:
+            records = []
+            for i, (path, clip) in enumerate(loaded, start=1):
+                stored = staging / f"clip-{i}.wav"
+                write_wav(stored, clip.samples, CLIP_RATE)
+                records.append(ClipRecord(
+                    stored.name, _sha256(stored), path.name, _sha256(path), round(clip.seconds, 3),
+                    clip.source_rate, clip.source_channels,
+                ))
+            created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+            manifest = {"name": name, "consent": consent, "created": created, "clips": [asdict(r) for r in records]}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            voice = RegisteredVoice(name, staging, consent, created, tuple(records))
+            if engine is not None:
+                self.state(voice, engine)
+            staging.rename(self.root / name)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return self.get(name)
+
+    def validate(self, name: str, clips: list[Path], consent: str) -> list[tuple[Path, Clip]]:
+        """Check a voice before anything is loaded or stored: its name, the consent and every clip
+        (all problems at once); the clips, read and normalised. Raises VoiceError."""
         consent = consent.strip()
         if not VOICE_NAME.fullmatch(name):
             raise VoiceError(
@@ -109,28 +137,7 @@ class VoiceRegistry:
                 problems.append(str(exc))
         if problems:
             raise VoiceError("cannot register {!r}:\n  {}".format(name, "\n  ".join(problems)))
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".adding-{name}-"))
-        try:
-            records = []
-            for i, (path, clip) in enumerate(loaded, start=1):
-                stored = staging / f"clip-{i}.wav"
-                write_wav(stored, clip.samples, CLIP_RATE)
-                records.append(ClipRecord(
-                    stored.name, _sha256(stored), path.name, _sha256(path), round(clip.seconds, 3),
-                    clip.source_rate, clip.source_channels,
-                ))
-            created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
-            manifest = {"name": name, "consent": consent, "created": created, "clips": [asdict(r) for r in records]}
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-            voice = RegisteredVoice(name, staging, consent, created, tuple(records))
-            if engine is not None:
-                self.state(voice, engine)
-            staging.rename(self.root / name)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return self.get(name)
+        return loaded
 
     def remove(self, name: str) -> RegisteredVoice:
         voice = self.get(name)
