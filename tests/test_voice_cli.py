@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -88,6 +89,16 @@ def test_voice_add_list_remove_with_manifest_and_state_cache(tmp_path, clips, mo
 
     code, out, _ = ttt(config, "voice", "list")
     assert code == 0 and out.startswith("alice") and "2 clip(s)" in out and "personas: talker" in out and CONSENT in out
+    # What a killed `ttt voice add` leaves (its staging folder) is no voice; a damaged manifest is shown as such.
+    staging = tmp_path / "voices" / ".adding-bob-x1y2"
+    staging.mkdir()
+    (staging / "manifest.json").write_text((voice_dir / "manifest.json").read_text())
+    (tmp_path / "voices" / "carol").mkdir()
+    (tmp_path / "voices" / "carol" / "manifest.json").write_text("{")
+    code, out, _ = ttt(config, "voice", "list")
+    assert code == 0 and ".adding" not in out and "carol            DAMAGED: voice 'carol'" in out
+    shutil.rmtree(staging)
+    assert ttt(config, "voice", "remove", "carol")[0] == 0
 
     # Same engine, model and clips: the cached state is reused (`ttt say` loads, never recomputes).
     code, out, err = ttt(config, "say", "Hello there. How are you?", "--persona", "talker",

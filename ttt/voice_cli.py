@@ -62,7 +62,7 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_list(settings: Settings, args: argparse.Namespace) -> int:
-    from voice.registry import VoiceRegistry
+    from voice.registry import VoiceError, VoiceRegistry
 
     registry = VoiceRegistry(settings.config.voice.voices_dir)
     names = registry.names()
@@ -71,7 +71,11 @@ def run_list(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     users = _personas_by_voice(settings)
     for name in names:
-        voice = registry.get(name)
+        try:
+            voice = registry.get(name)
+        except VoiceError as exc:
+            print(f"{name:<16} DAMAGED: {exc}")
+            continue
         used = f"  personas: {', '.join(users[name])}" if name in users else ""
         print(f"{name:<16} {len(voice.clips)} clip(s) {voice.seconds:5.1f} s  added {voice.created}{used}")
         print(f"{'':<16} consent: {voice.consent}")
@@ -82,11 +86,11 @@ def run_remove(settings: Settings, args: argparse.Namespace) -> int:
     from voice.registry import VoiceError, VoiceRegistry
 
     try:
-        voice = VoiceRegistry(settings.config.voice.voices_dir).remove(args.name)
+        VoiceRegistry(settings.config.voice.voices_dir).remove(args.name)
     except VoiceError as exc:
         return _fail(str(exc))
-    print(f"removed voice {voice.name}")
-    users = _personas_by_voice(settings).get(voice.name)
+    print(f"removed voice {args.name}")
+    users = _personas_by_voice(settings).get(args.name)
     if users:
         print(f"note: persona(s) {', '.join(users)} still name it in the config")
     return 0
