@@ -90,6 +90,8 @@ class SpeechRoutes:
             await reply.on_update(ReplyUpdate(text, final=True))
             await reply.ready.wait()
             if reply.error is not None and not reply.output.bytes_written:
+                if isinstance(reply.error, VoiceUnavailable):  # no default voice, say: retrying will not help
+                    raise unavailable(f"Speech is unavailable: {reply.error}")
                 log.warning("speech: synthesis failed: %s", reply.error)
                 raise ApiError(500, "Speech synthesis failed; try again.", type="server_error")
             response, outcome = await self._stream(request, reply, fmt)

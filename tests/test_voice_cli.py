@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -88,6 +89,16 @@ def test_voice_add_list_remove_with_manifest_and_state_cache(tmp_path, clips, mo
 
     code, out, _ = ttt(config, "voice", "list")
     assert code == 0 and out.startswith("alice") and "2 clip(s)" in out and "personas: talker" in out and CONSENT in out
+    # What a killed `ttt voice add` leaves (its staging folder) is no voice; a damaged manifest is shown as such.
+    staging = tmp_path / "voices" / ".adding-bob-x1y2"
+    staging.mkdir()
+    (staging / "manifest.json").write_text((voice_dir / "manifest.json").read_text())
+    (tmp_path / "voices" / "carol").mkdir()
+    (tmp_path / "voices" / "carol" / "manifest.json").write_text("{")
+    code, out, _ = ttt(config, "voice", "list")
+    assert code == 0 and ".adding" not in out and "carol            DAMAGED: voice 'carol'" in out
+    shutil.rmtree(staging)
+    assert ttt(config, "voice", "remove", "carol")[0] == 0
 
     # Same engine, model and clips: the cached state is reused (`ttt say` loads, never recomputes).
     code, out, err = ttt(config, "say", "Hello there. How are you?", "--persona", "talker",
@@ -110,6 +121,15 @@ def test_voice_add_list_remove_with_manifest_and_state_cache(tmp_path, clips, mo
     assert ttt(config, "say", "Hello.", "--voice", "alice", "-o", str(tmp_path / "c.wav"))[0] == 0
     pockets = [s for s in states(voice_dir) if s.startswith("pocket-")]
     assert len(pockets) == 2 and pocket_state in pockets
+    # Where no WAV can be written, or nothing would be said: one line saying so, no file.
+    (tmp_path / "taken").write_text("a file, not a folder")
+    code, _, err = ttt(config, "say", "Hello.", "--voice", "alice", "-o", str(tmp_path / "taken" / "d.wav"))
+    assert code == 2 and err == f"ttt: cannot write {tmp_path / 'taken' / 'd.wav'}: Not a directory\n"
+    code, _, err = ttt(config, "say", "Hello.", "--voice", "alice", "-o", str(tmp_path / "d.mp3"))
+    assert code == 2 and "give a name that ends in .wav" in err
+    code, _, err = ttt(config, "say", "\N{GRINNING FACE} :)", "--voice", "alice", "-o", str(tmp_path / "d.wav"))
+    assert code == 2 and "nothing to say" in err
+    assert not list(tmp_path.glob("d.*"))
 
     # Registering the same name again changes nothing.
     code, _, err = ttt(config, "voice", "add", "alice", str(clips["good"]), "--consent", CONSENT)
@@ -124,7 +144,8 @@ def test_voice_add_list_remove_with_manifest_and_state_cache(tmp_path, clips, mo
 
 @pytest.mark.timeout(60)
 def test_voice_add_rejects_bad_clips_and_stores_nothing(tmp_path, clips):
-    config = write_config(tmp_path)
+    # Clips are checked before the engine loads (a real one may download first): this one cannot load.
+    config = write_config(tmp_path, model=tmp_path / "no-such-model.yaml")
     code, _, err = ttt(config, "voice", "add", "bob", *(str(clips[k]) for k in
                        ("good", "short", "silent", "long", "text", "locked", "missing")), "--consent", CONSENT)
     assert code == 2

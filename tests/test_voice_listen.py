@@ -135,9 +135,12 @@ def test_turns_end_after_silence_short_noise_is_no_turn_long_ones_are_cut_and_le
 
 def test_whispers_hallucinations_and_empty_transcripts_are_not_turns():
     for said in ["", "  ", ".", "...", "?!", "Thank you for watching!", "Thanks for watching.", " you",
-                 "Subtitles by the Amara.org community", "Thank you. Thank you. Thank you. Thank you."]:
+                 "Subtitles by the Amara.org community", "Thank you. Thank you. Thank you. Thank you.",
+                 "Thanks for watching! Please subscribe.", "Thank you for watching, and see you next time!",
+                 " [Music]", "(upbeat music)", "*applause*", "♪ la la la ♪", "[BLANK_AUDIO] Thank you."]:
         assert heard(said) is None, said
     assert heard(" Thank you for the help, that was quick. ") == "Thank you for the help, that was quick."
+    assert heard("(laughs) Tell me a joke. [Music]") == "Tell me a joke."
     assert heard("tell me more") == "tell me more"
 
 

@@ -31,6 +31,9 @@ from voice.speakable import CODE_SAID, speakable
      "example today, that is now, et cetera and so on et cetera."),
     ("btw idk, tbh imo it's fine & fun w/ friends", "by the way I don't know, to be honest in my opinion it's fine "
      "and fun with friends"),
+    ("£3.2m, $40k or $5 million; 100km in 5kg at 10:30pm on a 4K screen in the 1990s, the '80s and the 2000s.",
+     "three point two million pounds, forty thousand dollars or five million dollars; one hundred km in five kg at "
+     "ten thirty pm on a four K screen in the nineteen nineties, the eighties and the two thousands."),
     ("😀 :) ```x```", CODE_SAID),
     ("🎉 <:party:1> :)", ""),
 ])

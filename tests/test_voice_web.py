@@ -97,6 +97,9 @@ async def test_speech_api_refuses_what_it_cannot_do(server: Server):
         got_status, got = await speech(body)
         assert (got_status, got["error"]["param"]) == (status, param), (body, got)
         assert message in got["error"]["message"]
+    # No voice named: the engine's default voice, which this tiny model cannot fetch offline. Why, not "try again".
+    status, got = await speech({"model": "tts", "input": "Hello."})
+    assert status == 503 and "default voice" in got["error"]["message"], got
 
     # One reply at a time (voice.max_queue 1): a second request while the first streams is told to wait.
     async with server.http.post(f"{server.url}/v1/audio/speech", json={**base, "input": THREE * 4}) as r:

@@ -48,11 +48,12 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
     from voice.engine import VoiceUnavailable
     from voice.registry import VoiceError, VoiceRegistry
 
-    section = settings.config.voice
+    registry = VoiceRegistry(settings.config.voice.voices_dir)
     try:
+        registry.validate(args.name, args.clips, args.consent)  # before the engine loads (it may download)
         engine = _load_engine(settings)
         started = time.monotonic()
-        voice = VoiceRegistry(section.voices_dir).add(args.name, args.clips, args.consent, engine)
+        voice = registry.add(args.name, args.clips, args.consent, engine)
     except (VoiceError, VoiceUnavailable) as exc:
         return _fail(str(exc))
     print(f"registered voice {voice.name}: {len(voice.clips)} clip(s), {voice.seconds:.1f} s, in {voice.directory}")
@@ -61,7 +62,7 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_list(settings: Settings, args: argparse.Namespace) -> int:
-    from voice.registry import VoiceRegistry
+    from voice.registry import VoiceError, VoiceRegistry
 
     registry = VoiceRegistry(settings.config.voice.voices_dir)
     names = registry.names()
@@ -70,7 +71,11 @@ def run_list(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     users = _personas_by_voice(settings)
     for name in names:
-        voice = registry.get(name)
+        try:
+            voice = registry.get(name)
+        except VoiceError as exc:
+            print(f"{name:<16} DAMAGED: {exc}")
+            continue
         used = f"  personas: {', '.join(users[name])}" if name in users else ""
         print(f"{name:<16} {len(voice.clips)} clip(s) {voice.seconds:5.1f} s  added {voice.created}{used}")
         print(f"{'':<16} consent: {voice.consent}")
@@ -81,11 +86,11 @@ def run_remove(settings: Settings, args: argparse.Namespace) -> int:
     from voice.registry import VoiceError, VoiceRegistry
 
     try:
-        voice = VoiceRegistry(settings.config.voice.voices_dir).remove(args.name)
+        VoiceRegistry(settings.config.voice.voices_dir).remove(args.name)
     except VoiceError as exc:
         return _fail(str(exc))
-    print(f"removed voice {voice.name}")
-    users = _personas_by_voice(settings).get(voice.name)
+    print(f"removed voice {args.name}")
+    users = _personas_by_voice(settings).get(args.name)
     if users:
         print(f"note: persona(s) {', '.join(users)} still name it in the config")
     return 0
@@ -97,12 +102,18 @@ def run_say(settings: Settings, args: argparse.Namespace) -> int:
     from voice.engine import VoiceUnavailable
     from voice.registry import VoiceError
     from voice.say import say
+    from voice.speakable import speakable
 
     cfg = settings.config
     persona = args.persona or (None if args.voice else cfg.service.default_persona)
     if persona is not None and persona not in cfg.personas:
         return _fail(f"no persona called {persona!r}; pick one of: {', '.join(sorted(cfg.personas))}")
     voice = args.voice if args.voice else cfg.personas[persona].voice
+    if args.output.suffix.lower() != ".wav":
+        return _fail(f"-o {args.output}: ttt say writes a WAV file; give a name that ends in .wav")
+    if not speakable(args.text).strip():
+        return _fail(f"nothing to say: {args.text!r} holds no words that are read aloud "
+                     "(emoji, emoticons and markup are skipped)")
     _loading(settings)
     try:
         seconds = asyncio.run(say(cfg.voice, args.text, voice, args.output))

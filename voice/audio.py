@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -78,9 +79,10 @@ def speech_seconds(samples: np.ndarray, rate: int) -> float:
     return float(loud.sum()) / 50
 
 
-def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    """Mono float samples as a 16-bit PCM WAV file."""
-    soundfile.write(str(path), np.clip(samples, -1.0, 1.0), rate, subtype="PCM_16")
+def write_wav(path: Path | BinaryIO, samples: np.ndarray, rate: int) -> None:
+    """Mono float samples as a 16-bit PCM WAV file (a path, or a file open for writing)."""
+    target = str(path) if isinstance(path, Path) else path
+    soundfile.write(target, np.clip(samples, -1.0, 1.0), rate, subtype="PCM_16", format="WAV")
 
 
 def read_wav(path: Path, rate: int) -> np.ndarray:

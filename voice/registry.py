@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core.config import VOICE_NAME
-from voice.audio import CLIP_RATE, ClipError, load_clip, read_wav, write_wav
+from voice.audio import CLIP_RATE, Clip, ClipError, load_clip, read_wav, write_wav
 from voice.engine import Engine, VoiceState
 
 log = logging.getLogger(__name__)
@@ -66,49 +66,30 @@ class VoiceRegistry:
         self.root = root
 
     def names(self) -> list[str]:
+        """The registered voices (not what an interrupted `add` or `remove` left behind)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file())
+        return sorted(p.name for p in self.root.iterdir() if VOICE_NAME.fullmatch(p.name) and (p / MANIFEST).is_file())
 
     def get(self, name: str) -> RegisteredVoice:
         manifest = self.root / name / MANIFEST
         if not VOICE_NAME.fullmatch(name) or not manifest.is_file():
-            known = ", ".join(self.names()) or "none yet"
-            raise VoiceError(
-                f"no voice called {name!r} is registered (registered: {known}); add it with `ttt voice add`"
+            raise self._unknown(name)
+        try:
+            data = json.loads(manifest.read_text())
+            return RegisteredVoice(
+                data["name"], manifest.parent, data["consent"], data["created"],
+                tuple(ClipRecord(**clip) for clip in data["clips"]),
             )
-        data = json.loads(manifest.read_text())
-        return RegisteredVoice(
-            data["name"], manifest.parent, data["consent"], data["created"],
-            tuple(ClipRecord(**clip) for clip in data["clips"]),
-        )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise VoiceError(f"voice {name!r}: {manifest} is damaged ({type(exc).__name__}: {exc}); "
+                             f"`ttt voice remove {name}` and add it again") from None
 
     def add(self, name: str, clips: list[Path], consent: str, engine: Engine | None = None) -> RegisteredVoice:
         """Validate and store the clips with the consent; with an engine, compute its voice state too.
         Nothing is stored unless all of it succeeds."""
+        loaded = self.validate(name, clips, consent)
         consent = consent.strip()
-        if not VOICE_NAME.fullmatch(name):
-            raise VoiceError(
-                f"voice name {name!r}: use 1-64 letters, digits, '-' or '_' (starting with a letter or digit)"
-            )
-        if (self.root / name).exists():
-            raise VoiceError(
-                f"a voice called {name!r} is already registered; remove it first (`ttt voice remove {name}`)"
-            )
-        if not consent:
-            raise VoiceError("--consent is required: say who gave their voice and that they agreed to its use")
-        if len(consent) > MAX_CONSENT_CHARS:
-            raise VoiceError(f"--consent is {len(consent)} characters long; keep it under {MAX_CONSENT_CHARS}")
-        if not clips:
-            raise VoiceError("give at least one reference clip")
-        loaded, problems = [], []
-        for path in clips:
-            try:
-                loaded.append((path, load_clip(path)))
-            except ClipError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise VoiceError("cannot register {!r}:\n  {}".format(name, "\n  ".join(problems)))
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".adding-{name}-"))
         try:
@@ -132,13 +113,46 @@ class VoiceRegistry:
             raise
         return self.get(name)
 
-    def remove(self, name: str) -> RegisteredVoice:
-        voice = self.get(name)
+    def validate(self, name: str, clips: list[Path], consent: str) -> list[tuple[Path, Clip]]:
+        """Check a voice before anything is loaded or stored: its name, the consent and every clip
+        (all problems at once); the clips, read and normalised. Raises VoiceError."""
+        consent = consent.strip()
+        if not VOICE_NAME.fullmatch(name):
+            raise VoiceError(
+                f"voice name {name!r}: use 1-64 letters, digits, '-' or '_' (starting with a letter or digit)"
+            )
+        if (self.root / name).exists():
+            raise VoiceError(
+                f"a voice called {name!r} is already registered; remove it first (`ttt voice remove {name}`)"
+            )
+        if not consent:
+            raise VoiceError("--consent is required: say who gave their voice and that they agreed to its use")
+        if len(consent) > MAX_CONSENT_CHARS:
+            raise VoiceError(f"--consent is {len(consent)} characters long; keep it under {MAX_CONSENT_CHARS}")
+        if not clips:
+            raise VoiceError("give at least one reference clip")
+        loaded, problems = [], []
+        for path in clips:
+            try:
+                loaded.append((path, load_clip(path)))
+            except ClipError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise VoiceError("cannot register {!r}:\n  {}".format(name, "\n  ".join(problems)))
+        return loaded
+
+    def remove(self, name: str) -> None:
+        """Delete a voice, its clips and cached states (a damaged one too)."""
+        if name not in self.names():
+            raise self._unknown(name)
         # Renamed first, so that a half-deleted voice is never mistaken for a registered one.
         doomed = Path(tempfile.mkdtemp(dir=self.root, prefix=f".removing-{name}-"))
-        voice.directory.rename(doomed / name)
+        (self.root / name).rename(doomed / name)
         shutil.rmtree(doomed)
-        return voice
+
+    def _unknown(self, name: str) -> VoiceError:
+        known = ", ".join(self.names()) or "none yet"
+        return VoiceError(f"no voice called {name!r} is registered (registered: {known}); add it with `ttt voice add`")
 
     def state_path(self, voice: RegisteredVoice, engine: Engine) -> Path:
         """Where this engine's state of `voice` is cached, keyed by engine, model and clip content."""

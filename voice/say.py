@@ -36,8 +36,11 @@ async def say(section: VoiceSection, text: str, voice: str | None, path: Path) -
         if reply.error is not None:
             raise VoiceUnavailable(f"synthesis failed: {reply.error}") from reply.error
         samples = np.frombuffer(b"".join(pieces), dtype="<i2").astype(np.float32) / 32768.0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_wav(path, samples, rate)
+        try:
+            with path.open("wb") as file:
+                write_wav(file, samples, rate)
+        except OSError as exc:
+            raise VoiceError(f"cannot write {path}: {exc.strerror or exc}") from None
         return len(samples) / rate
     finally:
         await speaker.close()

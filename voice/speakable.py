@@ -47,11 +47,17 @@ ABBREVIATIONS = [
 ]
 _ABBREVIATIONS = [(re.compile(pattern, flags), words) for pattern, words, flags in ABBREVIATIONS]
 
-_CURRENCY = re.compile(r"([$€£])\s?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
+_CURRENCY = re.compile(
+    r"([$€£])\s?(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)(?:\s?(k|m|bn|thousand|million|billion)\b)?",
+    re.IGNORECASE,
+)
+_MAGNITUDES = {"k": "thousand", "m": "million", "bn": "billion"}
+_GLUED = re.compile(r"(?<=\d)(?=[^\W\d_])")  # 100km, 10:30am, 4K: the number, then the letters
 _CURRENCY_NAMES = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
                    "£": ("pound", "pounds", "penny", "pence")}
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s?%")
 _ORDINAL = re.compile(r"\b(\d+)(?:st|nd|rd|th)\b", re.IGNORECASE)
+_DECADE = re.compile(r"(?<![\w'])'?((?:1[1-9]|20)?\d0)'?s\b")  # the 1990s, the '80s
 _TIME = re.compile(r"\b([01]?\d|2[0-3]):([0-5]\d)\b")
 _NUMBER = re.compile(r"(?<![\w.])(-)?(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?![\w])")
 
@@ -86,9 +92,12 @@ def speakable(text: str, *, read_numbers: bool = True, language: str = "en") -> 
 def spell_numbers(text: str, language: str = "en") -> str:
     """Currency, percentages, ordinals, times, years and plain numbers in words."""
     words = partial(_words, language=language)
-    text = _CURRENCY.sub(lambda m: _money(m.group(1), m.group(2), words), text)
+    text = _CURRENCY.sub(lambda m: _money(m.group(1), m.group(2), m.group(3), words), text)
     text = _PERCENT.sub(lambda m: f"{words(m.group(1))} percent", text)
     text = _ORDINAL.sub(lambda m: words(m.group(1), to="ordinal"), text)
+    if language == "en":
+        text = _DECADE.sub(lambda m: _plural(words(m.group(1), to="year")), text)
+    text = _GLUED.sub(" ", text)
     text = _TIME.sub(lambda m: _clock(int(m.group(1)), int(m.group(2)), words), text)
     return _NUMBER.sub(lambda m: _number(m, words), text)
 
@@ -112,8 +121,16 @@ def _number(match: re.Match, words) -> str:
     return f"minus {said}" if sign else said
 
 
-def _money(symbol: str, amount: str, words) -> str:
+def _plural(said: str) -> str:
+    """English: "nineteen ninety" -> "nineteen nineties"."""
+    return said[:-1] + "ies" if said.endswith("y") else said + "s"
+
+
+def _money(symbol: str, amount: str, magnitude: str | None, words) -> str:
     one, many, cent, cents = _CURRENCY_NAMES[symbol]
+    if magnitude:  # $3.2m: three point two million dollars
+        magnitude = magnitude.lower()
+        return f"{words(amount)} {_MAGNITUDES.get(magnitude, magnitude)} {many}"
     whole, _, fraction = amount.replace(",", "").partition(".")
     said = f"{words(whole)} {one if whole == '1' else many}"
     if fraction.strip("0"):

@@ -1,8 +1,10 @@
 """What Whisper says to silence and noise, which nobody said.
 
 Whisper was trained on subtitled video: given silence, breathing or noise it often "hears" a
-subtitle credit or a sign-off. A transcript that is only such a phrase, only punctuation, or one
-phrase looping is dropped; a sentence that merely contains one of these phrases is kept.
+subtitle credit or a sign-off, or writes a caption such as "[Music]" or "(upbeat music)". Captions
+are removed; a transcript that is then only such phrases ("Thanks for watching! Please subscribe."),
+only punctuation, or one phrase looping is dropped; a sentence that merely contains one of these
+phrases is kept.
 """
 
 from __future__ import annotations
@@ -20,17 +22,24 @@ PHRASES = frozenset({
     "music", "applause", "laughter", "silence", "no speech", "blank audio",
 })
 _WORDS = re.compile(r"[^\w\s]+")
+_CAPTION = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪[^♪]*♪")  # what Whisper writes for sounds, not words
+_CLAUSE = re.compile(r"[.!?,;:…]+(?:\s|$)")  # not inside "Amara.org"
 
 
 def heard(text: str) -> str | None:
     """The transcript as a turn, or None when it is empty or a known hallucination."""
-    text = " ".join(text.split())
-    normal = " ".join(_WORDS.sub("", text.lower()).split())
-    if not normal or normal in PHRASES:
+    text = " ".join(_CAPTION.sub(" ", text).split())
+    normal = _normal(text)
+    if not normal or _loops(normal.split()):
         return None
-    if _loops(normal.split()):
+    clauses = [_normal(clause).removeprefix("and ") for clause in _CLAUSE.split(text)]
+    if all(clause in PHRASES for clause in clauses if clause):
         return None
     return text
+
+
+def _normal(text: str) -> str:
+    return " ".join(_WORDS.sub("", text.lower()).split())
 
 
 def _loops(words: list[str]) -> bool:
