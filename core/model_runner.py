@@ -9,6 +9,7 @@ import time
 import torch
 
 from core.capacity import SpeedModel
+from core.cpu_weights import has_quantized_weights
 from core.generator import GenerationFailed
 from core.kv_cache import BatchCache, new_cache
 from core.prefix_cache import Reuse
@@ -33,7 +34,7 @@ class ModelRunner:
         with model_loading():
             from peft import PeftModel
 
-        if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in self.model.modules()):
+        if has_quantized_weights(self.model):
             raise GenerationFailed("LoRA adapters need float weights: set generator.cpu_dtype to float32 or bfloat16")
         with self._lock, model_loading():
             if path in self.adapters:
