@@ -126,14 +126,39 @@ def test_top_p_keeps_what_transformers_keeps_however_the_scores_tie():
             assert torch.equal(_warp(scores, 1.0, 0, top_p), wanted)
 
 
+def test_thread_tuner_ignores_one_delayed_pass_and_follows_the_load():
+    """One two-thread pass the scheduler delayed changes nothing; a busy machine moves a lone decode
+    to one thread within a few passes, and a quiet one brings it back within a few passes of the
+    next re-check."""
+    tuner, kind = ThreadTuner(2), ("decode", 1)
+    quiet, busy = {1: 0.075, 2: 0.045}, {1: 0.075, 2: 1.5}
+
+    def run(passes: int, times: dict[int, float], delayed_pass: int = -1) -> list[int]:
+        used = []
+        for i in range(passes):
+            threads = tuner.choose(kind)
+            tuner.record(kind, threads, 1.5 if i == delayed_pass else times[threads])
+            used.append(threads)
+        return used
+
+    used = run(300, quiet, delayed_pass=100)
+    assert used[100] == 2 and used[101:].count(1) <= 2  # re-checks only
+    assert run(600, busy)[3:].count(2) <= 4  # re-checks only
+    used = run(2000, quiet)
+    assert 2 in used
+    assert used[used.index(2) + 3:].count(1) <= 10
+
+
 def test_thread_tuner_keeps_the_faster_count_per_kind_and_rechecks_ever_more_rarely():
     tuner = ThreadTuner(2)
     lone, batch = ("decode", 1), ("decode", 32)
     for kind, times in ((lone, {1: 0.01, 2: 0.08}), (batch, {1: 0.3, 2: 0.2})):
         for _ in range(2):
             threads = tuner.choose(kind)
+            assert tuner.is_trial(kind, threads)  # each count is tried once before one is preferred
             tuner.record(kind, threads, times[threads])
     assert tuner.best(lone) == 1 and tuner.best(batch) == 2
+    assert not tuner.is_trial(lone, 1) and tuner.is_trial(lone, 2)  # a re-check of the runner-up is one too
     rechecks = []
     for i in range(7 * EXPLORE_EVERY):
         threads = tuner.choose(lone)
