@@ -147,8 +147,10 @@ class LocalEngine(Engine):
         raise GeneratorBusy(message)
 
     def _in_time(self, row: Request) -> bool:
-        """Called with the lock held: would this request (and everyone admitted) finish in time?"""
-        if not self.speed.ready:
+        """Called with the lock held: would this request (and everyone admitted) finish in time?
+        An idle engine takes any request: refusing it protects no one, and an estimate far from what
+        was measured (a long history after short replies) must not turn a lone user away."""
+        if not self.speed.ready or not self._inflight:
             return True
         running = [r.work() for r in self._inflight if r.started]
         waiting = [r.work() for r in self._inflight if not r.started]
