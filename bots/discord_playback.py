@@ -33,13 +33,18 @@ class GuildVoice:
     `on_left` is called once it has left (by /leave, alone, removed by Discord or shutting down)."""
 
     def __init__(self, client: discord.Client, guild_id: int, idle_leave_s: float,
-                 on_left: Callable[["GuildVoice"], None]):
+                 on_left: Callable[["GuildVoice"], None], *, client_class: type["SpeakingVoiceClient"] | None = None,
+                 on_connected: Callable[["GuildVoice"], None] | None = None):
         self.client = client
         self.guild_id = guild_id
         self.idle_leave_s = idle_leave_s
         self.on_left = on_left
+        # A listening bot connects with a receiving client, undeafened; `on_connected` follows every new connection.
+        self.client_class = client_class or SpeakingVoiceClient
+        self.on_connected = on_connected
         self.voice_client: SpeakingVoiceClient | None = None
         self.linked: set[int] = set()  # text channels (and the voice channel's chat) whose replies are spoken
+        self.home: int | None = None  # the text channel /join was run in: where spoken turns are answered
         self.current: SpokenReply | None = None
         self._skipped = False  # the current reply was skipped
         self._queue: asyncio.Queue[SpokenReply] = asyncio.Queue()
@@ -63,15 +68,27 @@ class GuildVoice:
             await vc.move_to(channel, timeout=CONNECT_TIMEOUT_S)
             self.moved_to(channel)
         elif vc is None:
-            # The bot does not listen: it shows as deafened.
-            self.voice_client = await channel.connect(
-                timeout=CONNECT_TIMEOUT_S, reconnect=True, self_deaf=True, cls=SpeakingVoiceClient
-            )
+            self.voice_client = await self._connect(channel)
             self.voice_client.guild_voice = self
             self.linked.add(channel.id)
             self._player = asyncio.create_task(self._play_queue(), name=f"voice-playback-{self.guild_id}")
             log.info("voice: joined channel %s in guild %s", channel.id, self.guild_id)
+            self._new_connection()
         self.check_company()
+
+    async def _connect(self, channel: discord.abc.Connectable) -> "SpeakingVoiceClient":
+        # A bot that does not listen shows as deafened (and Discord sends it no audio).
+        return await channel.connect(timeout=CONNECT_TIMEOUT_S, reconnect=True, cls=self.client_class,
+                                     self_deaf=not self.client_class.listens)
+
+    def _new_connection(self) -> None:
+        if self.on_connected is not None:
+            self.on_connected(self)
+
+    @property
+    def playing(self) -> bool:
+        """A reply is being spoken now."""
+        return self.current is not None and self.voice_client is not None and self.voice_client.is_playing()
 
     def moved_to(self, channel: discord.abc.Connectable) -> None:
         """Moved to another voice channel (by /join or a moderator): speak in that one's chat instead."""
@@ -91,7 +108,7 @@ class GuildVoice:
         self._skipped = True
         reply.cancel()
         if self.voice_client is not None:
-            self.voice_client.stop()
+            self.voice_client.stop_playing()
         return True
 
     async def _play_queue(self) -> None:
@@ -167,14 +184,13 @@ class GuildVoice:
                 with contextlib.suppress(Exception):
                     await old.disconnect(force=True)
         try:
-            vc = await channel.connect(
-                timeout=CONNECT_TIMEOUT_S, reconnect=True, self_deaf=True, cls=SpeakingVoiceClient
-            )
+            vc = await self._connect(channel)
         except (asyncio.TimeoutError, discord.ClientException) as exc:
             log.error("voice: could not rejoin channel %s in guild %s: %r", channel.id, self.guild_id, exc)
             await self.leave("could not rejoin")
             return None
         vc.guild_voice, self.voice_client = self, vc
+        self._new_connection()
         return vc
 
     def check_company(self) -> None:
@@ -257,6 +273,11 @@ class SpeakingVoiceClient(discord.VoiceClient):
     (VoiceProtocol.cleanup: called once a connection is over for good)."""
 
     guild_voice: GuildVoice | None = None
+    listens = False  # see bots/discord_receive.py for the one that does
+
+    def stop_playing(self) -> None:
+        """Stop what is playing (and nothing else: a listening client's stop() also stops receiving)."""
+        discord.VoiceClient.stop(self)
 
     def cleanup(self) -> None:
         super().cleanup()

@@ -8,7 +8,8 @@ it is saying, `/leave` leaves; it also leaves by itself once nobody has been in 
 
 The text path hands every update of every reply to `on_reply` (the adapter's reply listener);
 nothing here ever raises into the text reply. Connections and playback, per guild, are in
-discord_playback.py.
+discord_playback.py; with `voice.listen.enabled` the bot also listens and answers spoken turns
+(discord_listen.py, /listen).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import discord
 from discord import app_commands
@@ -27,6 +28,9 @@ from core.config import Settings
 from core.replies import ReplyUpdate
 from core.service import ChatService
 from voice.speaker import Speaker, SpokenReply, VoiceBusy, VoiceUnavailable
+
+if TYPE_CHECKING:
+    from bots.discord_listen import DiscordListening
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,11 @@ class DiscordVoice:
         self.guilds: dict[int, GuildVoice] = {}
         self._replies: dict[int, SpokenReply | None] = {}  # message answered -> its spoken reply (None: text only)
         self._loading: asyncio.Task | None = None
+        self.listening = None
+        if self.config.listen.enabled:  # imported only then: it needs the listen extra
+            from bots.discord_listen import DiscordListening
+
+            self.listening = DiscordListening(self, service, settings)
         add_voice_commands(tree, self, refusal)
         client.event(self.on_voice_state_update)
 
@@ -61,12 +70,19 @@ class DiscordVoice:
             await self.speaker.start()
         except VoiceUnavailable as exc:
             log.error("voice: the speech engine is unavailable: %s", exc)
+        if self.listening is not None:
+            try:
+                await self.listening.start()
+            except Exception as exc:  # noqa: BLE001 - SttUnavailable, or the listen extra is missing
+                log.error("listen: speech to text is unavailable: %s", exc)
 
     async def stop(self) -> None:
         for guild_voice in list(self.guilds.values()):
             await guild_voice.leave("shutting down")
         if self._loading is not None:
             self._loading.cancel()
+        if self.listening is not None:
+            await self.listening.stop()
         await self.speaker.close()
 
     # ---- the text path's hook --------------------------------------------------------------------
@@ -76,7 +92,7 @@ class DiscordVoice:
         bot is in. Its first update queues it in the guild; a reply whose updates end without a final
         one (it failed) is dropped from its first unspoken sentence on."""
         if message.id not in self._replies:
-            self._replies[message.id] = await self._spoken_reply(message.channel)
+            self._replies[message.id] = await self.speak(message.channel)
             # The updates of a reply come from one task: when it ends, so has the reply.
             asyncio.current_task().add_done_callback(lambda _: self._reply_ended(message.id))
         spoken = self._replies[message.id]
@@ -88,7 +104,7 @@ class DiscordVoice:
         if spoken is not None:
             spoken.abandon_unfinished()
 
-    async def _spoken_reply(self, channel: discord.abc.Messageable) -> SpokenReply | None:
+    async def speak(self, channel: discord.abc.Messageable) -> SpokenReply | None:
         """A SpokenReply for a reply being written in `channel` when that channel is linked to a
         voice channel the bot is in (queued in its guild); else None. Never raises."""
         guild = getattr(channel, "guild", None)
@@ -143,9 +159,12 @@ class DiscordVoice:
         except VoiceUnavailable as exc:
             await interaction.followup.send(f"My voice is unavailable right now: {exc}")
             return
+        listening = await self._listening()
         guild_voice = self.guilds.get(guild.id)
         if guild_voice is None:
-            guild_voice = GuildVoice(self.client, guild.id, self.config.idle_leave_s, self.forget)
+            guild_voice = GuildVoice(self.client, guild.id, self.config.idle_leave_s, self.forget,
+                                     client_class=listening.client_class if listening else None,
+                                     on_connected=listening.attach if listening else None)
         try:
             await guild_voice.connect(channel)
         except (asyncio.TimeoutError, discord.ClientException, discord.opus.OpusNotLoaded) as exc:
@@ -155,8 +174,26 @@ class DiscordVoice:
         self.guilds[guild.id] = guild_voice
         self.metrics.voice_connections.set(len(self.guilds))
         guild_voice.linked.add(interaction.channel_id)
+        guild_voice.home = interaction.channel_id
         here = "here" if interaction.channel_id == channel.id else f"here and in {channel.mention}'s chat"
-        await interaction.followup.send(f"Joined **{channel.name}**: I'll speak my replies {here}.")
+        answer = f"Joined **{channel.name}**: I'll speak my replies {here}."
+        if guild_voice.voice_client is not None and guild_voice.voice_client.listens:
+            answer += (" I'm listening too: talk to me in the voice channel and I'll answer aloud"
+                       " (`/listen ignore-me` if you'd rather I didn't hear you).")
+        elif self.listening is not None:
+            answer += " (I can't listen right now: my speech recognition is unavailable.)"
+        await interaction.followup.send(answer)
+
+    async def _listening(self) -> "DiscordListening | None":
+        """The listening side, its model loaded; None when listening is off or cannot start."""
+        if self.listening is None:
+            return None
+        try:
+            await self.listening.start()
+        except Exception as exc:  # noqa: BLE001 - SttUnavailable, or the listen extra is missing
+            log.error("listen: speech to text is unavailable: %s", exc)
+            return None
+        return self.listening
 
     async def leave(self, interaction: discord.Interaction) -> None:
         guild_voice = self.guilds.get(interaction.guild_id or 0)
@@ -187,11 +224,16 @@ class DiscordVoice:
                 guild_voice.saw_left()
             else:
                 guild_voice.moved_to(after.channel)
+        elif self.listening is not None and before.channel is not None and (
+                after.channel is None or after.channel.id != before.channel.id):
+            self.listening.member_left(member.guild.id, member.id)
         guild_voice.check_company()
 
     def forget(self, guild_voice: GuildVoice) -> None:
         if self.guilds.get(guild_voice.guild_id) is guild_voice:
             del self.guilds[guild_voice.guild_id]
+            if self.listening is not None:
+                self.listening.detach(guild_voice.guild_id)
         self.metrics.voice_connections.set(len(self.guilds))
 
 
@@ -219,3 +261,8 @@ def add_voice_commands(tree: app_commands.CommandTree, voice: DiscordVoice,
     async def skip(interaction: discord.Interaction) -> None:
         if not await refused(interaction):
             await voice.skip(interaction)
+
+    if voice.listening is not None:
+        from bots.discord_listen import add_listen_commands
+
+        add_listen_commands(tree, voice.listening, refused)

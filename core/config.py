@@ -278,6 +278,24 @@ class TrainingSection(Section):
 VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
+class ListenSection(Section):
+    """Spoken conversation (issue 12): the bot listens in the voice channel, transcribes each person's
+    turns and answers them aloud."""
+
+    enabled: bool = False
+    silence_ms: int = Field(800, ge=100, le=10_000, description="silence that ends a turn")
+    min_speech_ms: int = Field(300, ge=0, le=10_000, description="shorter speech is not a turn (a cough, a click)")
+    max_turn_s: float = Field(20.0, gt=0, le=30, description="a longer turn is cut here (Whisper hears 30 s at most)")
+    barge_in: bool = Field(True, description="someone speaking while the bot talks stops it")
+    engine: Literal["transformers", "faster-whisper"] = "transformers"
+    model: str | None = Field(None, description="transformers: a hub id or a local directory in transformers "
+                                                "format; faster-whisper: a size, hub id or CTranslate2 directory; "
+                                                "null: the engine's default (a small English Whisper, base.en)")
+    language: str | None = Field("en", description="the language spoken (null: Whisper detects it)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    echo_text: bool = Field(True, description="post each transcript and its answer in the linked text channel")
+
+
 class VoiceSection(Section):
     """Spoken replies: the text-to-speech engine, registered voices, Discord voice channels."""
 
@@ -294,6 +312,7 @@ class VoiceSection(Section):
     max_queue: int = Field(8, ge=1, description="replies being spoken or waiting, process-wide; more are text only")
     idle_leave_s: float = Field(60, gt=0)
     allowed_roles: list[int] = Field(default_factory=list)
+    listen: ListenSection = Field(default_factory=ListenSection)
 # ---- end voice ---------------------------------------------------------------------------------
 
 

@@ -94,6 +94,13 @@ class ConversationStore(Protocol):
     async def delete_before(self, cutoff: float) -> int:
         """Delete turns older than `cutoff` (a UNIX time); the number deleted."""
 
+    async def preferences(self, namespace: str) -> dict[str, str]:
+        """Every preference kept in `namespace`, ident -> value (a person's standing choices, such as
+        not being listened to in voice channels)."""
+
+    async def set_preference(self, namespace: str, ident: str, value: str | None) -> None:
+        """Keep (or with None, drop) a preference; durable when this returns."""
+
     async def claim(self, namespace: str, ident: str, ttl_s: float) -> bool:
         """Insert-if-absent with an expiry: True for the first claim of (namespace, ident) within
         `ttl_s`, False for every later one (event dedupe, once-per-window notices)."""
@@ -140,6 +147,14 @@ _MIGRATIONS = [
         namespace TEXT NOT NULL,
         ident TEXT NOT NULL,
         expires REAL NOT NULL,
+        PRIMARY KEY (namespace, ident)
+    );
+    """,
+    """
+    CREATE TABLE preferences (
+        namespace TEXT NOT NULL,
+        ident TEXT NOT NULL,
+        value TEXT NOT NULL,
         PRIMARY KEY (namespace, ident)
     );
     """,
@@ -246,6 +261,26 @@ class SQLiteStore:
                 return self._db.execute("DELETE FROM turns WHERE time < ?", (cutoff,)).rowcount
 
         return await self._run(write)
+
+    async def preferences(self, namespace: str) -> dict[str, str]:
+        def query() -> dict[str, str]:
+            return dict(self._db.execute("SELECT ident, value FROM preferences WHERE namespace = ?", (namespace,)))
+
+        return await self._run(query)
+
+    async def set_preference(self, namespace: str, ident: str, value: str | None) -> None:
+        def write() -> None:
+            with self._transaction():
+                if value is None:
+                    self._db.execute("DELETE FROM preferences WHERE namespace = ? AND ident = ?", (namespace, ident))
+                else:
+                    self._db.execute(
+                        "INSERT INTO preferences (namespace, ident, value) VALUES (?, ?, ?) "
+                        "ON CONFLICT (namespace, ident) DO UPDATE SET value = excluded.value",
+                        (namespace, ident, value),
+                    )
+
+        await self._run(write)
 
     async def claim(self, namespace: str, ident: str, ttl_s: float) -> bool:
         def write() -> bool:

@@ -77,6 +77,21 @@ class Metrics:
             "ttt_voice_replies", "Spoken replies by adapter and outcome", ["adapter", "outcome"], registry=r
         )
 
+        # ---- listening (voice/listen/, bots/discord_listen.py) ----
+        self.voice_turns = Counter(
+            "ttt_voice_turns", "Spoken turns heard, by outcome (answered, empty, ignored, failed)", ["outcome"],
+            registry=r,
+        )
+        self.voice_transcription = Histogram(
+            "ttt_voice_transcription_seconds", "Time to transcribe one batch of spoken turns", ["engine"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.voice_turn_to_first_audio = Histogram(
+            "ttt_voice_turn_to_first_audio_seconds",
+            "Time from the end of a spoken turn to the first audio of its answer",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)

@@ -128,6 +128,23 @@ async def test_claims_are_first_come_and_survive_a_restart_until_they_expire(ope
 
 
 @pytest.mark.timeout(30)
+async def test_preferences_are_kept_per_namespace_changed_dropped_and_survive_a_restart(opened):
+    store = await opened()
+    assert await store.preferences("listen-ignore") == {}
+    await store.set_preference("listen-ignore", "42", "1")
+    await store.set_preference("listen-ignore", "43", "1")
+    await store.set_preference("other", "42", "x")
+    await store.set_preference("listen-ignore", "43", "yes")  # changed in place
+    await opened.close(store)
+    store = await opened()
+    assert await store.preferences("listen-ignore") == {"42": "1", "43": "yes"}
+    await store.set_preference("listen-ignore", "42", None)
+    await store.set_preference("listen-ignore", "404", None)  # dropping what is not there is fine
+    assert await store.preferences("listen-ignore") == {"43": "yes"}
+    assert await store.preferences("other") == {"42": "x"}
+
+
+@pytest.mark.timeout(30)
 async def test_count_event_allows_the_limit_then_says_how_long_to_wait(store):
     assert [await store.count_event("rate", "u1", 2, 60.0) for _ in range(2)] == [0.0, 0.0]
     wait = await store.count_event("rate", "u1", 2, 60.0)

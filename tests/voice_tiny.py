@@ -140,3 +140,105 @@ def voices_dir_with(root: Path, name: str = "ada") -> Path:
     finally:
         worker.release()
     return root
+
+
+# ---- listening: a tiny Whisper that knows two phrases -----------------------------------------------
+
+# What the fake users say; the tiny recogniser is trained to write exactly these.
+PHRASES = ("the word is apple", "tell me more")
+WHISPER_SPECIALS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
+                    "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+WHISPER_CHUNK_S = 4  # the tiny model hears 4 s at once (real ones 30 s): cheap to train and run
+
+
+def spoken_phrase(text: str, *, speed: int = 150, pitch: int = 50, rate: int = 16_000) -> np.ndarray:
+    """`text` said by espeak-ng, as mono float32 at `rate` (read in memory)."""
+    import io
+
+    import soxr
+
+    wav = subprocess.run(["espeak-ng", "-s", str(speed), "-p", str(pitch), "--stdout", text],
+                         check=True, capture_output=True).stdout
+    data, source_rate = soundfile.read(io.BytesIO(wav), dtype="float32")
+    return soxr.resample(data, source_rate, rate).astype(np.float32)
+
+
+def _build_whisper(out: Path, final: Path) -> None:
+    from tokenizers import decoders
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
+                              WhisperProcessor, WhisperTokenizerFast)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(PHRASES)] * 4 + CORPUS, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(out / "bpe.json"))
+    tokenizer = WhisperTokenizerFast(tokenizer_file=str(out / "bpe.json"), unk_token="<|endoftext|>",
+                                     bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": WHISPER_SPECIALS})
+    (out / "bpe.json").unlink()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in WHISPER_SPECIALS}
+    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    config = WhisperConfig(
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        max_source_positions=WHISPER_CHUNK_S * 50, max_target_positions=64, decoder_start_token_id=sot,
+        bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+    )
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=WHISPER_CHUNK_S)
+    prompt = [sot, ids["<|notimestamps|>"]]  # English-only, like the default base.en
+    targets = [prompt + tokenizer.encode(text, add_special_tokens=False) + [eot] for text in PHRASES]
+
+    # Each phrase at several speeds and pitches, shifted, scaled and with a little noise.
+    rng = np.random.default_rng(0)
+    voices = [(speed, pitch) for speed in (130, 150, 175) for pitch in (35, 50, 65)]
+    clips = [(spoken_phrase(text, speed=s, pitch=p), label) for label, text in enumerate(PHRASES) for s, p in voices]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(120):
+        batch = [clips[i] for i in rng.integers(0, len(clips), 8)]
+        audio = []
+        for clip, _ in batch:
+            padded = np.zeros(int(rng.uniform(0.1, 0.8) * 16_000) + len(clip) + 8_000, dtype=np.float32)
+            padded[len(padded) - len(clip) - 8_000:len(padded) - 8_000] = clip * rng.uniform(0.3, 1.5)
+            audio.append(padded + rng.normal(0, 0.003, len(padded)).astype(np.float32))
+        features = torch.from_numpy(extractor(audio, sampling_rate=16_000, return_tensors="np").input_features)
+        width = max(len(targets[label]) for _, label in batch)
+        sequences = torch.tensor([targets[label] + [eot] * (width - len(targets[label])) for _, label in batch])
+        logits = model(input_features=features, decoder_input_ids=sequences[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, len(prompt) - 1:].reshape(-1, logits.shape[-1]),
+                                                 sequences[:, len(prompt):].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
+        is_multilingual=False, no_timestamps_token_id=ids["<|notimestamps|>"], suppress_tokens=[],
+        begin_suppress_tokens=[eot],
+    )
+    model.save_pretrained(out)
+    WhisperProcessor(extractor, tokenizer).save_pretrained(out)
+    extractor.save_pretrained(out)  # preprocessor_config.json too: what CTranslate2's converter reads
+
+
+def tiny_whisper_dir() -> Path:
+    """A tiny English-only Whisper in transformers format, trained to write PHRASES when it hears them (4 s window)."""
+    return _cached("whisper", _build_whisper)
+
+
+def _convert_whisper(out: Path, final: Path) -> None:
+    import ctranslate2
+
+    out.rmdir()  # the converter makes its own directory
+    ctranslate2.converters.TransformersConverter(
+        str(tiny_whisper_dir()), copy_files=["tokenizer.json", "preprocessor_config.json"]
+    ).convert(str(out), quantization="float32")
+
+
+def tiny_faster_whisper_dir() -> Path:
+    """The same tiny Whisper converted for faster-whisper (CTranslate2)."""
+    return _cached("faster-whisper", _convert_whisper)

@@ -12,6 +12,8 @@ from voice.registry import VoiceRegistry
 
 EXTRAS = {"pocket": ("voice", ("pocket_tts", "soxr", "soundfile", "pysbd", "num2words")),
           "xtts": ("xtts", ("TTS", "torchaudio", "soxr", "soundfile", "pysbd", "num2words"))}
+_RECEIVE = ("discord.ext.voice_recv", "silero_vad", "davey")
+LISTEN_EXTRAS = {"transformers": ("listen", _RECEIVE), "faster-whisper": ("faster-whisper", (*_RECEIVE, "faster_whisper"))}
 XTTS_LICENCE = ("XTTS-v2 weights are under the Coqui Public Model License (https://coqui.ai/cpml): "
                 "non-commercial use only")
 
@@ -55,4 +57,26 @@ def check_voice(config: Config) -> VoiceCheck:
         else:
             result.lines.append(f"  persona {name}: voice {persona.voice!r} is NOT REGISTERED "
                                 f"(ttt voice add {persona.voice} CLIP... --consent TEXT); it stays silent")
+    _check_listen(config, result)
     return result
+
+
+def _check_listen(config: Config, result: VoiceCheck) -> None:
+    listen = config.voice.listen
+    if not listen.enabled:
+        result.lines.append("  listening: off (voice.listen.enabled)")
+        return
+    from voice.listen.stt import DEFAULT_MODELS
+
+    model = listen.model or DEFAULT_MODELS[listen.engine]
+    result.lines.append(
+        f"  listening: {listen.engine} Whisper {model}, device {listen.device}; "
+        f"a turn ends after {listen.silence_ms} ms of silence; barge-in {'on' if listen.barge_in else 'off'}; "
+        f"transcripts {'echoed in text' if listen.echo_text else 'not echoed'}"
+    )
+    extra, modules = LISTEN_EXTRAS[listen.engine]
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        problem = f"{', '.join(missing)} missing: pip install 'talk-to-transformers[{extra}]'"
+        result.problems.append(f"voice.listen: {problem}")
+        result.lines.append(f"  CANNOT LISTEN: {problem}")

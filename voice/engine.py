@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from core.config import VoiceSection
+from core.threads import model_loading
 
 VoiceState = Any  # engine-specific; only the engine that made it reads it
 
@@ -53,6 +54,11 @@ class Engine(ABC):
 
 def load_engine(section: VoiceSection) -> Engine:
     """Load the configured engine and model (downloads on first use); raises VoiceUnavailable."""
+    with model_loading():  # never next to another model's load in this process (see core.threads)
+        return _load_engine(section)
+
+
+def _load_engine(section: VoiceSection) -> Engine:
     if section.engine == "pocket":
         from voice.pocket_engine import PocketEngine
 

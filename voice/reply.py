@@ -52,6 +52,7 @@ class SpokenReply:
         self.sentences = 0
         self.synthesis_s = 0.0
         self.error: Exception | None = None
+        self.turn_ended_at: float | None = None  # when the spoken turn it answers ended (listening)
         self._engine: Engine = speaker.engine
         self._language = speaker.section.language
         self._splitter = SentenceSplitter(self._language)
@@ -193,12 +194,16 @@ class SpokenReply:
         if output.first_read_at is not None:
             first_audio = output.first_read_at - self.started
             metrics.voice_first_audio.labels(self.adapter).observe(first_audio)
+        after_turn = ""
+        if self.turn_ended_at is not None and output.first_read_at is not None:
+            metrics.voice_turn_to_first_audio.observe(output.first_read_at - self.turn_ended_at)
+            after_turn = f" turn_to_first_audio={output.first_read_at - self.turn_ended_at:.2f}s"
         audio = output.seconds_written
         log.info(
             "voice: reply %s voice=%s outcome=%s sentences=%d audio=%.2fs frames=%d synthesis=%.2fs rtf=%.2f "
-            "first_audio=%s longest_gap=%.0fms",
+            "first_audio=%s longest_gap=%.0fms%s",
             self.label, self.voice or "default", outcome, self.sentences, audio,
             output.bytes_written // output.frame_bytes if output.frame_bytes else 0, self.synthesis_s,
             self.synthesis_s / audio if audio else 0.0,
-            f"{first_audio:.2f}s" if first_audio is not None else "none", output.longest_gap_s * 1000,
+            f"{first_audio:.2f}s" if first_audio is not None else "none", output.longest_gap_s * 1000, after_turn,
         )

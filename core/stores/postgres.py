@@ -177,6 +177,20 @@ class PostgresStore:
 
     # ---- what replicas coordinate on -------------------------------------------------------
 
+    async def preferences(self, namespace: str) -> dict[str, str]:
+        rows = await self._fetch("SELECT ident, value FROM preferences WHERE namespace = $1", namespace)
+        return {row["ident"]: row["value"] for row in rows}
+
+    async def set_preference(self, namespace: str, ident: str, value: str | None) -> None:
+        if value is None:
+            await self._execute("DELETE FROM preferences WHERE namespace = $1 AND ident = $2", namespace, ident)
+        else:
+            await self._execute(
+                "INSERT INTO preferences (namespace, ident, value) VALUES ($1, $2, $3) "
+                "ON CONFLICT (namespace, ident) DO UPDATE SET value = excluded.value",
+                namespace, ident, storable(value),
+            )
+
     async def claim(self, namespace: str, ident: str, ttl_s: float) -> bool:
         await self._sweep()
         # An expired claim is taken over in the same statement; the database's clock decides.

@@ -70,6 +70,14 @@ MIGRATIONS = [
         RETURN 0;
     END $$;
     """,
+    """
+    CREATE TABLE preferences (
+        namespace text NOT NULL,
+        ident text NOT NULL,
+        value text NOT NULL,
+        PRIMARY KEY (namespace, ident)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

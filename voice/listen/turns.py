@@ -1,0 +1,166 @@
+"""Turn taking: each person's audio, cut into turns by voice activity.
+
+A turn starts with speech (plus a little audio from before it, so that its first syllable is not
+clipped) and ends after `silence_ms` of silence; speech shorter than `min_speech_ms` in all is not a
+turn (a cough, a click), and a turn is cut at `max_turn_s`. Silence is also time without audio: a
+Discord client stops sending when its user stops speaking, so `tick()` ends turns whose audio has
+stopped coming. Everything happens in memory; nothing is written anywhere.
+
+`Listener` is fed from a receiving thread and ticked from another: it locks around each speaker's
+state. Its callbacks run in the thread that called it and must only hand work on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+import numpy as np
+import soxr
+
+from core.config import ListenSection
+from voice.listen.vad import CHUNK, CHUNK_MS, RATE, SpeechDetector
+
+log = logging.getLogger(__name__)
+
+SOURCE_RATE = 48_000  # what arrives: 48 kHz stereo s16le (Discord's Opus, decoded)
+SPEECH_ON = 0.5  # Silero's probability that starts speech...
+SPEECH_OFF = 0.35  # ...and the lower one that keeps it going (hysteresis)
+PREROLL_MS = 256  # audio kept from before the speech began
+TAIL_MS = 256  # trailing silence kept at a turn's end (Whisper likes a little context)
+
+
+@dataclass
+class Turn:
+    """One person's turn: 16 kHz mono float32 audio, in memory only."""
+
+    speaker: Hashable
+    audio: np.ndarray
+    speech_s: float
+    last_speech_at: float  # time.monotonic() of its last speech
+    ended_at: float  # when the silence after it was long enough (or it was cut)
+    cut: bool = False  # it reached max_turn_s
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / RATE
+
+
+@dataclass
+class _Speaker:
+    detector: SpeechDetector
+    resampler: object = field(default_factory=lambda: soxr.ResampleStream(SOURCE_RATE, RATE, 1, dtype="float32"))
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # < one chunk, not judged yet
+    preroll: deque = field(default_factory=lambda: deque(maxlen=PREROLL_MS // CHUNK_MS))
+    chunks: list = field(default_factory=list)  # the turn so far
+    speaking: bool = False  # in a turn
+    speech_ms: int = 0
+    silence_ms: int = 0  # trailing silence in the turn's audio
+    announced: bool = False  # on_speech was called for this turn
+    last_audio_at: float = 0.0
+    last_speech_at: float = 0.0
+
+
+class Listener:
+    """Turns of everyone heard in one place (a Discord voice channel).
+
+    `on_speech(speaker)` is called once a turn holds `min_speech_ms` of speech (someone is talking:
+    barge-in); `on_turns(turns)` with the turns that end together (one frame, one tick), in the order
+    they end.
+    """
+
+    def __init__(self, config: ListenSection, *, on_turns: Callable[[list[Turn]], None],
+                 on_speech: Callable[[Hashable], None] = lambda speaker: None):
+        self.config = config
+        self.on_turns = on_turns
+        self.on_speech = on_speech
+        self._speakers: dict[Hashable, _Speaker] = {}
+        self._lock = threading.Lock()
+
+    def hear(self, speaker: Hashable, pcm: bytes, now: float | None = None) -> None:
+        """Take 48 kHz stereo s16le audio of `speaker` (a 20 ms frame as it arrives)."""
+        now = time.monotonic() if now is None else now
+        samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32).reshape(-1, 2).mean(axis=1) / 32768.0
+        turns = []
+        with self._lock:
+            state = self._speakers.get(speaker)
+            if state is None:
+                state = self._speakers[speaker] = _Speaker(SpeechDetector())
+            elif now - state.last_audio_at > self.config.silence_ms / 1000 and not state.speaking:
+                state.detector.reset()  # a new stretch of audio after a pause
+            state.last_audio_at = now
+            audio = np.concatenate([state.pending, state.resampler.resample_chunk(samples)])
+            whole = len(audio) // CHUNK * CHUNK
+            state.pending = audio[whole:]
+            for start in range(0, whole, CHUNK):
+                turn = self._judge(speaker, state, audio[start:start + CHUNK], now)
+                if turn is not None:
+                    turns.append(turn)
+        if turns:
+            self.on_turns(turns)
+
+    def tick(self, now: float | None = None) -> None:
+        """End the turns of people whose audio stopped coming `silence_ms` ago."""
+        now = time.monotonic() if now is None else now
+        turns = []
+        with self._lock:
+            for speaker, state in self._speakers.items():
+                quiet_ms = state.silence_ms + (now - state.last_audio_at) * 1000
+                if state.speaking and quiet_ms >= self.config.silence_ms:
+                    turn = self._end(speaker, state, now)
+                    if turn is not None:
+                        turns.append(turn)
+        if turns:
+            self.on_turns(turns)
+
+    def forget(self, speaker: Hashable) -> None:
+        """Drop everything of `speaker` (they left, or asked not to be heard): no turn comes of it."""
+        with self._lock:
+            self._speakers.pop(speaker, None)
+
+    def speakers(self) -> list[Hashable]:
+        with self._lock:
+            return list(self._speakers)
+
+    # ---- one speaker's audio, under the lock ---------------------------------------------------------
+
+    def _judge(self, speaker: Hashable, state: _Speaker, chunk: np.ndarray, now: float) -> Turn | None:
+        probability = state.detector.probability(chunk)
+        if not state.speaking:
+            if probability < SPEECH_ON:
+                state.preroll.append(chunk)
+                return None
+            state.speaking, state.chunks = True, list(state.preroll)
+            state.preroll.clear()
+            state.speech_ms = state.silence_ms = 0
+            state.announced = False
+        state.chunks.append(chunk)
+        if probability >= SPEECH_OFF:
+            state.speech_ms += CHUNK_MS
+            state.silence_ms = 0
+            state.last_speech_at = now
+        else:
+            state.silence_ms += CHUNK_MS
+        if not state.announced and state.speech_ms >= self.config.min_speech_ms:
+            state.announced = True
+            self.on_speech(speaker)
+        if state.silence_ms >= self.config.silence_ms:
+            return self._end(speaker, state, now)
+        if len(state.chunks) * CHUNK >= self.config.max_turn_s * RATE:
+            return self._end(speaker, state, now, cut=True)
+        return None
+
+    def _end(self, speaker: Hashable, state: _Speaker, now: float, *, cut: bool = False) -> Turn | None:
+        """Close the turn; None when it held too little speech to count."""
+        chunks, speech_ms, silence_ms = state.chunks, state.speech_ms, state.silence_ms
+        state.speaking, state.chunks = False, []
+        state.speech_ms = state.silence_ms = 0
+        if speech_ms < self.config.min_speech_ms:
+            return None
+        drop = max(0, silence_ms - TAIL_MS) // CHUNK_MS  # most of the trailing silence says nothing
+        audio = np.concatenate(chunks[:len(chunks) - drop] if drop else chunks)
+        return Turn(speaker, audio, speech_ms / 1000, state.last_speech_at, now, cut)
