@@ -6,7 +6,7 @@ are bound by arithmetic instead, where the float kernels (bfloat16 on AMX) win.
 - int8: weights in 8 bits (a scale per output channel), inputs quantized on the fly (fbgemm).
 - int4: weights in 4 bits, groups of 32 inputs with a scale and a minimum each (GGUF's Q4_1
   layout: a Q4_1 file keeps its 4-bit values; scales and minimums are rounded to bfloat16), for
-  passes of a few rows; bfloat16 weights for larger passes.
+  passes of a few rows; bfloat16 weights (float32 on a CPU without bfloat16) for larger passes.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def has_quantized_weights(model) -> bool:
 class Int4Linear(torch.nn.Module):
     """A linear layer with 4-bit weights for small passes and bfloat16 weights for large ones.
 
-    Only the layer's inputs are rounded to bfloat16 (on both paths alike); its output, and the rest
-    of the model (norms, attention, the residual stream), stay in float32, so a row's result does
-    not depend on the rows it is batched with, as in float32 (a bfloat16 model's attention does).
+    Only the layer's inputs are rounded to bfloat16, for its kernels; its output and the rest of the
+    model (norms, attention, the residual stream) stay in float32, so that, as in float32, a row's
+    result does not depend on the rows it is batched with (a bfloat16 model's attention does).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
