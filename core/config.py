@@ -179,8 +179,9 @@ class GeneratorSection(Section):
     max_queue: int = Field(128, ge=1)
     request_timeout_s: float = Field(120, gt=0)
     cache_dir: Path | None = Field(None, description="where dequantized GGUF weights are cached")
-    cpu_dtype: Literal["float32", "bfloat16", "int8"] = Field(
-        "float32", description="CPU weights when dtype is auto: bfloat16 (where the CPU has it) or int8 (linear layers)"
+    cpu_dtype: Literal["float32", "bfloat16", "int8", "int4"] = Field(
+        "float32",
+        description="CPU weights when dtype is auto: bfloat16 (where the CPU has it), int8 or int4 (linear layers)",
     )
     prefix_cache_mb: int | None = Field(
         None, ge=0, description="memory for reusable conversation prefixes; null: a default for the device; 0: off"

@@ -147,8 +147,10 @@ class LocalEngine(Engine):
         raise GeneratorBusy(message)
 
     def _in_time(self, row: Request) -> bool:
-        """Called with the lock held: would this request (and everyone admitted) finish in time?"""
-        if not self.speed.ready:
+        """Called with the lock held: would this request (and everyone admitted) finish in time?
+        An idle engine takes any request: refusing it protects no one, and an estimate far from what
+        was measured (a long history after short replies) must not turn a lone user away."""
+        if not self.speed.ready or not self._inflight:
             return True
         running = [r.work() for r in self._inflight if r.started]
         waiting = [r.work() for r in self._inflight if not r.started]
@@ -279,12 +281,14 @@ class LocalEngine(Engine):
         else:
             self._batch, self._rows = batch, list(rows)
         self._advance(tokens, first=len(self._rows) - len(rows))
-        self.speed.record_prefill(prefilled, time.perf_counter() - started)
+        if not self.runner.trial:
+            self.speed.record_prefill(prefilled, time.perf_counter() - started)
         if self.metrics:
             self.metrics.batch_size.labels(self.name).observe(len(self._rows))
 
     def _step(self) -> None:
-        """One decode step for every row; its whole cost (bookkeeping included) teaches the speed model."""
+        """One decode step for every row; its whole cost (bookkeeping included) teaches the speed model,
+        unless the step tried a thread count out."""
         started = time.perf_counter()
         self._drop_unwanted()
         if not self._rows:
@@ -304,7 +308,8 @@ class LocalEngine(Engine):
         for row in rows:
             row.position += 1
         self._advance(tokens, first=0)
-        self.speed.record_step(len(rows), width, time.perf_counter() - started)
+        if not self.runner.trial:
+            self.speed.record_step(len(rows), width, time.perf_counter() - started)
 
     def _advance(self, tokens: list[int | None], first: int) -> None:
         """Record each row's new token, stream its text, and retire finished rows."""
@@ -400,6 +405,8 @@ class LocalEngine(Engine):
         try:
             self.runner.time_passes(1, None)  # warms up
             self.runner.time_passes(1, self.speed)
+            # One row on a longer context tells what a token of context costs apart from what a row costs.
+            self.runner.time_passes(1, self.speed, length=min(256, (self.max_positions or 256) - 3))
             self.runner.time_passes(min(self.max_batch_size, 32), self.speed)
         except Exception:  # noqa: BLE001 - without measurements every request is admitted
             log.warning("could not time the model; admission will not consider deadlines until it has", exc_info=True)

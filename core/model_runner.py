@@ -9,6 +9,7 @@ import time
 import torch
 
 from core.capacity import SpeedModel
+from core.cpu_weights import has_quantized_weights
 from core.generator import GenerationFailed
 from core.kv_cache import BatchCache, new_cache
 from core.prefix_cache import Reuse
@@ -26,14 +27,15 @@ class ModelRunner:
         self.vocab_size = min(len(tokenizer), getattr(text_config, "vocab_size", None) or len(tokenizer))
         self.adapters: dict[str, str] = {}  # adapter directory -> peft adapter name
         self._lock = threading.Lock()
-        self._tuner = ThreadTuner(torch.get_num_threads()) if self.device.type == "cpu" else None
+        self.tuner = ThreadTuner(torch.get_num_threads()) if self.device.type == "cpu" else None
+        self.trial = False  # the last pass tried a thread count out (its time says little about speed)
 
     def load_adapter(self, path: str) -> None:
         """Load a LoRA adapter onto the shared base model (blocking: call it off the event loop)."""
         with model_loading():
             from peft import PeftModel
 
-        if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in self.model.modules()):
+        if has_quantized_weights(self.model):
             raise GenerationFailed("LoRA adapters need float weights: set generator.cpu_dtype to float32 or bfloat16")
         with self._lock, model_loading():
             if path in self.adapters:
@@ -82,16 +84,16 @@ class ModelRunner:
         batch.cache = out.past_key_values
         return out.logits[:, -1, :]
 
-    def time_passes(self, rows: int, speed: SpeedModel | None) -> None:
-        """A prefill of `rows` random 16-token prompts and two decode steps, timed into `speed`."""
-        ids = torch.randint(self.vocab_size, (rows, 16), generator=torch.Generator().manual_seed(rows))
+    def time_passes(self, rows: int, speed: SpeedModel | None, length: int = 16) -> None:
+        """A prefill of `rows` random prompts of `length` tokens and two decode steps, timed into `speed`."""
+        ids = torch.randint(self.vocab_size, (rows, length), generator=torch.Generator().manual_seed(rows))
         ids = ids.to(self.device)
         adapters = [BASE_ADAPTER] * rows
         started = time.perf_counter()
         out = self._forward(adapters, ("prefill", bucket(ids.numel())), input_ids=ids, logits_to_keep=1)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
         next_ids.tolist()  # waits for the device, as sampling does
-        if speed:
+        if speed and not self.trial:
             speed.record_prefill(ids.numel(), time.perf_counter() - started)
         cache, width = out.past_key_values, ids.shape[1]
         for _ in range(2):
@@ -100,13 +102,14 @@ class ModelRunner:
             out = self._forward(adapters, ("decode", bucket(rows)), input_ids=next_ids, past_key_values=cache)
             next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
             next_ids.tolist()
-            if speed:
+            if speed and not self.trial:
                 speed.record_step(rows, width, time.perf_counter() - started)
 
     def _forward(self, adapters: list[str], kind: tuple, **inputs):
         """One forward pass; `adapters` names each row's LoRA adapter (or the base)."""
-        if self._tuner is not None:
-            threads = self._tuner.choose(kind)
+        if self.tuner is not None:
+            threads = self.tuner.choose(kind)
+            self.trial = self.tuner.is_trial(kind, threads)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
         started = time.perf_counter()
@@ -114,6 +117,6 @@ class ModelRunner:
             if self.adapters:
                 inputs["adapter_names"] = adapters
             out = self.model(use_cache=True, **inputs)
-        if self._tuner is not None:
-            self._tuner.record(kind, torch.get_num_threads(), time.perf_counter() - started)
+        if self.tuner is not None:
+            self.tuner.record(kind, torch.get_num_threads(), time.perf_counter() - started)
         return out

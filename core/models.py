@@ -44,15 +44,15 @@ class ModelSource:
 @dataclass(frozen=True)
 class Placement:
     device: str  # "cpu" or "cuda"
-    dtype: str  # "float32", "bfloat16", "float16", or "int8" (CPU: linear layers quantized dynamically)
+    dtype: str  # "float32", "bfloat16", "float16"; on CPU also "int8" or "int4" (core/cpu_weights.py)
     device_map: str | None
 
     @property
     def weights_dtype(self):
-        """The torch dtype weights are loaded in (int8 quantizes float32 weights after loading)."""
+        """The torch dtype weights are loaded in (int8 and int4 quantize float32 weights after loading)."""
         import torch
 
-        return torch.float32 if self.dtype == "int8" else getattr(torch, self.dtype)
+        return torch.float32 if self.dtype in ("int8", "int4") else getattr(torch, self.dtype)
 
 
 def choose_placement(
@@ -134,50 +134,14 @@ def _load_model(source: ModelSource, placement: Placement, cache_dir: Path | Non
         from core.cpu_attention import use_grouped_sdpa
 
         use_grouped_sdpa(model)
-    if placement.dtype == "int8":
-        model = _quantize_linear_layers(model, tokenizer)
+    if placement.dtype in ("int8", "int4"):
+        from core.cpu_weights import quantize
+
+        model = quantize(model, tokenizer, placement.dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     log.info("loaded %s in %.1fs", source.label, time.monotonic() - started)
     return model, tokenizer
-
-
-# int8 quantizes activations on the fly, one scale per tensor: a layer whose input peaks far above
-# its typical magnitude (SmolLM2 has a few, ratios of 800 to 10,000) loses its small values, which
-# tripled perplexity when every layer was quantized. Those few layers stay in float.
-OUTLIER_RATIO = 100
-SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog. Hello! How are you today? 1, 2, 3."
-
-
-def _quantize_linear_layers(model, tokenizer):
-    """int8 weights (one scale per output channel) for the linear layers whose inputs have no outliers,
-    measured on a sample text; activations are quantized on the fly (CPU only)."""
-    import warnings
-
-    import torch
-
-    peaks: dict[str, float] = {}
-
-    def measure(name):
-        def hook(_module, inputs):
-            x = inputs[0].detach().abs().float()
-            peaks[name] = max(peaks.get(name, 0.0), float(x.max() / x.mean().clamp(min=1e-12)))
-        return hook
-
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    hooks = [m.register_forward_pre_hook(measure(name)) for name, m in linears.items()]
-    try:
-        with torch.inference_mode():
-            model(input_ids=torch.tensor([tokenizer(SAMPLE_TEXT)["input_ids"]], device=model.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    quantized = {name for name in linears if peaks.get(name, 0.0) <= OUTLIER_RATIO}
-    log.info("int8: %d of %d linear layers quantized (the others' inputs have outliers)", len(quantized), len(linears))
-    qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch announces the successor (torchao); this API still works
-        return torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in quantized}, dtype=torch.qint8)
 
 
 def _load_gguf(source: ModelSource, placement: Placement, cache_dir: Path | None):

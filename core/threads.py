@@ -9,12 +9,14 @@ measured, per kind of pass, and re-checked now and then.
 
 from __future__ import annotations
 
+import statistics
 import threading
+from collections import deque
 from contextlib import contextmanager
 
 EXPLORE_EVERY = 64  # passes of one kind between re-checks of the runner-up, at first
 EXPLORE_AT_MOST_EVERY = 4096  # a runner-up that keeps losing is re-checked ever more rarely, down to this
-SMOOTHING = 0.3
+RECENT = 5  # a count's time is the median of its last passes: one pass the scheduler delayed moves nothing
 
 
 def bucket(size: int) -> int:
@@ -23,16 +25,20 @@ def bucket(size: int) -> int:
 
 
 class ThreadTuner:
-    """Keeps, per kind of pass, a smoothed time for each candidate thread count.
+    """Keeps, per kind of pass, the recent times of each candidate thread count.
 
     A re-check of a losing count costs a slow pass (on a busy machine a two-thread step can take
     40 times longer), so each time the runner-up loses again its next re-check waits twice as long.
+    A re-check that wins (the machine got quieter) is repeated at once, so that the runner-up takes
+    over after a few passes instead of a few thousand. On a busy machine a two-thread pass now and
+    then takes 10-30 times its usual time (the other thread was not scheduled): times are medians,
+    so such a pass alone changes no choice.
     """
 
     def __init__(self, max_threads: int):
         powers = {1 << i for i in range(max_threads.bit_length()) if 1 << i <= max_threads}
         self.candidates = sorted(powers | {max_threads})
-        self._seconds: dict[tuple, dict[int, float]] = {}
+        self._seconds: dict[tuple, dict[int, deque[float]]] = {}
         self._since: dict[tuple, int] = {}  # passes since the last re-check
         self._interval: dict[tuple, int] = {}
 
@@ -44,7 +50,7 @@ class ThreadTuner:
         untried = [n for n in self.candidates if n not in seconds]
         if untried:
             return untried[0]
-        ranked = sorted(self.candidates, key=seconds.__getitem__)
+        ranked = sorted(self.candidates, key=lambda n: statistics.median(seconds[n]))
         since = self._since[kind] = self._since.get(kind, 0) + 1
         if since >= self._interval.setdefault(kind, EXPLORE_EVERY):
             self._since[kind] = 0
@@ -53,17 +59,23 @@ class ThreadTuner:
 
     def record(self, kind: tuple, threads: int, seconds: float) -> None:
         times = self._seconds.setdefault(kind, {})
-        best = min(times, key=times.__getitem__) if times else None
-        times[threads] = seconds if threads not in times else (1 - SMOOTHING) * times[threads] + SMOOTHING * seconds
+        best = self.best(kind)
+        times.setdefault(threads, deque(maxlen=RECENT)).append(seconds)
         if best is not None and threads != best and len(times) == len(self.candidates):
-            still_losing = times[threads] > times[best]
             interval = self._interval.get(kind, EXPLORE_EVERY)
-            self._interval[kind] = min(2 * interval, EXPLORE_AT_MOST_EVERY) if still_losing else EXPLORE_EVERY
+            won = seconds < statistics.median(times[best])
+            self._interval[kind] = 1 if won else min(max(2 * interval, EXPLORE_EVERY), EXPLORE_AT_MOST_EVERY)
+
+    def is_trial(self, kind: tuple, threads: int) -> bool:
+        """Whether a pass of this kind at `threads` tries a count out (one not yet measured, or the
+        runner-up's re-check) rather than running at the best known count: on a busy machine a trial
+        can be many times slower than what the engine runs at."""
+        return len(self.candidates) > 1 and threads != self.best(kind)
 
     def best(self, kind: tuple) -> int | None:
         """The currently preferred count, if this kind has been measured."""
         seconds = self._seconds.get(kind)
-        return min(seconds, key=seconds.__getitem__) if seconds else None
+        return min(seconds, key=lambda n: statistics.median(seconds[n])) if seconds else None
 
 
 # One model (or adapter) loads at a time in a process: transformers' lazy module is not thread-safe

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from core.config import Decoding
-from core.generator import GenerationFailed, GeneratorBusy
+from core.generator import GenerationFailed, GenerationTimeout, GeneratorBusy
 from core.local_engine import LocalEngine
 from core.metrics import Metrics
 from core.models import ModelSource, choose_placement, load_model
@@ -80,6 +80,24 @@ async def test_requests_that_cannot_finish_by_their_deadline_are_refused_at_once
     refusals = metrics.registry.get_sample_value("ttt_generator_refused_total",
                                                  {"engine": "serial", "reason": "deadline"})
     assert refusals == len(refused_in)
+
+
+@pytest.mark.timeout(60)
+async def test_an_idle_engine_takes_what_its_estimate_calls_too_slow(slow_model):
+    """Estimates go wrong (a long history after short replies): alone, a request is never refused;
+    it runs to its deadline. Beside a running request, the same one is refused at once."""
+    model, tokenizer = slow_model
+    engine = LocalEngine(model, tokenizer, name="idle", max_batch_size=1)
+    prompt = list(range(3, 40))
+    await engine.submit(prompt, Decoding(do_sample=False, max_new_tokens=2)).text()  # warm: the speed is known
+    too_short = 3 * engine.speed.step_seconds(1, len(prompt))  # 3 steps' time for 60 tokens
+    with pytest.raises(GenerationTimeout):
+        await engine.submit(prompt, ENDLESS, timeout=too_short).text()
+    running = engine.submit(prompt, ENDLESS)
+    with pytest.raises(GeneratorBusy):
+        engine.submit(prompt, ENDLESS, timeout=too_short)
+    await running.text()
+    await engine.close()
 
 
 @pytest.mark.timeout(60)

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from core.config import Decoding
+from core.cpu_weights import Int4Linear
 from core.detokenize import ReplyText
 from core.generator import GenerationFailed
 from core.local_engine import LocalEngine, PreparedPrompt
 from core.metrics import Metrics
 from core.models import ModelSource, choose_placement, load_model
 from core.threads import EXPLORE_EVERY, ThreadTuner
-from test_generator_archs import random_prompt, sequential
+from test_generator_archs import SHAPES, decodings, forced_joins, random_prompt, sequential
 from tiny import build_random_causal_lm, build_tokenizer
 
 GREEDY = Decoding(do_sample=False, max_new_tokens=8)
@@ -108,14 +109,56 @@ def test_streamed_text_equals_a_full_decode(tokenizer):
         assert shown == (full[: full.find("d!")] if "d!" in full else full)
 
 
+def test_top_p_keeps_what_transformers_keeps_however_the_scores_tie():
+    """Top-p sorts a vocabulary's scores faster than torch.sort; the kept tokens are transformers' own,
+    also when equal scores meet at the cut (scores rounded to a few values tie everywhere)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from core.sampling import _warp
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, vocab, rounding in ((4, 49152, None), (8, 500, 2.0), (8, 500, 0.5)):
+        scores = torch.randn(rows, vocab, generator=generator) * 4
+        if rounding:
+            scores = torch.round(scores * rounding) / rounding
+        for top_p in (0.5, 0.9, 0.99):
+            wanted = TopPLogitsWarper(top_p)(None, scores.clone())
+            assert torch.equal(_warp(scores, 1.0, 0, top_p), wanted)
+
+
+def test_thread_tuner_ignores_one_delayed_pass_and_follows_the_load():
+    """One two-thread pass the scheduler delayed changes nothing; a busy machine moves a lone decode
+    to one thread within a few passes, and a quiet one brings it back within a few passes of the
+    next re-check."""
+    tuner, kind = ThreadTuner(2), ("decode", 1)
+    quiet, busy = {1: 0.075, 2: 0.045}, {1: 0.075, 2: 1.5}
+
+    def run(passes: int, times: dict[int, float], delayed_pass: int = -1) -> list[int]:
+        used = []
+        for i in range(passes):
+            threads = tuner.choose(kind)
+            tuner.record(kind, threads, 1.5 if i == delayed_pass else times[threads])
+            used.append(threads)
+        return used
+
+    used = run(300, quiet, delayed_pass=100)
+    assert used[100] == 2 and used[101:].count(1) <= 2  # re-checks only
+    assert run(600, busy)[3:].count(2) <= 4  # re-checks only
+    used = run(2000, quiet)
+    assert 2 in used
+    assert used[used.index(2) + 3:].count(1) <= 10
+
+
 def test_thread_tuner_keeps_the_faster_count_per_kind_and_rechecks_ever_more_rarely():
     tuner = ThreadTuner(2)
     lone, batch = ("decode", 1), ("decode", 32)
     for kind, times in ((lone, {1: 0.01, 2: 0.08}), (batch, {1: 0.3, 2: 0.2})):
         for _ in range(2):
             threads = tuner.choose(kind)
+            assert tuner.is_trial(kind, threads)  # each count is tried once before one is preferred
             tuner.record(kind, threads, times[threads])
     assert tuner.best(lone) == 1 and tuner.best(batch) == 2
+    assert not tuner.is_trial(lone, 1) and tuner.is_trial(lone, 2)  # a re-check of the runner-up is one too
     rechecks = []
     for i in range(7 * EXPLORE_EVERY):
         threads = tuner.choose(lone)
@@ -142,6 +185,53 @@ async def test_int8_weights_quantize_the_linear_layers_and_refuse_adapters(tmp_p
     with pytest.raises(GenerationFailed, match="LoRA adapters need float weights"):
         engine.load_adapter(str(tmp_path / "no-adapter-needed"))
     await engine.close()
+
+
+def test_int4_keeps_weights_that_are_4_bit_already_as_they_were():
+    """A Q4_1 GGUF's weights (a scale and a minimum per 32 inputs, 16 levels) keep their levels in the
+    4-bit kernel; an output count the kernel does not take (50) is padded and cut off."""
+    torch.manual_seed(0)
+    scale = torch.rand(50, 2, 1).bfloat16().float() * 0.1
+    low = -torch.rand(50, 2, 1).bfloat16().float()
+    levels = torch.randint(0, 16, (50, 2, 32))
+    levels[..., 0], levels[..., 1] = 0, 15  # as in a Q4_1 block: its minimum and its maximum
+    weight = (levels * scale + low).reshape(50, 64)
+    bias = torch.randn(50)
+    layer = Int4Linear(weight, bias)
+    big = torch.randn(20, 64)  # 20 rows: the bfloat16 copy of the weights
+    assert torch.allclose(layer(big), torch.nn.functional.linear(big, weight, bias), rtol=0.01, atol=0.05)
+    layer.weight.zero_()  # from here on, only the 4-bit weights hold the layer
+    x = torch.randn(2, 3, 64).bfloat16().float()
+    small = layer(x)  # 6 rows: the 4-bit kernel
+    assert small.shape == (2, 3, 50)
+    assert torch.allclose(small, torch.nn.functional.linear(x, weight, bias), rtol=0.01, atol=0.02)
+    assert torch.equal(layer(big), bias.expand(20, 50))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+async def test_int4_weights_decode_in_4_bits_and_batch_exactly(arch, tmp_path, tokenizer):
+    """int4 keeps 4-bit weights for passes of a few rows and float weights for larger ones; a batch
+    of rows still replies exactly as `generate` does for each prompt alone (greedy and seeded)."""
+    build_random_causal_lm(arch, len(tokenizer)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    model, _ = load_model(ModelSource(str(tmp_path / "m")), choose_placement("cpu", cpu_dtype="int4"))
+    reference, _ = load_model(ModelSource(str(tmp_path / "m")), choose_placement("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == (9 if arch == "gpt2" else 15)  # every projection (GPT-2's Conv1D too) and the output
+    assert layers[0].packed.dtype == torch.uint8 and layers[0].packed.numel() * 2 == layers[0].weight.numel()
+    rng = random.Random(arch)
+    with torch.inference_mode():
+        for rows, length in ((3, 1), (1, 40)):  # the 4-bit kernel, then the float weights
+            ids = torch.tensor([random_prompt(length, rng, len(tokenizer)) for _ in range(rows)])
+            logits, wanted = model(ids).logits[:, -1].float(), reference(ids).logits[:, -1]
+            assert torch.nn.functional.cosine_similarity(logits, wanted, dim=-1).min() > 0.95  # random weights
+    prompts = [random_prompt(length, rng, len(tokenizer)) for length, _ in SHAPES]
+    expected = [sequential(model, tokenizer, p, d)[0] for p, d in zip(prompts, decodings(seed=3))]
+    engine = LocalEngine(model, tokenizer, max_batch_size=8)
+    got, generations = await forced_joins(engine, prompts, decodings(seed=3))
+    await engine.close()
+    assert got == expected and engine.joins == 3
 
 
 @pytest.mark.timeout(60)
