@@ -99,3 +99,30 @@ def test_loading_pocket_keeps_the_chat_models_threads():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "3"
+
+
+@pytest.mark.timeout(120)
+def test_xtts_decodes_each_window_once_into_the_samples_of_a_whole_decode():
+    """The streaming decoder hands out a short first chunk, then longer ones, as the latents come,
+    and together they are the audio of one decode of all of them: no seams, no cross-fades."""
+    from voice.xtts_decode import FIRST_CHUNK_S, WindowedDecoder
+
+    engine = load_engine(section("xtts", str(tiny_xtts_dir())))
+    decoder, args = engine.model.hifigan_decoder, engine.model.args
+    generator = torch.Generator().manual_seed(0)
+    latents = list(torch.randn(40, args.decoder_input_dim, generator=generator))
+    embedding = torch.randn(1, args.d_vector_dim, 1, generator=generator)
+    with torch.inference_mode():
+        whole = decoder(torch.stack(latents)[None], g=embedding).reshape(-1)
+        windowed = WindowedDecoder(decoder, embedding)
+        chunks = [(n, chunk) for n in range(1, len(latents) + 1)
+                  if (chunk := windowed.chunk(latents[:n])) is not None]
+        chunks.append((len(latents), windowed.chunk(latents, final=True)))
+    audio = torch.cat([chunk for _, chunk in chunks])
+    assert audio.shape == whole.shape and torch.allclose(audio, whole, atol=1e-5)
+    sizes = [len(chunk) for _, chunk in chunks]
+    first_at = chunks[0][0]
+    assert first_at < len(latents) // 3  # the first audio long before the sentence's last latent
+    latent_s = 1024 / 22_050  # the audio of one GPT latent
+    assert FIRST_CHUNK_S <= sizes[0] / engine.sample_rate < FIRST_CHUNK_S + latent_s
+    assert len(sizes) >= 4 and sizes[1:-1] == sorted(sizes[1:-1]) and sizes[1] > sizes[0]

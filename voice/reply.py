@@ -2,8 +2,10 @@
 
 It listens to the reply's updates (the text so far; `final` once stored), hands each complete
 sentence, made speakable, to the synthesis worker, and the worker writes the audio into
-`output`. Sentence n+1 is synthesized while sentence n plays; a reply's sentences go to the
-worker one at a time, so replies of different guilds take turns and all keep ahead of playback.
+`output`. Playback may start (`ready`) as soon as what is buffered covers the engine's measured
+pace over the text known so far (voice/pace.py). Sentence n+1 is synthesized while sentence n
+plays; a reply's sentences go to the worker one at a time, so replies of different guilds take
+turns and all keep ahead of playback.
 Nothing here raises into the caller: a voice failure ends the audio, never the text reply.
 """
 
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from core.replies import ReplyUpdate
 from voice.engine import Engine
+from voice.pace import Progress, SentenceTiming, shortfall
 from voice.pcm import PcmStream
 from voice.sentences import SentenceSplitter
 from voice.speakable import speakable
@@ -30,10 +33,6 @@ log = logging.getLogger(__name__)
 
 _WORD = re.compile(r"\w")
 
-# When to start playing: an engine well ahead of real time starts once READY_AFTER_S is buffered;
-# one close to real time (or slower) first finishes the sentence, so that playback never runs dry.
-READY_AFTER_S = 0.2
-FAST_RTF = 0.5
 # A reply that pauses right after a sentence (it is screened a sentence at a time) has that sentence
 # spoken once no more text has come for this long.
 SETTLE_S = 0.25
@@ -58,6 +57,7 @@ class SpokenReply:
         self._splitter = SentenceSplitter(self._language)
         self._seen = ""
         self._pending: deque[str] = deque()
+        self._upcoming: tuple[int, ...] = ()  # the lengths of `_pending`, for the worker thread to read
         self._in_flight = False
         self._final = False
         self._stop = threading.Event()
@@ -102,6 +102,7 @@ class SpokenReply:
             said = speakable(sentence, read_numbers=not self._engine.reads_numbers, language=self._language)
             if _WORD.search(said):  # punctuation alone says nothing
                 self._pending.append(said)
+        self._upcoming = tuple(map(len, self._pending))
 
     def _next(self) -> None:
         if self._in_flight or self.synthesized.is_set():
@@ -109,6 +110,7 @@ class SpokenReply:
         if self._pending and not self._stop.is_set():
             self._in_flight = True
             sentence = self._pending.popleft()
+            self._upcoming = tuple(map(len, self._pending))
             self.speaker.worker.submit(lambda engine: self._synthesize(engine, sentence))
         elif self._final or self._stop.is_set():
             self._end()
@@ -119,6 +121,7 @@ class SpokenReply:
             self._settle.cancel()
         self._stop.set()
         self._pending.clear()
+        self._upcoming = ()
         self.output.cancel()
         self._next()
 
@@ -140,27 +143,37 @@ class SpokenReply:
         try:
             if not self._stop.is_set():
                 state = self.speaker.voice_state(self.voice, engine)
-                worker = self.speaker.worker
-                early = worker.rtf is None or worker.rtf <= FAST_RTF
-                started, samples = time.monotonic(), 0
+                started = time.monotonic()
+                arrivals: list[float] = []
+                durations: list[float] = []
                 for chunk in engine.synthesize(state, sentence, self._stop):
                     self.output.write(chunk)
-                    samples += len(chunk)
-                    if early and self.output.seconds_written >= READY_AFTER_S and not self.ready.is_set():
+                    arrivals.append(time.monotonic() - started)
+                    durations.append(len(chunk) / engine.sample_rate)
+                    if not self.ready.is_set() and self._may_start(
+                            Progress(len(sentence), arrivals[-1], arrivals[0], sum(durations))):
                         self._loop.call_soon_threadsafe(self.ready.set)
                 took = time.monotonic() - started
                 self.synthesis_s += took
                 self.speaker.metrics.voice_synthesis.labels(engine.name).observe(took)
-                if samples:
-                    rtf = took / (samples / engine.sample_rate)
-                    worker.observe_rtf(rtf)
-                    self.speaker.metrics.voice_rtf.labels(engine.name).observe(rtf)
+                if arrivals and sum(durations):
+                    timing = SentenceTiming(len(sentence), tuple(arrivals), tuple(durations))
+                    self.speaker.worker.observe(timing)
+                    self.speaker.metrics.voice_rtf.labels(engine.name).observe(took / timing.audio_s)
         except Exception as exc:  # noqa: BLE001 - reported on the loop; the text reply goes on
             error = exc
         try:
             self._loop.call_soon_threadsafe(self._synthesized, error)
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             pass
+
+    def _may_start(self, current: Progress | None) -> bool:
+        """Whether playback can start now and not run dry before the known text is spoken (voice/pace.py).
+        An engine not measured yet first finishes a sentence."""
+        pace = self.speaker.worker.pace
+        if pace is None:
+            return current is None
+        return shortfall(pace, self.output.buffered_seconds(), current, list(self._upcoming)) <= 0
 
     def _synthesized(self, error: Exception | None) -> None:
         self._in_flight = False
@@ -172,7 +185,8 @@ class SpokenReply:
             self._pending.clear()
         else:
             self.sentences += 1
-            self.ready.set()
+            if not self.ready.is_set() and (not self._pending or self._may_start(None)):
+                self.ready.set()
         self._next()
 
     # ---- the end -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Callable
 
 from core.config import VoiceSection
 from voice.engine import Engine, load_engine
+from voice.pace import Pace, SentenceTiming
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class SynthesisWorker:
         self.engine = engine
         self.max_queue = max_queue
         self.replies = 0  # replies holding a slot: being spoken or waiting
-        self.rtf: float | None = None  # recent real-time factor (synthesis time / audio time), smoothed
+        self.pace: Pace | None = None  # how the engine has been delivering sentences (None: not measured yet)
         self._users = 0
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -49,9 +50,9 @@ class SynthesisWorker:
         with self._lock:
             self.replies -= 1
 
-    def observe_rtf(self, rtf: float) -> None:
-        """Record one sentence's real-time factor (from the worker thread)."""
-        self.rtf = rtf if self.rtf is None else 0.7 * self.rtf + 0.3 * rtf
+    def observe(self, timing: SentenceTiming) -> None:
+        """Record how one sentence came out of the engine (from the worker thread)."""
+        self.pace = Pace.first(timing) if self.pace is None else self.pace.observe(timing)
 
     def submit(self, job: Job) -> None:
         """Run `job(engine)` in the worker thread after the jobs already submitted."""
