@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 # Played audio that comes later than predicted by less than this is not heard as a gap: a
 # scheduling hiccup of a loaded machine, or a sentence a little longer to synthesize than estimated.
-MARGIN_S = 0.08
+MARGIN_S = 0.06
 SMOOTHING = 0.3  # weight of the newest sentence in the running averages
 SECONDS_PER_CHAR = 0.065  # speech at ~15 characters a second, until the engine has said something
 
