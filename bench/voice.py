@@ -155,9 +155,9 @@ async def bench_engine(name: str, section: VoiceSection, service, clip: Path, ru
     print(f"{name:<34} {last['sentences']} sentences, {last['audio']:.1f} s of audio, rtf {last['rtf']:.2f}; "
           f"first audio {last['ttfa']:.2f}s of {last['synthesized']:.2f}s: ttfa ratio {worst['ttfa_ratio']:.2f} "
           f"(target <= 0.3; runs {ratios})  max gap {worst['max_gap_ms']:.0f} ms (target <= 40)  loop lag p99 "
-          f"{worst['loop_lag_p99_ms']:.1f} ms (target < 50)  underruns {worst['underruns']}; measured pace: a sentence's "
-          f"first audio after {pace.first_audio_s * 1000:.0f} ms, its later chunks {pace.own_lead_s * 1000:+.0f} ms "
-          f"late", flush=True)
+          f"{worst['loop_lag_p99_ms']:.1f} ms (target < 50)  underruns {worst['underruns']}; measured pace: "
+          f"a sentence's first audio after {pace.first_audio_s * 1000:.0f} ms, its later chunks "
+          f"{pace.own_lead_s * 1000:+.0f} ms late", flush=True)
     return worst
 
 

@@ -102,7 +102,7 @@ def test_loading_pocket_keeps_the_chat_models_threads():
 
 
 @pytest.mark.timeout(120)
-def test_xtts_decodes_each_window_once_into_the_samples_of_a_whole_decode():
+def test_xtts_decodes_each_window_once_into_the_samples_of_a_whole_decode(clip):
     """The streaming decoder hands out a short first chunk, then longer ones, as the latents come,
     and together they are the audio of one decode of all of them: no seams, no cross-fades."""
     from voice.xtts_decode import FIRST_CHUNK_S, WindowedDecoder
@@ -126,3 +126,7 @@ def test_xtts_decodes_each_window_once_into_the_samples_of_a_whole_decode():
     latent_s = 1024 / 22_050  # the audio of one GPT latent
     assert FIRST_CHUNK_S <= sizes[0] / engine.sample_rate < FIRST_CHUNK_S + latent_s
     assert len(sizes) >= 4 and sizes[1:-1] == sorted(sizes[1:-1]) and sizes[1] > sizes[0]
+
+    state = engine.clone([clip], CLIP_RATE)
+    with pytest.raises(ValueError, match="fewer than 100 text tokens at once"):
+        list(engine.synthesize(state, "word " * 200, threading.Event()))  # what XTTS cannot say in one go

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 # scheduling hiccup of a loaded machine, or a sentence a little longer to synthesize than estimated.
 MARGIN_S = 0.06
 SMOOTHING = 0.3  # weight of the newest sentence in the running averages
-SECONDS_PER_CHAR = 0.065  # speech at ~15 characters a second, until the engine has said something
 
 
 @dataclass(frozen=True)

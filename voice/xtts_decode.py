@@ -47,7 +47,8 @@ class WindowedDecoder:
         else:
             # Frames interpolated from the last latent change when the next one comes; and a window
             # needs CONTEXT_FRAMES of settled frames after the audio it hands out.
-            end = self._frames_of(torch.stack(latents[:-1])[None]).shape[-1] - CONTEXT_FRAMES if len(latents) > 1 else 0
+            settled = self._frames_of(torch.stack(latents[:-1])[None]).shape[-1] if len(latents) > 1 else 0
+            end = settled - CONTEXT_FRAMES
             if end - self._emitted < self._target:
                 return None
         start = max(0, self._emitted - CONTEXT_FRAMES)

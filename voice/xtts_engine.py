@@ -113,9 +113,13 @@ class XttsEngine(Engine):
 
 
 @torch.inference_mode()
-def _stream(model, language: str, text: str, state: VoiceState, stop: threading.Event, **sampling) -> Iterator[torch.Tensor]:
+def _stream(model, language: str, text: str, state: VoiceState, stop: threading.Event,
+            **sampling) -> Iterator[torch.Tensor]:
     device = model.device
     tokens = torch.IntTensor(model.tokenizer.encode(text.strip().lower(), lang=language)).unsqueeze(0).to(device)
+    if tokens.shape[-1] >= model.args.gpt_max_text_tokens:
+        raise ValueError(f"XTTS says fewer than {model.args.gpt_max_text_tokens} text tokens at once; "
+                         f"this sentence has {tokens.shape[-1]}")
     inputs = model.gpt.compute_embeddings(state["gpt_cond_latent"].to(device), tokens)
     generator = model.gpt.get_generator(
         fake_inputs=inputs, do_sample=True, num_beams=1, num_return_sequences=1, output_attentions=False,
@@ -131,6 +135,7 @@ def _stream(model, language: str, text: str, state: VoiceState, stop: threading.
             yield audio
     if (audio := decoder.chunk(latents, final=True)) is not None and len(audio):
         yield audio
+
 
 def _fold_weight_norm(module: torch.nn.Module) -> None:
     """Compute weight-normed weights once instead of at every call (a fifth of a short decode's time);
