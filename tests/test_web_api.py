@@ -22,6 +22,7 @@ from core.config import Config
 from core.conversation import ConversationKey
 from core.service import MEMORY_UNAVAILABLE, ChatService, open_service
 from pg import pg_url, postgres  # noqa: F401 (fixtures)
+from fakes.openai_server import FakeOpenAIServer
 from test_service import GatedOpenAIServer
 from trap_model import PROMPT, cached_trap_model
 
@@ -160,6 +161,29 @@ async def test_decoding_parameters_are_honoured(server):
     first = await client.chat.completions.create(**hot)
     second = await client.chat.completions.create(**hot)
     assert first.choices[0].message.content == second.choices[0].message.content
+
+
+@pytest.mark.timeout(60, func_only=True)
+async def test_the_api_screens_replies_like_every_chat_platform(tmp_path, word_model_dir):
+    # The remote model answers "you said: <message>": a clean first sentence, then an offensive one.
+    message = "What a lovely day. You are a worthless idiot, shut up"
+    async with FakeOpenAIServer() as model_server:
+        remote = {"model": "served", "endpoint": {"base_url": model_server.url, "model": "m"}}
+        config = make_config(tmp_path, word_model_dir, web={"port": 0}, personas={"remote": remote},
+                             safety={"on_offensive": "fallback"})
+        s = await start_server(config)
+        try:
+            completion = await s.client().chat.completions.create(model="remote", messages=[user(message)])
+            assert completion.choices[0].message.content == config.safety.fallback_reply
+            # A stream cannot take text back: it showed only the screened sentence, then was cut.
+            stream = await s.client().chat.completions.create(model="remote", messages=[user(message)], stream=True)
+            chunks = [chunk async for chunk in stream]
+            pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+            assert pieces == ["you said: What a lovely day."]
+            assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["content_filter"]
+            assert await s.metric("ttt_requests_total", adapter="openai", persona="remote", outcome="cut") == 1
+        finally:
+            await stop_server(s)
 
 
 @pytest.mark.timeout(60, func_only=True)
