@@ -21,8 +21,8 @@ from conftest import make_config, make_settings
 from core.config import Config
 from core.conversation import ConversationKey
 from core.service import MEMORY_UNAVAILABLE, ChatService, open_service
-from pg import pg_url, postgres  # noqa: F401 (fixtures)
 from fakes.openai_server import FakeOpenAIServer
+from pg import pg_url, postgres  # noqa: F401 (fixtures)
 from test_service import GatedOpenAIServer
 from trap_model import PROMPT, cached_trap_model
 
