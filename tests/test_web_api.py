@@ -175,6 +175,7 @@ async def test_the_api_screens_replies_like_every_chat_platform(tmp_path, word_m
         try:
             completion = await s.client().chat.completions.create(model="remote", messages=[user(message)])
             assert completion.choices[0].message.content == config.safety.fallback_reply
+            assert completion.choices[0].finish_reason == "content_filter"
             # A stream cannot take text back: it showed only the screened sentence, then was cut.
             stream = await s.client().chat.completions.create(model="remote", messages=[user(message)], stream=True)
             chunks = [chunk async for chunk in stream]
