@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
-from training.train import TrainConfig, train  # noqa: E402
+from training.train import train  # noqa: E402
+from training.train_config import TrainConfig  # noqa: E402
 
 WORDS = 2000
 

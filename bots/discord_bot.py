@@ -4,7 +4,7 @@ The life of a message reads top to bottom in `DiscordAdapter`: `on_message` deci
 whether the bot is addressed and may answer, and takes the message's place in its conversation;
 `_answer` turns it into words, checks them and the sender's rate limit, and streams the reply
 into message edits (bots/streaming.py). Slash commands are in discord_commands.py, Discord's text
-rules in discord_format.py.
+rules in discord_format.py, how reply messages are posted in discord_reply.py.
 
 Voice (bots/discord_voice.py, when `voice.enabled`) is a sibling of the text path on the same
 client and service: it adds /join /leave /skip to `tree`, the voice_states intent, Connect and
@@ -25,8 +25,9 @@ import yarl
 from discord import app_commands
 
 from bots.discord_commands import add_commands, conversation_key, sync_commands
-from bots.discord_format import MESSAGE_LIMIT, invite_url, model_text, thread_name
-from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, finish_within_s, split_text, stream_reply
+from bots.discord_format import invite_url, model_text, thread_name
+from bots.discord_reply import EDITS_PER_CHANNEL, NO_PINGS, ReplyMessages, render
+from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, finish_within_s, stream_reply
 from core.config import DiscordSection, Settings
 from core.conversation import ConversationKey
 from core.replies import ReplyUpdate
@@ -34,11 +35,8 @@ from core.service import ChatService
 
 log = logging.getLogger(__name__)
 
-NO_PINGS = discord.AllowedMentions.none()
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 SLOW_DOWN = "\N{HOURGLASS WITH FLOWING SAND}"  # the reaction that tells a person they are over the limit
-# Discord does not publish its limits; message edits are counted per channel, about 5 in 5 seconds.
-EDITS_PER_CHANNEL = (5, 5.0)
 
 ReplyListener = Callable[[discord.Message, ReplyUpdate], Awaitable[None]]
 
@@ -254,9 +252,6 @@ class DiscordAdapter:
     def _view(
         self, channel: discord.abc.Messageable, reply_to: discord.Message | None, key: ConversationKey
     ) -> ReplyView:
-        def render(text: str, final: bool) -> list[str]:
-            return split_text(text, MESSAGE_LIMIT)
-
         return ReplyView(ReplyMessages(channel, reply_to), render, self._edits, channel.id, str(key))
 
     def _opens_thread(self, message: discord.Message) -> bool:
@@ -288,25 +283,6 @@ class DiscordAdapter:
         if access and not self.access.allows(interaction.user, interaction.guild_id, interaction.channel):
             return "Sorry, I'm not available to you here."
         return None
-
-
-class ReplyMessages:
-    """The bot's messages answering one message (a `Surface` for ReplyView): the first is a
-    Discord reply to it, the others follow; nothing they say can ping anyone."""
-
-    def __init__(self, channel: discord.abc.Messageable, reply_to: discord.Message | None):
-        self.channel = channel
-        self.reply_to = reply_to
-
-    async def post(self, text: str, *, first: bool) -> discord.Message:
-        reference = self.reply_to.to_reference(fail_if_not_exists=False) if first and self.reply_to else None
-        return await self.channel.send(text, reference=reference, allowed_mentions=NO_PINGS)
-
-    async def edit(self, message: discord.Message, text: str) -> discord.Message:
-        return await message.edit(content=text, allowed_mentions=NO_PINGS)
-
-    async def delete(self, message: discord.Message) -> None:
-        await message.delete()
 
 
 class Access:

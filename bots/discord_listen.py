@@ -24,12 +24,11 @@ from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 import discord
 from discord import app_commands
 
-from bots.discord_bot import EDITS_PER_CHANNEL, ReplyMessages
 from bots.discord_commands import conversation_key
-from bots.discord_format import MESSAGE_LIMIT
 from bots.discord_playback import GuildVoice
 from bots.discord_receive import ListeningVoiceClient, TurnSink, untested_versions
-from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, split_text, stream_reply
+from bots.discord_reply import EDITS_PER_CHANNEL, NO_PINGS, ReplyMessages, render
+from bots.streaming import EditBudget, ReplyTasks, ReplyView, admitted, stream_reply
 from core.config import Settings
 from core.conversation import ConversationKey, StoreUnavailable
 from core.replies import ReplyUpdate
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NO_PINGS = discord.AllowedMentions.none()
 MIC = "\N{STUDIO MICROPHONE}\N{VARIATION SELECTOR-16}"
 TICK_S = 0.05  # how often turns whose audio stopped coming are checked for their end
 ADAPTER = "discord-voice"
@@ -190,7 +188,7 @@ class DiscordListening:
         if self.config.echo_text:
             with contextlib.suppress(discord.HTTPException):
                 said = await channel.send(f"{MIC} {member.display_name}: {transcript.text}", allowed_mentions=NO_PINGS)
-        view = ReplyView(ReplyMessages(channel, said), _render, self._edits, channel.id, f"{key} (voice)")
+        view = ReplyView(ReplyMessages(channel, said), render, self._edits, channel.id, f"{key} (voice)")
         text = await admitted(self.service, view, transcript.text, platform="discord", author_id=author,
                               per_minute=self.discord.rate_limit_per_minute, slow_down=_quietly)
         if text is None:
@@ -295,10 +293,6 @@ class GuildListening:
             log.info("listen: %s started speaking in guild %s: the bot stops talking", speaker,
                      self.guild_voice.guild_id)
             self.guild_voice.skip()
-
-
-def _render(text: str, final: bool) -> list[str]:
-    return split_text(text, MESSAGE_LIMIT)
 
 
 async def _quietly(wait_s: float) -> None:

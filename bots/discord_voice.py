@@ -24,6 +24,7 @@ from discord import app_commands
 
 from bots.discord_commands import conversation_key
 from bots.discord_playback import GuildVoice
+from bots.discord_reply import NO_PINGS
 from core.config import Settings
 from core.replies import ReplyUpdate
 from core.service import ChatService
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NO_PINGS = discord.AllowedMentions.none()
 BUSY = "(Not speaking this one: too many replies are waiting to be spoken. It's all here in text.)"
 
 

@@ -184,7 +184,7 @@ def _decoding(body: dict, base: Decoding, max_tokens_limit: int) -> Decoding:
 
 
 def _finish_reason(final: ReplyUpdate) -> str:
-    if final.cut:
+    if final.cut or final.replaced:
         return "content_filter"
     return "length" if final.stats.finish_reason == "length" else "stop"
 

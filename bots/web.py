@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from http import HTTPStatus
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -41,6 +43,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 PROTECTED = ("/api/", "/v1/")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+_QUOTED_DATA = re.compile(r"(?::\s*|\s+)(?:bytearray\()?b?['\"].*$", re.DOTALL)  # aiohttp's repr of request bytes
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -105,12 +108,20 @@ class _JsonErrorHandler(RequestHandler):
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
             error = ApiError(status, "Something went wrong on the server; try again.", type="server_error")
         else:
-            log.info("refused an unreadable request from %s: %s", request.remote, message)
-            reason = (message or HTTPStatus(status).phrase).strip().rstrip(".")
+            reason = _unreadable_reason(exc, message or HTTPStatus(status).phrase)
+            log.info("refused an unreadable request from %s: %s", request.remote, reason)
             error = ApiError(status, f"The request could not be read: {reason}.")
         response = error.response()
         response.force_close()
         return response
+
+
+def _unreadable_reason(exc: BaseException | None, message: str) -> str:
+    """Why aiohttp could not parse a request, without the bytes it quotes: they may hold a
+    credential (an oversized Authorization header) and must not be echoed or logged."""
+    if isinstance(exc, LineTooLong):
+        return f"a header or the request line is longer than {exc.args[1]} bytes"
+    return _QUOTED_DATA.sub("", message).strip().rstrip(".") or "malformed request"
 
 
 class _JsonErrorServer(web.Server):

@@ -44,10 +44,17 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_SWITCH_WORDS = {"true": "on", "yes": "on", "false": "off", "no": "off"}
+
+
 def _switch_word(value: Any) -> Any:
-    # YAML 1.1 reads a bare `on`/`off` (and yes/no) in config.yaml as a boolean.
+    # YAML 1.1 reads a bare `on`/`off` (and yes/no) in config.yaml as a boolean; a `TTT_*` override
+    # stays text, so the same words (in any case) must mean the same there.
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, str):
+        word = value.strip().lower()
+        return _SWITCH_WORDS.get(word, word)
     return value
 
 

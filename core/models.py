@@ -40,6 +40,12 @@ class ModelSource:
     def label(self) -> str:
         return f"{self.model}#{self.gguf_file}" if self.gguf_file else self.model
 
+    @property
+    def path(self) -> Path:
+        """The local directory or GGUF file the weights are read from (relative for a hub id: config
+        makes every local path absolute)."""
+        return Path(self.model, self.gguf_file) if self.gguf_file else Path(self.model)
+
 
 @dataclass(frozen=True)
 class Placement:

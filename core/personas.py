@@ -92,7 +92,7 @@ class PersonaRegistry:
             raise PersonaUnavailable(self._explain(persona, str(exc))) from None
         if key in self._failures:
             raise PersonaUnavailable(self._explain(persona, self._failures[key]))
-        for path in (key.model if isinstance(key, ModelSource) else None, persona.config.adapter):
+        for path in (key.path if isinstance(key, ModelSource) else None, persona.config.adapter):
             if path and Path(path).is_absolute() and not Path(path).exists():
                 raise PersonaUnavailable(self._explain(persona, f"{path} does not exist"))
 

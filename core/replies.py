@@ -25,13 +25,15 @@ class ReplyUpdate:
     """The reply so far (screened, safe to show); `final` once complete (and stored, for a conversation).
 
     The final update carries the generation's `stats`; `cut` is set when the screen stopped a reply
-    whose beginning was already shown to a reader who cannot take text back.
+    whose beginning was already shown to a reader who cannot take text back, `replaced` when the
+    screen put the fallback reply in the place of what the model wrote.
     """
 
     text: str
     final: bool = False
     stats: GenerationStats | None = None
     cut: bool = False
+    replaced: bool = False
 
 
 async def screened_reply(
@@ -73,7 +75,7 @@ async def screened_reply(
         decoding = decoding.model_copy(
             update={"do_sample": True, "seed": None if decoding.seed is None else (decoding.seed + 1) % 2**64}
         )
-    yield ReplyUpdate(safety.fallback_reply, final=True, stats=generation.stats)
+    yield ReplyUpdate(safety.fallback_reply, final=True, stats=generation.stats, replaced=True)
 
 
 async def _problem(

@@ -82,8 +82,22 @@ def sample(rows: list[RowSampler], logits: torch.Tensor) -> list[int]:
         group = list(group)
         probs = _warp(scores[group], *warping).softmax(-1)
         for offset, i in enumerate(group):
-            chosen[i] = int(torch.multinomial(probs[offset:offset + 1], 1, generator=rows[i].generator))
+            row = rows[i]
+            if row.decoding.seed is None:
+                chosen[i] = _draw(probs[offset], row.generator)
+            else:
+                chosen[i] = int(torch.multinomial(probs[offset:offset + 1], 1, generator=row.generator))
     return chosen
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """A token drawn from `probs`, reading only the tokens that can be drawn (after top-k/top-p, a few).
+
+    The same distribution as `torch.multinomial` over the whole vocabulary, which draws a random number
+    per vocabulary entry (0.9 ms a row for GPT-2's 50,257; 30 ms a step for 32 rows). A seeded request
+    keeps `torch.multinomial`'s own draws instead, so that it samples what `generate` samples."""
+    candidates = probs.nonzero().squeeze(-1)
+    return int(candidates[torch.multinomial(probs[candidates], 1, generator=generator)])
 
 
 def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -92,18 +106,55 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) ->
         scores = scores / temperature
     if top_k:
         k = min(top_k, scores.size(-1))
+        if top_p < 1.0 and k < scores.size(-1):
+            top = torch.topk(scores, k + 1)
+            beyond, kth = top.values[:, k], top.values[:, k - 1]
+            if not bool(((beyond == kth) & torch.isfinite(beyond)).any()):  # no row keeps more than k
+                return _top_p_of_the_few(scores, top_p, top.values[:, :k], top.indices[:, :k])
         scores = scores.masked_fill(scores < torch.topk(scores, k)[0][..., -1, None], float("-inf"))
     if top_p < 1.0:
         # After top-k nearly every score is -inf, which torch.sort orders faster than NumPy does.
-        sorted_scores, order = torch.sort(scores, descending=False) if top_k else _sort(scores)
-        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-        remove[..., -1:] = False
-        if _tie_at_the_cut(sorted_scores, remove):
-            sorted_scores, order = torch.sort(scores, descending=False)
-            remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
-            remove[..., -1:] = False
-        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        scores = _top_p(scores, top_p, torch.sort(scores, descending=False) if top_k else _sort(scores))
     return scores
+
+
+def _top_p(scores: torch.Tensor, top_p: float, ordered: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Top-p given the scores in ascending order (values, indices)."""
+    sorted_scores, order = ordered
+    remove = _removed(sorted_scores, top_p)
+    if _tie_at_the_cut(sorted_scores, remove):  # which of equal scores stays is torch.sort's choice
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = _removed(sorted_scores, top_p)
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def _removed(sorted_scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """TopPLogitsWarper's arithmetic on ascending scores: which of them top-p removes."""
+    remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    return remove
+
+
+def _top_p_of_the_few(scores: torch.Tensor, top_p: float, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Top-k then top-p, when no row keeps more than k scores (`values`, descending, at `indices`).
+
+    Instead of sorting the whole vocabulary (62 ms a step for 32 rows of GPT-2's, with the masking),
+    the ascending row is built from the k kept scores with -inf before them: the very values
+    torch.sort returns, so the softmax and sums over it, and the tokens kept, are transformers' own."""
+    k = values.size(-1)
+    ascending, where = values.flip(-1), indices.flip(-1)
+    sorted_scores = scores.new_full(scores.shape, float("-inf"))
+    sorted_scores[:, -k:] = ascending
+    # The softmax over the whole row (its sum's rounding depends on where the values lie); the sums
+    # over the k alone: CPU cumsum adds in order from zero, and the -inf scores before them add zeros.
+    # Those are all removed, so the cut lies among the k or just before them.
+    remove = sorted_scores.softmax(dim=-1)[:, -k - 1:].cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    if _tie_at_the_cut(sorted_scores[:, -k - 1:], remove):
+        kept = scores.masked_fill(scores < values[:, -1:], float("-inf"))
+        return _top_p(kept, top_p, torch.sort(kept, descending=False))
+    return scores.new_full(scores.shape, float("-inf")).scatter(1, where, ascending.masked_fill(remove[:, 1:],
+                                                                                                float("-inf")))
 
 
 def _sort(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

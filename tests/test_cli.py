@@ -237,11 +237,17 @@ def test_chat_on_an_unreachable_database_ends_in_one_clear_line(tmp_path, word_m
 @pytest.mark.timeout(60)
 def test_check_tells_a_missing_local_model_from_a_hub_id(tmp_path, word_model_dir, run_ttt):
     config = make_config(tmp_path, word_model_dir, web={"port": 0},
-                         personas={"gone": {"model": "./personalities/gone"}, "hub": {"model": "someone/some-model"}})
+                         personas={"gone": {"model": "./personalities/gone"}, "hub": {"model": "someone/some-model"},
+                                   "nogguf": {"model": "./personalities/gone.gguf"}})
     code, out, err = run_ttt("--config", str(write_config(tmp_path, config)), "check")
     assert code == 0, out + err
     gone = next(line for line in out.splitlines() if line.startswith("  gone"))
     assert "MISSING" in gone and str(tmp_path / "personalities/gone") in gone and "hub id" not in gone
+    # A GGUF file that is not there is missing too, though its directory exists.
+    (tmp_path / "personalities").mkdir()
+    code, out, err = run_ttt("--config", str(write_config(tmp_path, config)), "check")
+    nogguf = next(line for line in out.splitlines() if line.startswith("  nogguf"))
+    assert "MISSING" in nogguf and str(tmp_path / "personalities/gone.gguf") in nogguf, out
     assert "hub id" in next(line for line in out.splitlines() if line.startswith("  hub"))
 
     config.service.default_persona = "gone"

@@ -228,8 +228,17 @@ def test_empty_config_names_the_missing_default_persona(tmp_path):
 @pytest.mark.timeout(30)
 def test_on_and_off_written_plainly_in_config_yaml_mean_on_and_off(tmp_path):
     # YAML 1.1 reads a bare on/off (yes/no) as a boolean: `enabled: off` must still mean "off".
-    for written, meant in (("off", "off"), ("on", "on"), ("no", "off"), ("yes", "on"), ("auto", "auto")):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    for written, meant in (("off", "off"), ("on", "on"), ("no", "off"), ("yes", "on"), ("auto", "auto"),
+                           ("true", "on"), ("False", "off"), ("OFF", "off")):
         path = tmp_path / "config.yaml"
         path.write_text(f"web:\n  enabled: {written}\ndiscord:\n  enabled: {written}\nslack:\n  enabled: {written}\n")
         cfg = load_settings(path, environ={}).config
         assert (cfg.web.enabled, cfg.discord.enabled, cfg.slack.enabled) == (meant, meant, meant), written
+        # The same word through the environment means the same (an override is read as text).
+        environ = {f"TTT_{section}__ENABLED": written for section in ("WEB", "DISCORD", "SLACK")}
+        cfg = load_settings(empty, environ=environ).config
+        assert (cfg.web.enabled, cfg.discord.enabled, cfg.slack.enabled) == (meant, meant, meant), written
+    with pytest.raises(ConfigError, match="web.enabled"):
+        load_settings(path, environ={"TTT_WEB__ENABLED": "maybe"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import subprocess
@@ -97,3 +98,15 @@ def test_migrate_sqlite_explains_what_is_missing(tmp_path, pg_url):
     assert no_url.returncode == 2 and "set database.url" in no_url.stderr
     for result in (missing, wrong, no_url):
         assert "Traceback" not in result.stderr
+    # A wrong file changes nothing in PostgreSQL (not even the schema that opening the store creates).
+    assert asyncio.run(_tables(pg_url)) == []
+
+
+async def _tables(url: str) -> list[str]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        return [r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+    finally:
+        await conn.close()

@@ -109,23 +109,6 @@ def test_streamed_text_equals_a_full_decode(tokenizer):
         assert shown == (full[: full.find("d!")] if "d!" in full else full)
 
 
-def test_top_p_keeps_what_transformers_keeps_however_the_scores_tie():
-    """Top-p sorts a vocabulary's scores faster than torch.sort; the kept tokens are transformers' own,
-    also when equal scores meet at the cut (scores rounded to a few values tie everywhere)."""
-    from transformers.generation.logits_process import TopPLogitsWarper
-
-    from core.sampling import _warp
-
-    generator = torch.Generator().manual_seed(0)
-    for rows, vocab, rounding in ((4, 49152, None), (8, 500, 2.0), (8, 500, 0.5)):
-        scores = torch.randn(rows, vocab, generator=generator) * 4
-        if rounding:
-            scores = torch.round(scores * rounding) / rounding
-        for top_p in (0.5, 0.9, 0.99):
-            wanted = TopPLogitsWarper(top_p)(None, scores.clone())
-            assert torch.equal(_warp(scores, 1.0, 0, top_p), wanted)
-
-
 def test_thread_tuner_ignores_one_delayed_pass_and_follows_the_load():
     """One two-thread pass the scheduler delayed changes nothing; a busy machine moves a lone decode
     to one thread within a few passes, and a quiet one brings it back within a few passes of the

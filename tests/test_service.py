@@ -10,6 +10,7 @@ import pytest
 
 from conftest import make_config
 from core.conversation import ConversationKey, Turn
+from core.personas import PersonaUnavailable
 from core.safety import ZWSP, StreamScreen, degeneracy, is_offensive, neutralize_mentions
 from core.service import Busy, InputRejected, PersonaError, TimedOut, TooLong, open_service
 from fakes.openai_server import FakeOpenAIServer
@@ -78,11 +79,15 @@ async def test_broken_model_fails_its_persona_only(tmp_path, word_model_dir):
     (broken / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": "many"}))
     config = make_config(tmp_path, word_model_dir)
     config.personas["broken"] = config.personas["words"].model_copy(update={"model": str(broken)})
+    config.personas["nogguf"] = config.personas["words"].model_copy(update={"model": str(tmp_path / "absent.gguf")})
     service = await open_service(config)
     with pytest.raises(PersonaError, match="unavailable"):
         await service.reply(KEY, "alice", "the word is apple", adapter="test", persona="broken")
     assert await service.reply(KEY, "alice", "the word is apple", adapter="test") == "apple!"
     assert service.personas.loaded() == {str(broken): False, str(word_model_dir): True}
+    # A GGUF file that is not there is unavailable at once, though its directory exists.
+    with pytest.raises(PersonaUnavailable, match="absent.gguf does not exist"):
+        service.personas.check(service.personas.get("nogguf"))
     await service.close()
 
 

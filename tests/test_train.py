@@ -26,7 +26,8 @@ from tiny import build_tokenizer
 from training.evaluate import EvalConfig, evaluate
 from training.examples import LengthGroupedBatches, collate, encode_session, session_turns
 from training.personality import config_snippet
-from training.train import TrainConfig, TrainError, learning_rate, step_gradients, train
+from training.train import TrainError, learning_rate, step_gradients, train
+from training.train_config import TrainConfig
 
 SEASONS = ["fall", "spring", "summer", "winter"]
 THINGS = ["library", "campus", "food", "weather", "people", "lakes"]

@@ -21,6 +21,7 @@ from conftest import make_config, make_settings
 from core.config import Config
 from core.conversation import ConversationKey
 from core.service import MEMORY_UNAVAILABLE, ChatService, open_service
+from fakes.openai_server import FakeOpenAIServer
 from pg import pg_url, postgres  # noqa: F401 (fixtures)
 from test_service import GatedOpenAIServer
 from trap_model import PROMPT, cached_trap_model
@@ -163,6 +164,30 @@ async def test_decoding_parameters_are_honoured(server):
 
 
 @pytest.mark.timeout(60, func_only=True)
+async def test_the_api_screens_replies_like_every_chat_platform(tmp_path, word_model_dir):
+    # The remote model answers "you said: <message>": a clean first sentence, then an offensive one.
+    message = "What a lovely day. You are a worthless idiot, shut up"
+    async with FakeOpenAIServer() as model_server:
+        remote = {"model": "served", "endpoint": {"base_url": model_server.url, "model": "m"}}
+        config = make_config(tmp_path, word_model_dir, web={"port": 0}, personas={"remote": remote},
+                             safety={"on_offensive": "fallback"})
+        s = await start_server(config)
+        try:
+            completion = await s.client().chat.completions.create(model="remote", messages=[user(message)])
+            assert completion.choices[0].message.content == config.safety.fallback_reply
+            assert completion.choices[0].finish_reason == "content_filter"
+            # A stream cannot take text back: it showed only the screened sentence, then was cut.
+            stream = await s.client().chat.completions.create(model="remote", messages=[user(message)], stream=True)
+            chunks = [chunk async for chunk in stream]
+            pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+            assert pieces == ["you said: What a lovely day."]
+            assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["content_filter"]
+            assert await s.metric("ttt_requests_total", adapter="openai", persona="remote", outcome="cut") == 1
+        finally:
+            await stop_server(s)
+
+
+@pytest.mark.timeout(60, func_only=True)
 async def test_concurrent_requests_each_get_their_own_reply(server):
     client = server.client()
     words = ["apple", "tiger", "lemon", "rocket"]
@@ -258,14 +283,20 @@ async def test_openai_client_sees_typed_errors(server):
 
 
 @pytest.mark.timeout(60, func_only=True)
-async def test_oversize_body_and_headers_are_refused_in_the_error_shape(server):
+async def test_oversize_body_and_headers_are_refused_in_the_error_shape(server, caplog):
     got, answer = await server.chat("{" + " " * (2 * 1024 * 1024) + "}")
     assert got == 413 and "too large" in answer["error"]["message"] and ".." not in answer["error"]["message"]
     assert answer["error"]["code"] == "request_too_large"
-    async with server.http.get(f"{server.url}/v1/models", headers={"X-Padding": "a" * 10_000}) as r:
+    caplog.set_level("INFO", logger="bots.web")
+    # An oversized header may be a credential: it is neither echoed nor logged.
+    async with server.http.get(f"{server.url}/v1/models",
+                               headers={"Authorization": "Bearer sk-leak-me" + "a" * 10_000}) as r:
         assert r.status == 400 and r.content_type == "application/json"
         error = (await r.json())["error"]
-    assert set(error) == {"message", "type", "param", "code"} and "could not be read" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] == ("The request could not be read: a header or the request line is longer than "
+                                "8190 bytes.")
+    assert "refused an unreadable request" in caplog.text and "leak-me" not in caplog.text
     got, answer = await server.chat({"model": "words", "messages": [user("the word is lemon")]})
     assert got == 200  # the server keeps serving
 

@@ -179,7 +179,8 @@ def run_build_data(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_train(settings: Settings, args: argparse.Namespace) -> int:
     from training.personality import config_snippet
-    from training.train import TrainConfig, TrainError, train
+    from training.train import TrainError, train
+    from training.train_config import TrainConfig
 
     training = settings.config.training
     try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from training.train import TrainConfig
+    from training.train_config import TrainConfig
 
 
 def persona_card(cfg: TrainConfig, run: dict, state: dict, stopped: str) -> dict:

@@ -1,9 +1,10 @@
 """Fine-tune a causal LM on Reddit sessions into a personality directory the core serves as a persona.
 
-nanoGPT-style: the whole configuration is `TrainConfig` below, then the loop, plain PyTorch driven
-by accelerate, printing every number as it runs. Sessions become examples and batches in
-training/examples.py (with core.prompts, the very code that builds the persona's prompts when it
-is served); the personality directory is written by training/personality.py.
+nanoGPT-style: the whole configuration is `TrainConfig` (training/train_config.py), then the loop
+below, plain PyTorch driven by accelerate, printing every number as it runs. Sessions become
+examples and batches in training/examples.py (with core.prompts, the very code that builds the
+persona's prompts when it is served); the personality directory is written by
+training/personality.py.
 
 Every target token of an optimizer step weighs the same: the step's summed loss is divided by its
 target tokens over all its micro-batches and processes (see `step_gradients`), so gradient
@@ -38,49 +39,7 @@ from core.prompts import IGNORE_INDEX, end_of_turn_ids
 from training.checkpoints import latest_checkpoint, save_checkpoint
 from training.examples import encode_all, make_loader, read_sessions
 from training.personality import persona_card, record_ending, save_personality
-
-DEFAULT_LR = 5e-5
-DEFAULT_LORA_LR = 2e-4
-
-
-@dataclass
-class TrainConfig:
-    data_dir: Path  # train.jsonl (+ validation.jsonl) as `ttt build-data` writes them
-    out_dir: Path  # the personality directory
-    checkpoint_dir: Path  # resumable training state: step-N/ folders
-    name: str = "persona"
-    base_model: str = "microsoft/DialoGPT-medium"
-    format: str = "auto"  # "dialogpt", "chat", or "auto": chat when the tokenizer has a chat template
-    system_prompt: str = ""  # chat format only; serve the persona with the same one
-    # LoRA: train an adapter, the base weights stay frozen and shared when served
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all-linear"
-    device_map: str | None = None  # "auto": split a model bigger than one GPU across the GPUs
-    # batches
-    max_length: int = 512  # tokens per session (capped by the model); the oldest turns go first
-    batch_size: int = 8  # sessions per micro-batch, per process
-    grad_accum: int = 4  # micro-batches per optimizer step
-    group_by_length: bool = True  # similar lengths share a batch: less padding
-    # optimisation
-    epochs: float = 3.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    learning_rate: float | None = None  # None: 5e-5, or 2e-4 with LoRA
-    min_lr_fraction: float = 0.1  # cosine decay ends at this fraction of the peak
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    mixed_precision: str = "auto"  # auto: bf16 (else fp16) on GPU, none on CPU; or "no", "fp16", "bf16"
-    # validation, checkpoints, early stopping
-    eval_interval: int = 200  # optimizer steps between validations; a checkpoint follows each
-    eval_batch_size: int = 8
-    patience: int | None = 3  # stop after this many validations without a new best
-    keep_checkpoints: int = 2
-    log_interval: int = 10
-    resume: str | None = None  # "latest" or a step-N directory
-    seed: int = 1337
+from training.train_config import DEFAULT_LORA_LR, DEFAULT_LR, TrainConfig
 
 
 class TrainError(Exception):

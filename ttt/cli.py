@@ -117,12 +117,12 @@ def _where(persona: PersonaConfig) -> tuple[str, str | None]:
         source = resolve_source(persona.model, persona.gguf_file)
     except ModelUnavailable as exc:
         return f"UNAVAILABLE: {exc}", str(exc)
-    if Path(source.model).exists():
+    if source.path.exists():
         return f"{source.label} (local)", None
-    if Path(source.model).is_absolute():  # config made every local path absolute; a hub id stays relative
+    if source.path.is_absolute():  # config made every local path absolute; a hub id stays relative
         if persona.train_hint:
             return f"{persona.model} (not trained yet: {persona.train_hint})", f"{persona.model} is not trained yet"
-        return f"MISSING: {source.model} does not exist", f"{source.model} does not exist"
+        return f"MISSING: {source.path} does not exist", f"{source.path} does not exist"
     return f"{source.label} (hub id: downloads on first use)", None
 
 

@@ -43,24 +43,25 @@ async def _migrate(settings: Settings, path: Path) -> int:
     from core.conversation import StoreUnavailable, StoreUnusable
     from core.metrics import Metrics
     from core.stores import open_store
-    from core.stores.sqlite_copy import CopyError, copy_sqlite_history
+    from core.stores.sqlite_copy import CopyError, copy_sqlite_history, open_history
 
     def progress(done: int, total: int) -> None:
         print(f"turns: {done}/{total} ({100 * done // max(total, 1)}%)", file=sys.stderr, flush=True)
 
-    try:
-        store = await open_store(settings.config.database, Metrics(), os.environ)
-    except StoreUnavailable as exc:
-        print(f"ttt db migrate-sqlite: cannot reach the database: {exc}", file=sys.stderr)
-        return 1
-    except StoreUnusable as exc:
-        print(f"ttt db migrate-sqlite: cannot use the database: {exc}", file=sys.stderr)
-        return 2
-    try:
-        report = await copy_sqlite_history(path.expanduser().resolve(), store, progress)
+    try:  # the file first: a wrong path changes nothing in PostgreSQL (opening it runs migrations)
+        source = await open_history(path.expanduser().resolve())
     except CopyError as exc:
         print(f"ttt db migrate-sqlite: {exc}", file=sys.stderr)
         return 2
+    try:
+        store = await open_store(settings.config.database, Metrics(), os.environ)
+    except (StoreUnavailable, StoreUnusable) as exc:
+        source.close()
+        reach = "reach" if isinstance(exc, StoreUnavailable) else "use"
+        print(f"ttt db migrate-sqlite: cannot {reach} the database: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, StoreUnavailable) else 2
+    try:
+        report = await copy_sqlite_history(source, store, progress)
     except StoreUnavailable as exc:
         print(f"ttt db migrate-sqlite: the database went away: {exc}; run it again to finish", file=sys.stderr)
         return 1

@@ -32,11 +32,15 @@ class CopyReport:
     skipped: int  # turns already there (an earlier copy)
 
 
-async def copy_sqlite_history(path: Path, store: PostgresStore,
+async def open_history(path: Path) -> sqlite3.Connection:
+    """The SQLite history at `path`, read-only; CopyError for a file that is not one."""
+    return await asyncio.to_thread(_open, Path(path))
+
+
+async def copy_sqlite_history(source: sqlite3.Connection, store: PostgresStore,
                               progress: Callable[[int, int], None] | None = None) -> CopyReport:
-    """Copy every turn and persona of the SQLite file at `path` into `store`; `progress(done, total)`
-    is called after each batch of turns. Raises CopyError for a file that is not a history."""
-    source = await asyncio.to_thread(_open, Path(path))
+    """Copy every turn and persona of the history `source` (from `open_history`, closed here) into
+    `store`; `progress(done, total)` is called after each batch of turns."""
     try:
         conversations = await asyncio.to_thread(
             lambda: source.execute("SELECT key, persona, updated_at FROM conversations").fetchall()
