@@ -85,22 +85,32 @@ def test_ctrl_c_while_replying_ends_quietly_and_stores_nothing(tmp_path, word_mo
                          safety={"on_offensive": "allow"})
     path = write_config(tmp_path, config)
     terminal, chat_side = pty.openpty()  # a terminal: the chat is interactive and streams its reply
-    chat = subprocess.Popen(
-        [sys.executable, "-m", "ttt", "--config", str(path), "--log-level", "WARNING", "chat"], cwd=tmp_path,
-        stdin=chat_side, stdout=chat_side, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    # stderr goes to a file: a pipe nobody reads until the end would stop the chat once it is full.
+    stderr = tmp_path / "chat.stderr"
+    with stderr.open("wb") as log:
+        chat = subprocess.Popen(
+            [sys.executable, "-m", "ttt", "--config", str(path), "--log-level", "WARNING", "chat"], cwd=tmp_path,
+            stdin=chat_side, stdout=chat_side, stderr=log,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"},
+        )
     os.close(chat_side)
     try:
         screen = read_until(terminal, b"you> ")
         os.write(terminal, b"hello there\n")
         screen += read_until(terminal, b"slow> ")  # the reply has begun
         chat.send_signal(signal.SIGINT)
-        assert chat.wait(timeout=60) == 130
+        try:
+            code = chat.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            chat.send_signal(signal.SIGABRT)  # faulthandler writes where every thread is
+            chat.wait(timeout=10)
+            raise AssertionError("ttt chat went on after Ctrl-C:\n" + stderr.read_text(errors="replace")[-8000:])
+        assert code == 130
     finally:
         if chat.poll() is None:
             chat.kill()
         os.close(terminal)
-    err = chat.stderr.read().decode()
+    err = stderr.read_text(errors="replace")
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert stored_turns(config) == 0
 

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -29,10 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout: float = 60) -> dict:
+def wait_ready(url: str, process: subprocess.Popen, logs: Path, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()
+        assert process.poll() is None, logs.read_text()
         try:
             with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
                 health = json.load(response)
@@ -52,13 +53,15 @@ def test_serve_starts_web_by_default_and_stops_gracefully(tmp_path, word_model_d
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCORD_", "SLACK_"))}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ttt", "--config", str(path), "serve"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    logs = tmp_path / "serve.log"  # a file, not a pipe that would stop the server once full
+    with logs.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ttt", "--config", str(path), "serve"],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        health = wait_ready(url, process)
+        health = wait_ready(url, process, logs)
         assert health["status"] == "ok"
         request = urllib.request.Request(
             url + "/v1/chat/completions",
@@ -79,7 +82,7 @@ def test_serve_starts_web_by_default_and_stops_gracefully(tmp_path, word_model_d
     finally:
         if process.poll() is None:
             process.kill()
-    logs = process.stderr.read()
+    logs = logs.read_text()
     assert "web adapter started" in logs and "shutting down" in logs and "stopped" in logs
 
 
