@@ -87,12 +87,18 @@ def test_ctrl_c_while_replying_ends_quietly_and_stores_nothing(tmp_path, word_mo
     terminal, chat_side = pty.openpty()  # a terminal: the chat is interactive and streams its reply
     # stderr goes to a file: a pipe nobody reads until the end would stop the chat once it is full.
     stderr = tmp_path / "chat.stderr"
-    with stderr.open("wb") as log:
-        chat = subprocess.Popen(
-            [sys.executable, "-m", "ttt", "--config", str(path), "--log-level", "WARNING", "chat"], cwd=tmp_path,
-            stdin=chat_side, stdout=chat_side, stderr=log,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"},
-        )
+    # Ctrl-C as in a terminal: a suite run as a background job (CI) has SIGINT ignored, which a child
+    # would inherit (and rightly keep ignoring); a handled signal is reset to the default in the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stderr.open("wb") as log:
+            chat = subprocess.Popen(
+                [sys.executable, "-m", "ttt", "--config", str(path), "--log-level", "WARNING", "chat"], cwd=tmp_path,
+                stdin=chat_side, stdout=chat_side, stderr=log,
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"},
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     os.close(chat_side)
     try:
         screen = read_until(terminal, b"you> ")
