@@ -56,13 +56,13 @@ def test_chat_through_stdin_keeps_history_across_runs(tmp_path, word_model_dir, 
 
     out = run_chat(path, tmp_path, ["the word is meadow", "again", "/personas", "/persona missing"])
     assert out.splitlines()[:2] == ["words> meadow!", "words> meadow!"]
-    assert "- **wordchat**" in out and "train it first" in out
+    assert "- wordchat" in out and "**" not in out and "train it first" in out  # no markdown in a terminal
 
     # A new process on the same database remembers the conversation.
     out = run_chat(path, tmp_path, ["again", "/reset", "/persona wordchat", "the word is falcon"])
     lines = out.splitlines()
     assert lines[0] == "words> meadow!"
-    assert "Fresh start" in lines[1] and "Switched to **wordchat**" in lines[2]
+    assert "Fresh start" in lines[1] and "Switched to wordchat" in lines[2]
     assert lines[3] == "wordchat> falcon!"
 
     # Bad input gets a polite notice (binary, not UTF-8, too long); help names this entry point's commands.

@@ -152,7 +152,7 @@ async def chat_loop(settings: Settings, persona: str | None, session: str) -> in
     lines = _stdin_lines()
     try:
         if persona:
-            print(await service.command(key, "persona", persona), flush=True)
+            print(_plain(await service.command(key, "persona", persona)), flush=True)
         current = await service.persona_for(key)
         if interactive:
             print(f"Chatting with {current.name}. /help for commands, /quit or Ctrl-D to leave.", flush=True)
@@ -169,7 +169,8 @@ async def chat_loop(settings: Settings, persona: str | None, session: str) -> in
                 command, _, argument = line[1:].partition(" ")
                 if command in ("quit", "exit"):
                     break
-                print(await service.command(key, command, argument, help_text=CLI_HELP, author_id=user), flush=True)
+                print(_plain(await service.command(key, command, argument, help_text=CLI_HELP, author_id=user)),
+                      flush=True)
                 continue
             current = await service.persona_for(key)
             try:
@@ -180,6 +181,11 @@ async def chat_loop(settings: Settings, persona: str | None, session: str) -> in
     finally:
         await service.close()
     return 0
+
+
+def _plain(text: str) -> str:
+    """A command's answer for a terminal: the platforms' bold markers (**name**) are not shown."""
+    return text.replace("**", "")
 
 
 def _stdin_lines() -> asyncio.Queue:
