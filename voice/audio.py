@@ -40,6 +40,8 @@ class Clip:
 def load_clip(path: Path) -> Clip:
     """Read, check (3-30 s, not silent) and normalise one reference clip; raises ClipError."""
     name = path.name
+    if path.is_dir():
+        raise ClipError(f"{path}: a folder, not an audio file")
     if not path.is_file():
         raise ClipError(f"{path}: no such file")
     try:
