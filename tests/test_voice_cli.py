@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -14,7 +15,8 @@ import pytest
 import soundfile
 import yaml
 
-from core.config import ConfigError, load_settings
+from core.config import ConfigError, ListenSection, VoiceSection, load_settings
+from core.metrics import Metrics
 from ttt.cli import main
 from voice_tiny import spoken_clip, tiny_pocket_config, tiny_xtts_dir
 
@@ -220,3 +222,14 @@ def test_voice_config_names_registered_voices(tmp_path, monkeypatch):
     assert voice.enabled and voice.idle_leave_s == 5 and voice.engine == "pocket"
     assert voice.voices_dir == tmp_path / "voices" and voice.model == str(tmp_path / "tts" / "config.yaml")
     assert settings.config.personas["p"].voice == "alice"  # a name, never resolved as a path
+
+
+def test_readme_documents_every_voice_setting_and_metric_by_its_exposed_name():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("\n## Voice\n"):]
+    section = section[:section.index("\n## ", 1)]
+    keys = [k for k in VoiceSection.model_fields if k != "listen"] + list(ListenSection.model_fields)
+    assert [k for k in keys if f"| `{k}` |" not in section] == []
+    names = [f"{m.name}_total" if m.type == "counter" else m.name
+             for m in Metrics().registry.collect() if m.name.startswith("ttt_voice_")]
+    assert len(names) == 10 and [n for n in names if not re.search(rf"`{n}[`{{]", section)] == []
