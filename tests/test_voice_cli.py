@@ -58,9 +58,11 @@ def clips(tmp_path_factory) -> dict[str, Path]:
     locked = root / "locked.wav"
     locked.write_bytes(good.read_bytes())
     locked.chmod(0)
+    (root / "copy").mkdir()
+    shutil.copy(good, root / "copy" / good.name)
     return {"good": good, "stereo": stereo, "short": root / "short.wav", "silent": root / "silent.wav",
             "long": root / "long.wav", "text": root / "notes.wav", "locked": locked, "missing": root / "none.wav",
-            "folder": root}
+            "folder": root, "copy": root / "copy" / good.name}
 
 
 def states(voice_dir: Path) -> list[str]:
@@ -150,7 +152,8 @@ def test_voice_add_rejects_bad_clips_and_stores_nothing(tmp_path, clips):
     # Clips are checked before the engine loads (a real one may download first): this one cannot load.
     config = write_config(tmp_path, model=tmp_path / "no-such-model.yaml")
     code, _, err = ttt(config, "voice", "add", "bob", *(str(clips[k]) for k in
-                       ("good", "short", "silent", "long", "text", "locked", "missing", "folder")), "--consent", CONSENT)
+                       ("good", "short", "silent", "long", "text", "locked", "missing", "folder")), str(clips["copy"]), "--consent",
+               CONSENT)
     assert code == 2
     lines = err.splitlines()
     assert lines[0] == "ttt: cannot register 'bob':"
@@ -163,6 +166,7 @@ def test_voice_add_rejects_bad_clips_and_stores_nothing(tmp_path, clips):
         assert problems[str(clips["locked"])] == "cannot be read (permission denied)"
     assert problems[str(clips["missing"])] == "no such file"
     assert problems[str(clips["folder"])] == "a folder, not an audio file"
+    assert problems[str(clips["copy"])] == f"the same recording as {clips['good']}"
     assert str(clips["good"]) not in problems
     assert not (tmp_path / "voices").exists() or list((tmp_path / "voices").iterdir()) == []
 

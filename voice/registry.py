@@ -131,12 +131,17 @@ class VoiceRegistry:
             raise VoiceError(f"--consent is {len(consent)} characters long; keep it under {MAX_CONSENT_CHARS}")
         if not clips:
             raise VoiceError("give at least one reference clip")
-        loaded, problems = [], []
+        loaded, problems, seen = [], [], {}
         for path in clips:
             try:
-                loaded.append((path, load_clip(path)))
+                clip = load_clip(path)
             except ClipError as exc:
                 problems.append(str(exc))
+                continue
+            first = seen.setdefault(_sha256(path), path)
+            if first is not path:  # the same recording twice would only weigh it double in the cloning
+                problems.append(f"{path}: the same recording as {first}")
+            loaded.append((path, clip))
         if problems:
             raise VoiceError("cannot register {!r}:\n  {}".format(name, "\n  ".join(problems)))
         return loaded
