@@ -17,7 +17,7 @@ from fakes.discord_models import P
 from fakes.discord_server import FakeDiscord
 from fakes.discord_voice_server import FakeVoiceServer, trusted_by_aiohttp
 from test_voice_discord import (LONG, SHORT, WakeOnLog, add_guild, assert_heard, command, frames_logged,  # noqa: F401
-                                speaker_model_dir, speaking, voice_config, voices, wait_spoken)
+                                logged, speaker_model_dir, speaking, voice_config, voices, wait_spoken)
 from voice_tiny import PHRASES, spoken_phrase, tiny_whisper_dir
 
 APPLE, MORE = PHRASES  # "the word is apple" -> SHORT, "tell me more" -> LONG
@@ -225,12 +225,15 @@ async def test_barge_in_and_who_is_not_heard_itself_bots_listening_off_ignore_me
 
 
 @pytest.mark.timeout(120)
-async def test_with_echo_text_off_the_answer_is_only_spoken(tmp_path, speaker_model_dir, voices, plain_fake, said):
+async def test_with_echo_text_and_barge_in_off_answers_are_only_spoken_and_said_in_full(
+        tmp_path, speaker_model_dir, voices, plain_fake, said, caplog):
     fake = plain_fake
+    caplog.set_level(logging.INFO, logger="voice")
     g = add_guild(fake)
-    config = listening_config(tmp_path, speaker_model_dir, voices, fake, g, echo_text=False)
+    config = listening_config(tmp_path, speaker_model_dir, voices, fake, g, echo_text=False, barge_in=False)
     async with speaking(config, fake) as adapter:
         fake.user_joins_voice(g.lounge, g.alice)
+        fake.user_joins_voice(g.lounge, g.bob)
         joined = await command(fake, g.general, g.alice, "join")
         session = fake.voice_server.session(g.guild.id)
         await fake.voice_server.speak(g.guild.id, g.alice.id, said[APPLE])
@@ -238,3 +241,13 @@ async def test_with_echo_text_off_the_answer_is_only_spoken(tmp_path, speaker_mo
         turns = await adapter.service.store.recent_turns(ConversationKey("discord", str(g.general.id)), 10)
         assert [(t.author, t.text) for t in turns] == [(g.alice.name, APPLE), ("words", SHORT)]
         assert [m["content"] for m in fake.bot_messages(g.general)] == [joined["content"]]  # nothing written
+
+        # Barge-in off: Bob speaking while the long answer plays does not stop it; his answer follows it.
+        before = len(session.audio())
+        await fake.voice_server.speak(g.guild.id, g.alice.id, said[MORE])
+        await fake.wait_for(lambda: len(session.audio()) > before + 25, 30, "the long answer to start playing")
+        await fake.voice_server.speak(g.guild.id, g.bob.id, said[APPLE])
+        _, long_answer, bobs_answer = await wait_spoken(fake, session, 3)
+        assert len(long_answer) == (await logged(fake, caplog, 3))[1]  # every frame of it was played
+        assert long_answer[-1].received_at < bobs_answer[0].received_at
+        assert frames_logged(caplog, "skipped") == []
