@@ -125,32 +125,6 @@ async def test_count_event_allows_the_limit_then_says_how_long_to_wait(tmp_path)
 
 
 @pytest.mark.timeout(30)
-async def test_lock_serves_one_conversation_at_a_time_in_arrival_order(tmp_path):
-    store = await SQLiteStore(tmp_path / "db.sqlite3").open()
-    order: list[str] = []
-    inside = asyncio.Event()
-    release = asyncio.Event()
-
-    async def hold(name: str, key: ConversationKey) -> None:
-        async with store.lock(key):
-            order.append(name)
-            if name == "first":
-                inside.set()
-                await release.wait()
-
-    first = asyncio.create_task(hold("first", KEY))
-    await inside.wait()
-    waiting = [asyncio.create_task(hold(name, KEY)) for name in ("second", "third")]
-    other = asyncio.create_task(hold("other-conversation", OTHER))
-    await asyncio.wait_for(other, 5)
-    assert order == ["first", "other-conversation"]
-    release.set()
-    await asyncio.wait_for(asyncio.gather(first, *waiting), 5)
-    assert order == ["first", "other-conversation", "second", "third"]
-    await store.close()
-
-
-@pytest.mark.timeout(30)
 def test_parent_scope_is_not_part_of_the_conversation_identity():
     thread = ConversationKey("discord", "20", parent="10")
     assert thread == ConversationKey("discord", "20") and hash(thread) == hash(ConversationKey("discord", "20"))

@@ -55,21 +55,35 @@ class WakeOnLog(logging.Handler):
         self.loop.call_soon_threadsafe(self.fake._changed)
 
 
+@contextlib.asynccontextmanager
+async def discord_with_voice(*, dave: bool = False, in_voice: bool = False):
+    """The fake Discord with its fake voice server (DAVE or transport encryption only; `in_voice`:
+    the server knows who is in which voice channel), whose waiters wake when the bot logs; it must
+    have seen no unknown request and no server error."""
+    async with FakeDiscord(bot_name="TTT") as fake:
+        def channel_of(guild_id: int, user_id: int):
+            return fake.voice_channel_of(fake.guilds[guild_id], user_id)
+
+        where = {"channel_of": channel_of} if in_voice else {}
+        async with FakeVoiceServer(fake._changed, dave=dave, **where) as server:
+            fake.voice_server = server
+            wake = WakeOnLog(fake)
+            loggers = [logging.getLogger(name) for name in ("voice", "bots")]
+            for logger in loggers:
+                logger.addHandler(wake)
+            try:
+                with trusted_by_aiohttp(server.ca):
+                    yield fake
+            finally:
+                for logger in loggers:
+                    logger.removeHandler(wake)
+    assert fake.unknown_requests == [] and fake.server_errors == []
+
+
 @pytest.fixture
 async def fake():
-    async with FakeDiscord(bot_name="TTT") as fake, FakeVoiceServer(fake._changed) as server:
-        fake.voice_server = server
-        wake = WakeOnLog(fake)
-        loggers = [logging.getLogger(name) for name in ("voice", "bots.discord_voice", "bots.discord_playback")]
-        for logger in loggers:
-            logger.addHandler(wake)
-        try:
-            with trusted_by_aiohttp(server.ca):
-                yield fake
-        finally:
-            for logger in loggers:
-                logger.removeHandler(wake)
-    assert fake.unknown_requests == [] and fake.server_errors == []
+    async with discord_with_voice() as fake:
+        yield fake
 
 
 @dataclass

@@ -14,9 +14,7 @@ import soxr
 
 from core.conversation import ConversationKey
 from fakes.discord_models import P
-from fakes.discord_server import FakeDiscord
-from fakes.discord_voice_server import FakeVoiceServer, trusted_by_aiohttp
-from test_voice_discord import (LONG, SHORT, WakeOnLog, add_guild, assert_heard, command, frames_logged,  # noqa: F401
+from test_voice_discord import (LONG, SHORT, add_guild, discord_with_voice, assert_heard, command, frames_logged,  # noqa: F401
                                 logged, speaker_model_dir, speaking, voice_config, voices, wait_spoken)
 from voice_tiny import PHRASES, spoken_phrase, tiny_whisper_dir
 
@@ -38,23 +36,8 @@ def said() -> dict[str, bytes]:
 
 @pytest.fixture
 async def fake():
-    async with FakeDiscord(bot_name="TTT") as fake:
-        def channel_of(guild_id: int, user_id: int):
-            return fake.voice_channel_of(fake.guilds[guild_id], user_id)
-
-        async with FakeVoiceServer(fake._changed, dave=True, channel_of=channel_of) as server:
-            fake.voice_server = server
-            wake = WakeOnLog(fake)
-            loggers = [logging.getLogger(name) for name in ("voice", "bots")]
-            for logger in loggers:
-                logger.addHandler(wake)
-            try:
-                with trusted_by_aiohttp(server.ca):
-                    yield fake
-            finally:
-                for logger in loggers:
-                    logger.removeHandler(wake)
-    assert fake.unknown_requests == [] and fake.server_errors == []
+    async with discord_with_voice(dave=True, in_voice=True) as fake:
+        yield fake
 
 
 def listening_config(tmp_path, model_dir, voices, fake, g, **listen):
@@ -122,19 +105,8 @@ async def test_a_spoken_turn_is_transcribed_answered_aloud_and_shown_two_people_
 @pytest.fixture
 async def plain_fake():
     """The fake Discord with a voice server that does not use DAVE (transport encryption only)."""
-    async with FakeDiscord(bot_name="TTT") as fake, FakeVoiceServer(fake._changed) as server:
-        fake.voice_server = server
-        wake = WakeOnLog(fake)
-        loggers = [logging.getLogger(name) for name in ("voice", "bots")]
-        for logger in loggers:
-            logger.addHandler(wake)
-        try:
-            with trusted_by_aiohttp(server.ca):
-                yield fake
-        finally:
-            for logger in loggers:
-                logger.removeHandler(wake)
-    assert fake.unknown_requests == [] and fake.server_errors == []
+    async with discord_with_voice() as fake:
+        yield fake
 
 
 async def listen(fake, channel, user, sub: str, **options) -> dict:
