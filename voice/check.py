@@ -23,6 +23,15 @@ class VoiceCheck:
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what keeps voice from starting
 
+    def require(self, extra: tuple[str, tuple[str, ...]], key: str, outcome: str) -> None:
+        """A problem (and a line) for each module of the `(extra, modules)` pair that is not installed."""
+        name, modules = extra
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            problem = f"{', '.join(missing)} missing: pip install 'talk-to-transformers[{name}]'"
+            self.problems.append(f"{key}: {problem}")
+            self.lines.append(f"  {outcome}: {problem}")
+
 
 def check_voice(config: Config) -> VoiceCheck:
     """Lines for `ttt check`, and the problems that keep enabled voice from starting."""
@@ -34,12 +43,7 @@ def check_voice(config: Config) -> VoiceCheck:
     result.lines.append(
         f"voice: {section.engine} engine, {model}, device {section.device}, language {section.language}"
     )
-    extra, modules = EXTRAS[section.engine]
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        problem = f"{', '.join(missing)} missing: pip install 'talk-to-transformers[{extra}]'"
-        result.problems.append(f"voice: {problem}")
-        result.lines.append(f"  CANNOT START: {problem}")
+    result.require(EXTRAS[section.engine], "voice", "CANNOT START")
     if section.engine == "xtts":
         result.lines.append(f"  licence: {XTTS_LICENCE}")
     elif not (section.model or "").endswith((".yaml", ".yml")) and not os.environ.get("HF_TOKEN"):
@@ -74,9 +78,4 @@ def _check_listen(config: Config, result: VoiceCheck) -> None:
         f"a turn ends after {listen.silence_ms} ms of silence; barge-in {'on' if listen.barge_in else 'off'}; "
         f"transcripts {'echoed in text' if listen.echo_text else 'not echoed'}"
     )
-    extra, modules = LISTEN_EXTRAS[listen.engine]
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        problem = f"{', '.join(missing)} missing: pip install 'talk-to-transformers[{extra}]'"
-        result.problems.append(f"voice.listen: {problem}")
-        result.lines.append(f"  CANNOT LISTEN: {problem}")
+    result.require(LISTEN_EXTRAS[listen.engine], "voice.listen", "CANNOT LISTEN")

@@ -17,6 +17,7 @@ from typing import Callable
 from core.config import VoiceSection
 from voice.engine import Engine, load_engine
 from voice.pace import Pace, SentenceTiming
+from voice.shared import Shared
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,6 @@ class SynthesisWorker:
         self.max_queue = max_queue
         self.replies = 0  # replies holding a slot: being spoken or waiting
         self.pace: Pace | None = None  # how the engine has been delivering sentences (None: not measured yet)
-        self._users = 0
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"voice-{engine.name}", daemon=True)
@@ -67,27 +67,16 @@ class SynthesisWorker:
 
     def release(self) -> None:
         """Done with the worker; the last user's release stops it and unloads the model."""
-        with _WORKERS_LOCK:
-            self._users -= 1
-            if self._users:
-                return
-            for key, worker in list(_WORKERS.items()):
-                if worker is self:
-                    del _WORKERS[key]
+        if not _WORKERS.release(self):
+            return
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
 
-_WORKERS: dict[tuple, SynthesisWorker] = {}
-_WORKERS_LOCK = threading.Lock()
+_WORKERS: Shared[SynthesisWorker] = Shared()
 
 
 def acquire_worker(section: VoiceSection) -> SynthesisWorker:
     """The worker of the configured engine, loading it on first use (blocking: call it off the loop)."""
     key = (section.engine, section.model, section.device, section.language)
-    with _WORKERS_LOCK:
-        worker = _WORKERS.get(key)
-        if worker is None:
-            worker = _WORKERS[key] = SynthesisWorker(load_engine(section), section.max_queue)
-        worker._users += 1
-        return worker
+    return _WORKERS.acquire(key, lambda: SynthesisWorker(load_engine(section), section.max_queue))

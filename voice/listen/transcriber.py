@@ -21,6 +21,7 @@ from core.config import ListenSection
 from voice.listen.hallucinations import heard
 from voice.listen.stt import SpeechToText, load_stt
 from voice.listen.turns import Turn
+from voice.shared import Shared
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ Done = Callable[[Transcript | None, Exception | None], None]
 class Transcriber:
     def __init__(self, stt: SpeechToText):
         self.stt = stt
-        self._users = 0
         self._jobs: queue.SimpleQueue[list[tuple[Turn, Done]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"listen-{stt.name}", daemon=True)
         self._thread.start()
@@ -85,13 +85,8 @@ class Transcriber:
 
     def release(self) -> None:
         """Done with the transcriber; the last user's release stops it and unloads the model."""
-        with _LOCK:
-            self._users -= 1
-            if self._users:
-                return
-            for key, transcriber in list(_TRANSCRIBERS.items()):
-                if transcriber is self:
-                    del _TRANSCRIBERS[key]
+        if not _TRANSCRIBERS.release(self):
+            return
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
@@ -103,16 +98,10 @@ def _call(done: Done, transcript: Transcript | None, error: Exception | None) ->
         log.exception("listen: a transcript's callback failed")
 
 
-_TRANSCRIBERS: dict[tuple, Transcriber] = {}
-_LOCK = threading.Lock()
+_TRANSCRIBERS: Shared[Transcriber] = Shared()
 
 
 def acquire_transcriber(section: ListenSection) -> Transcriber:
     """The transcriber of the configured model, loading it on first use (blocking: call it off the loop)."""
     key = (section.engine, section.model, section.device, section.language)
-    with _LOCK:
-        transcriber = _TRANSCRIBERS.get(key)
-        if transcriber is None:
-            transcriber = _TRANSCRIBERS[key] = Transcriber(load_stt(section))
-        transcriber._users += 1
-        return transcriber
+    return _TRANSCRIBERS.acquire(key, lambda: Transcriber(load_stt(section)))
