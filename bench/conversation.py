@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
-from core.config import Decoding, load_settings
+from core.config.loading import load_settings
+from core.config.schema import Decoding
 from core.conversation import Turn
-from core.kv_cache import new_cache
-from core.local_engine import LocalEngine
-from core.models import choose_placement, load_model, resolve_source
+from core.engine.kv_cache import new_cache
+from core.engine.local import LocalEngine
+from core.engine.models import choose_placement, load_model, resolve_source
 from core.service import ChatService, open_service
-from core.threads import in_own_thread
+from core.engine.threads import in_own_thread
 
 REPO = Path(__file__).resolve().parent.parent
 

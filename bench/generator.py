@@ -23,9 +23,9 @@ from tokenizers import Tokenizer, decoders, models
 import transformers
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from core.config import Decoding
-from core.local_engine import LocalEngine, PreparedPrompt
-from core.threads import in_own_thread
+from core.config.schema import Decoding
+from core.engine.local import LocalEngine, PreparedPrompt
+from core.engine.threads import in_own_thread
 
 VOCAB = 50257
 NEW_TOKENS = 32

@@ -29,7 +29,7 @@ HISTORY = 40
 
 
 async def worker(args: argparse.Namespace) -> dict:
-    from core.config import DatabaseSection
+    from core.config.schema import DatabaseSection
     from core.conversation import ConversationKey, Turn
     from core.metrics import Metrics
     from core.stores import open_store

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from core.config import Secrets
+from core.config.loading import Secrets
 
 
 class RedactingFormatter(logging.Formatter):

@@ -57,7 +57,7 @@ class Metrics:
         self.adapter_up = Gauge("ttt_adapter_up", "1 when an adapter is connected", ["adapter"], registry=r)
         self.model_loaded = Gauge("ttt_model_loaded", "1 loaded, 0 failed to load", ["model"], registry=r)
 
-        # ---- voice (voice/, bots/discord_voice.py, bots/speech_api.py) ----
+        # ---- voice (voice/, bots/discord/voice/speaking.py, bots/web/speech_api.py) ----
         self.voice_synthesis = Histogram(
             "ttt_voice_synthesis_seconds", "Time to synthesize one sentence", ["engine"],
             buckets=LATENCY_BUCKETS, registry=r,
@@ -77,7 +77,7 @@ class Metrics:
             "ttt_voice_replies", "Spoken replies by adapter and outcome", ["adapter", "outcome"], registry=r
         )
 
-        # ---- listening (voice/listen/, bots/discord_listen.py) ----
+        # ---- listening (voice/listen/, bots/discord/voice/listening.py) ----
         self.voice_turns = Counter(
             "ttt_voice_turns", "Spoken turns heard, by outcome (answered, empty, ignored, failed)", ["outcome"],
             registry=r,

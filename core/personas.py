@@ -11,11 +11,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import Config, PersonaConfig
-from core.generator import Engine
+from core.config.schema import Config, PersonaConfig
+from core.engine.generator import Engine
 from core.metrics import Metrics
-from core.models import ModelSource, ModelUnavailable, Placement, choose_placement, load_model, resolve_source
-from core.openai_backend import OpenAIEngine
+from core.engine.models import ModelSource, ModelUnavailable, Placement, choose_placement, load_model, resolve_source
+from core.engine.remote import OpenAIEngine
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ class PersonaRegistry:
     async def _build(self, persona: Persona, key: object) -> Engine:
         g = self._config.generator
         if isinstance(key, ModelSource):
-            from core.local_engine import LocalEngine
-            from core.prefix_cache import default_prefix_cache_mb
+            from core.engine.local import LocalEngine
+            from core.engine.prefix_cache import default_prefix_cache_mb
 
             placement = await asyncio.to_thread(lambda: self.placement)  # CUDA probing can take a while
             model, tokenizer = await asyncio.to_thread(load_model, key, placement, g.cache_dir)

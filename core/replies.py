@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
-from core.config import Decoding, SafetySection
-from core.generator import Generation, GenerationStats
+from core.config.schema import Decoding, SafetySection
+from core.engine.generator import Generation, GenerationStats
 from core.safety import StreamScreen, degeneracy, is_offensive
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,44 @@ class ReplyUpdate:
     stats: GenerationStats | None = None
     cut: bool = False
     replaced: bool = False
+
+
+ReplyListener = Callable[[ReplyUpdate], Awaitable[None]]
+
+
+async def relay(updates: AsyncIterator[ReplyUpdate], show: ReplyListener | None = None, *,
+                also: Sequence[ReplyListener] = (), first: ReplyUpdate | None = None,
+                where: object = "-") -> ReplyUpdate | None:
+    """Follow a reply to its end, handing each update (`first`, if the caller took it already, then
+    the rest) to `show` and to each of `also`, in order. A failure in `show` ends the reply (its
+    reader is gone: generation stops) and is raised; one in `also` is logged and the reply goes on
+    (a voice must never break the text). Returns the last update: final, unless the updates ended
+    early. A ChatError from the service is raised as is."""
+    latest = None
+
+    async def hand_over(update: ReplyUpdate) -> None:
+        if show is not None:
+            await show(update)
+        for listener in also:
+            try:
+                await listener(update)
+            except Exception:  # noqa: BLE001
+                log.exception("%s: a reply listener failed", where)
+
+    try:
+        if first is not None:
+            latest = first
+            await hand_over(first)
+        if latest is None or not latest.final:
+            async for update in updates:
+                latest = update
+                await hand_over(update)
+    except BaseException:
+        aclose = getattr(updates, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        raise
+    return latest
 
 
 async def screened_reply(

@@ -9,98 +9,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
-from core.config import Config, Decoding
-from core.conversation import ConversationKey, ConversationStore, ConversationBusy, StoreUnavailable, Turn, current_session
-from core.generator import Generation, GenerationFailed, GenerationStats, GenerationTimeout, GeneratorBusy
+from core import admission, commands
+from core.admission import Admission, Message, RateDecision
+from core.config.schema import Config, Decoding
+from core.conversation import ConversationBusy, ConversationKey, ConversationStore, StoreUnavailable, Turn, current_session
+from core.errors import (
+    BUSY, CONVERSATION_BUSY, MEMORY_UNAVAILABLE, Busy, ChatError, InputRejected, MemoryUnavailable, PersonaError,
+    ReplyFailed, TimedOut, TooLong, store_trouble,
+)
+from core.engine.generator import Generation, GenerationFailed, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
 from core.prompts import PromptTooLong, SystemPromptTooLong
 from core.replies import ReplyUpdate, screened_reply
+from core.stores import open_store
 
 log = logging.getLogger(__name__)
-
-
-class ChatError(Exception):
-    """A request that ends without a model reply; `user_message` is what to tell the user."""
-
-    outcome = "error"
-
-    def __init__(self, user_message: str):
-        super().__init__(user_message)
-        self.user_message = user_message
-
-
-class Busy(ChatError):
-    """The generator cannot take or finish this in time: try again in a moment (HTTP: 503)."""
-
-    outcome = "busy"
-
-
-class TimedOut(Busy):
-    """The reply ran past its deadline, which under load means the same as busy."""
-
-    outcome = "timeout"
-
-
-class InputRejected(ChatError):
-    outcome = "rejected"
-
-
-class TooLong(InputRejected):
-    """The message (or a system prompt) does not fit the persona's context."""
-
-
-class PersonaError(ChatError):
-    outcome = "persona"
-
-
-class ReplyFailed(ChatError):
-    outcome = "error"
-
-
-class MemoryUnavailable(ChatError):
-    outcome = "store"
-
-
-MEMORY_UNAVAILABLE = "I can't reach my memory right now; please try again in a moment."
-BUSY = "I'm busy with a lot of conversations right now; try again in a moment."
-CONVERSATION_BUSY = "I'm still answering an earlier message here; try again in a moment."
-
-
-@dataclass(frozen=True)
-class RateDecision:
-    """Whether a person may send another message now; when not, whether to tell them (once a window)."""
-
-    wait_s: float
-    notify: bool = False
-
-    @property
-    def allowed(self) -> bool:
-        return self.wait_s <= 0
-
-
-@contextmanager
-def _store_trouble(key: object) -> Iterator[None]:
-    """Store failures as what the user is told: the memory is unreachable, or the conversation still busy."""
-    try:
-        yield
-    except ConversationBusy:
-        raise Busy(CONVERSATION_BUSY) from None
-    except StoreUnavailable as exc:
-        log.warning("no store for %s: %s", key, exc)
-        raise MemoryUnavailable(MEMORY_UNAVAILABLE) from None
-
-
-HELP = (
-    "Talk to me by mentioning me or messaging me directly. Commands: "
-    "`reset` (forget this conversation), `persona NAME` (switch personality), "
-    "`personas` (list them), `forget-me` (delete everything you wrote to me), `help` (this text)."
-)
-FORGET_ME = "forget-me"
 
 
 class ChatService:
@@ -113,18 +39,19 @@ class ChatService:
     # ---- replies ---------------------------------------------------------------------------
 
     def respond(
-        self, key: ConversationKey, author: str, text: str, *, adapter: str, author_id: str | None = None,
-        persona: str | None = None,
+        self, key: ConversationKey, author: str, message: str | Message, *, adapter: str,
+        author_id: str | None = None, persona: str | None = None,
     ) -> AsyncIterator[ReplyUpdate]:
         """Reply updates for one message; raises ChatError subclasses with a user-facing message.
 
+        `message` is raw text (checked here) or a Message the service took already (`admit`).
         `author` is the name the model reads; `author_id` the platform's id of that person, stored
         with their turn so that "forget me" can find it.
         """
-        return self._respond(key, author, author_id, text, adapter, persona)
+        return self._respond(key, author, author_id, message, adapter, persona)
 
     async def reply(
-        self, key: ConversationKey, author: str, text: str, *, adapter: str, author_id: str | None = None,
+        self, key: ConversationKey, author: str, text: str | Message, *, adapter: str, author_id: str | None = None,
         persona: str | None = None,
     ) -> str:
         """The final reply text, once stored."""
@@ -133,11 +60,11 @@ class ChatService:
             final = update.text
         return final
 
-    async def _respond(self, key, author, author_id, text, adapter, persona_name) -> AsyncIterator[ReplyUpdate]:
+    async def _respond(self, key, author, author_id, message, adapter, persona_name) -> AsyncIterator[ReplyUpdate]:
         started = time.monotonic()
         label = persona_name or "?"
         try:
-            text = self.validate(text)
+            text = (message if isinstance(message, Message) else self.validate(message)).text
             async with self.store.lock(key):
                 persona = await self.persona_for(key, persona_name)
                 label = persona.name
@@ -220,19 +147,35 @@ class ChatService:
         )
         log.debug("reply key=%s text=%r", key, final.text)
 
-    def validate(self, text: str) -> str:
+    # ---- admission -------------------------------------------------------------------------
+
+    def validate(self, text: str | None) -> Message:
         """The message as the service takes it (stripped); raises InputRejected (nothing counted or stored)."""
-        text = (text or "").strip()
-        if not text:
-            raise InputRejected("I didn't catch any words there. Say something after the mention!")
-        limit = self.config.service.max_input_chars
-        if len(text) > limit:
-            raise InputRejected(f"That message is a bit long for me: please keep it under {limit} characters.")
+        return admission.validate(text, self.config.service.max_input_chars)
+
+    async def check_rate(self, platform: str, author_id: str, per_minute: int) -> RateDecision:
+        """Count a message from this person (0 = no limit); when over the limit, `notify` is True only
+        for the first refusal in the window, so a flood gets one notice, not one per message."""
+        return await admission.check_rate(self.store, platform, author_id, per_minute)
+
+    async def admit(self, text: str | None, *, platform: str, author_id: str, per_minute: int,
+                    where: object = "-") -> Admission:
+        """Whether to answer this message of this person now (see core/admission.py); a refusal is
+        counted and logged here."""
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: JSON "\ud800", or undecodable bytes read from a terminal
-            raise InputRejected("That message holds something that is not text I can read.") from None
-        return text
+            message = self.validate(text)
+            rate = await self.check_rate(platform, author_id, per_minute)
+        except InputRejected as exc:  # refused words do not count against the rate limit
+            self.record_refusal(platform, "?", exc.outcome, key=where)
+            return Admission(notice=exc.user_message)
+        except StoreUnavailable as exc:
+            log.warning("%s: no rate check, the store is unavailable: %s", where, exc)
+            self.record_refusal(platform, "?", MemoryUnavailable.outcome, key=where)
+            return Admission(notice=MEMORY_UNAVAILABLE)
+        if rate.allowed:
+            return Admission(message)
+        self.record_refusal(platform, "?", "rate_limited", key=where)
+        return Admission(slow_down=rate.wait_s if rate.notify else None)
 
     async def generate(
         self, persona: Persona, turns: list[Turn], *, system_prompt: str | None = None, decoding: Decoding | None = None
@@ -313,31 +256,20 @@ class ChatService:
             self.personas.check(persona)
         except PersonaUnavailable as exc:
             raise PersonaError(str(exc)) from None
-        with _store_trouble(key):
+        with store_trouble(key):
             await self.store.set_persona(key, persona.name)
         return persona
 
     async def reset(self, key: ConversationKey) -> None:
         """Forget the conversation's turns; raises MemoryUnavailable (or Busy) when the store cannot."""
-        with _store_trouble(key):
+        with store_trouble(key):
             async with self.store.lock(key):
                 await self.store.reset(key)
-
-    async def check_rate(self, platform: str, author_id: str, per_minute: int) -> RateDecision:
-        """Count a message from this person (0 = no limit); when over the limit, `notify` is True only
-        for the first refusal in the window, so a flood gets one notice, not one per message."""
-        if per_minute <= 0:
-            return RateDecision(0.0)
-        wait = await self.store.count_event(f"rate:{platform}", author_id, per_minute, 60.0)
-        if wait <= 0:
-            return RateDecision(0.0)
-        notify = await self.store.claim(f"rate-notice:{platform}", author_id, wait)
-        return RateDecision(wait, notify)
 
     async def forget_person(self, platform: str, author_id: str) -> int:
         """Delete everything this person wrote on this platform (and the replies to it); turns deleted.
         Raises MemoryUnavailable without the store."""
-        with _store_trouble(platform):
+        with store_trouble(platform):
             deleted = await self.store.forget_author(platform, author_id)
         log.info("forgot a person on %s: %d turn(s) deleted", platform, deleted)
         return deleted
@@ -355,6 +287,36 @@ class ChatService:
     def persona_list(self) -> list[Persona]:
         return list(self.personas.personas.values())
 
+    # ---- what adapters may ask of the store, through the service ------------------------------
+
+    async def history(self, key: ConversationKey) -> list[Turn]:
+        """The conversation's current session (what the persona remembers); raises MemoryUnavailable."""
+        cfg = self.config.conversation
+        with store_trouble(key):
+            return current_session(await self.store.recent_turns(key, cfg.max_turns), cfg.idle_minutes * 60)
+
+    async def took_part(self, key: ConversationKey) -> bool:
+        """Whether the bot has answered in this conversation (its turns are stored: survives restarts);
+        raises StoreUnavailable."""
+        return bool(await self.store.recent_turns(key, 1))
+
+    async def first_delivery(self, namespace: str, ident: str, ttl_s: float) -> bool:
+        """True the first time (across replicas) an event is seen within `ttl_s`: platforms retry
+        deliveries. Raises StoreUnavailable."""
+        return await self.store.claim(namespace, ident, ttl_s)
+
+    async def preferences(self, namespace: str) -> dict[str, str]:
+        """People's standing choices in `namespace` (ident -> value); raises StoreUnavailable."""
+        return await self.store.preferences(namespace)
+
+    async def set_preference(self, namespace: str, ident: str, value: str | None) -> None:
+        """Keep (or with None, drop) a person's choice; raises StoreUnavailable."""
+        await self.store.set_preference(namespace, ident, value)
+
+    async def database_health(self) -> dict:
+        """The store's own report: {"backend", "ok", ...}."""
+        return await self.store.health()
+
     async def command(
         self, key: ConversationKey, command: str, argument: str = "", *, help_text: str | None = None,
         author_id: str | None = None,
@@ -366,7 +328,7 @@ class ChatService:
         is who asked (needed by forget-me).
         """
         try:
-            with _store_trouble(key):
+            with store_trouble(key):
                 return await self._command(key, command, argument, help_text, author_id)
         except ChatError as exc:
             return exc.user_message
@@ -375,15 +337,15 @@ class ChatService:
                        author_id: str | None) -> str:
         command = command.strip().lower().lstrip("/!")
         argument = argument.strip()
-        if command == FORGET_ME:
+        if command == commands.FORGET_ME:
             if not author_id:
                 return "I can't tell who you are here, so there is nothing of yours I could forget."
             deleted = await self.forget_person(key.platform, author_id)
             return f"Done: I've deleted everything you wrote to me here ({deleted} message(s), with my replies)."
-        if command == "reset":
+        if command == commands.RESET:
             await self.reset(key)
             return "Done: I've forgotten this conversation. Fresh start!"
-        if command == "persona":
+        if command == commands.PERSONA:
             if not argument:
                 current = await self.persona_for(key)
                 return f"I'm currently **{current.name}**: {current.description}"
@@ -392,14 +354,14 @@ class ChatService:
             except PersonaError as exc:
                 return exc.user_message
             return f"Switched to **{persona.name}**: {persona.description}"
-        if command == "personas":
+        if command == commands.PERSONAS:
             current = await self.persona_for(key)
             lines = [
                 f"- **{p.name}**{' (current)' if p.name == current.name else ''}: {p.description}"
                 for p in self.persona_list()
             ]
             return "Personas:\n" + "\n".join(lines)
-        return help_text or HELP
+        return help_text or commands.help_text()
 
     async def close(self) -> None:
         await self.personas.close()
@@ -408,8 +370,6 @@ class ChatService:
 
 async def open_service(config: Config, environ: dict[str, str] | None = None) -> ChatService:
     """A ChatService on the configured store (SQLite, or PostgreSQL at database.url), with its own metrics."""
-    from core.stores import open_store
-
     metrics = Metrics()
     store = await open_store(config.database, metrics, environ)
     return ChatService(config, store, PersonaRegistry(config, metrics, environ), metrics)

@@ -20,7 +20,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from core.config import Config, Secrets, Settings  # noqa: E402
+from core.config.loading import Secrets, Settings
+from core.config.schema import Config  # noqa: E402
 from core.service import ChatService, open_service  # noqa: E402
 from tiny import train_word_model  # noqa: E402
 

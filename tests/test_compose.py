@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from core.config import load_settings
+from core.config.loading import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 VARIABLE = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")

@@ -15,7 +15,8 @@ import yaml
 
 from pydantic import BaseModel
 
-from core.config import Config, ConfigError, Endpoint, Secrets, _without_none, check_can_serve, load_settings
+from core.config.loading import ConfigError, Secrets, _without_none, check_can_serve, load_settings
+from core.config.schema import Config, Endpoint
 from core.logs import RedactingFormatter
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from core.conversation import SCHEMA_VERSION, ConversationKey, SQLiteStore, StoreUnusable, Turn, current_session
+from core.conversation import ConversationKey, StoreUnusable, Turn, current_session
+from core.stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
 KEY = ConversationKey("discord", "channel:1")
 OTHER = ConversationKey("slack", "C1/1700000000.000100")
@@ -37,7 +38,8 @@ async def test_survives_a_restart_in_a_new_process(tmp_path):
     db = tmp_path / "db.sqlite3"
     writer = textwrap.dedent(f"""
         import asyncio
-        from core.conversation import SQLiteStore, ConversationKey, Turn
+        from core.conversation import ConversationKey, Turn
+        from core.stores.sqlite import SQLiteStore
         async def main():
             store = await SQLiteStore({str(db)!r}).open()
             await store.add_turns(ConversationKey("web", "s1"), [Turn("user", "u", "remember me"), Turn("bot", "b", "I will")])

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core.config import DatabaseSection
-from core.conversation import ConversationKey, SQLiteStore, Turn
+from core.config.schema import DatabaseSection
+from core.conversation import ConversationKey, Turn
+from core.stores.sqlite import SQLiteStore
 from core.metrics import Metrics
 from core.stores import open_store
 from core.stores.sqlite_copy import BATCH

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import pytest
 from transformers import AutoTokenizer
 
-from bots.discord_bot import SLOW_DOWN, DiscordAdapter
-from bots.discord_commands import HELP
-from bots.streaming import APOLOGY
+from bots.discord.adapter import SLOW_DOWN, DiscordAdapter
+from bots.discord.commands import HELP
+from bots.chat.view import APOLOGY
 from conftest import make_config, make_settings
-from core.config import Config, DiscordSection, PersonaConfig
+from core.config.schema import Config, DiscordSection, PersonaConfig
 from core.conversation import ConversationKey
 from core.safety import neutralize_mentions
 from core.service import open_service
@@ -129,7 +129,7 @@ async def say(fake: FakeDiscord, channel, user, content: str, **kwargs) -> dict:
 
 @pytest.mark.timeout(90)
 async def test_mention_gets_a_reply_with_typing_and_no_pings(tmp_path, word_model_dir, fake, world, caplog):
-    caplog.set_level(logging.INFO, logger="bots.discord_bot")
+    caplog.set_level(logging.INFO, logger="bots.discord.adapter")
     me = fake.bot_user
     async with running(bot_config(tmp_path, word_model_dir, fake, world), fake) as adapter:
         said = await fake.user_says(world.general, world.alice, f"{me.mention} the word is apple")
@@ -405,7 +405,7 @@ async def test_long_reply_is_split_on_sentences_and_streamed_within_the_channel_
         raise RuntimeError("this listener is broken")
 
     async with running(config, fake) as adapter:
-        adapter.reply_listeners += [broken_listener, listener]
+        adapter.reply_hooks += [broken_listener, listener]
         said = await fake.user_says(world.general, world.alice, f"{fake.bot_user.mention} tell me a story")
         await fake.wait_for(lambda: " ".join(m["content"] for m in fake.bot_messages(world.general)) == STORY,
                             20, "the whole story")

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from core.config import Decoding
+from core.config.schema import Decoding
 from core.conversation import Turn
-from core.generator import GenerationFailed, GenerationTimeout, GeneratorBusy
-from core.local_engine import LocalEngine
-from core.models import ModelSource, choose_placement, load_model
+from core.engine.generator import GenerationFailed, GenerationTimeout, GeneratorBusy
+from core.engine.local import LocalEngine
+from core.engine.models import ModelSource, choose_placement, load_model
 from tiny import WORDS
 
 GREEDY = Decoding(do_sample=False, max_new_tokens=12)

@@ -13,8 +13,8 @@ import random
 import pytest
 import torch
 
-from core.config import Decoding
-from core.local_engine import LocalEngine, PreparedPrompt
+from core.config.schema import Decoding
+from core.engine.local import LocalEngine, PreparedPrompt
 from tiny import ARCHITECTURES, build_random_causal_lm, build_tokenizer
 
 JOINABLE = ("gpt2", "llama", "mistral", "gemma3", "qwen2", "phi3")

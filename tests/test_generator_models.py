@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_config
 from core.conversation import ConversationKey, Turn
-from core.models import choose_placement, load_model, resolve_source
+from core.engine.models import choose_placement, load_model, resolve_source
 from core.service import open_service
 from tiny import write_tiny_gguf
 
@@ -44,7 +44,7 @@ def test_two_processes_dequantize_the_same_gguf_at_once(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from core.models import choose_placement, load_model, resolve_source
+        from core.engine.models import choose_placement, load_model, resolve_source
         print("ready", flush=True)
         while not Path({str(go)!r}).exists():
             time.sleep(0.01)
@@ -103,7 +103,7 @@ def test_models_loading_at_once_in_a_fresh_process_all_load(word_model_dir, word
     script = textwrap.dedent(f"""
         import threading
         import torch  # as the service has it: torch imported, transformers not yet
-        from core.models import choose_placement, load_model, resolve_source
+        from core.engine.models import choose_placement, load_model, resolve_source
         results = []
         def load(path):
             try:

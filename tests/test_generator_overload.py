@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from core.config import Decoding
-from core.generator import GenerationFailed, GenerationTimeout, GeneratorBusy
-from core.local_engine import LocalEngine
+from core.config.schema import Decoding
+from core.engine.generator import GenerationFailed, GenerationTimeout, GeneratorBusy
+from core.engine.local import LocalEngine
 from core.metrics import Metrics
-from core.models import ModelSource, choose_placement, load_model
+from core.engine.models import ModelSource, choose_placement, load_model
 from tiny import build_untrained_model
 
 ENDLESS = Decoding(do_sample=False, max_new_tokens=60)  # the untrained model never says eos

@@ -8,14 +8,14 @@ import random
 import pytest
 import torch
 
-from core.config import Decoding
-from core.cpu_weights import Int4Linear
-from core.detokenize import ReplyText
-from core.generator import GenerationFailed
-from core.local_engine import LocalEngine, PreparedPrompt
+from core.config.schema import Decoding
+from core.engine.cpu_weights import Int4Linear
+from core.engine.detokenize import ReplyText
+from core.engine.generator import GenerationFailed
+from core.engine.local import LocalEngine, PreparedPrompt
 from core.metrics import Metrics
-from core.models import ModelSource, choose_placement, load_model
-from core.threads import EXPLORE_EVERY, ThreadTuner
+from core.engine.models import ModelSource, choose_placement, load_model
+from core.engine.threads import EXPLORE_EVERY, ThreadTuner
 from test_generator_archs import SHAPES, decodings, forced_joins, random_prompt, sequential
 from tiny import build_random_causal_lm, build_tokenizer
 

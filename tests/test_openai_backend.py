@@ -14,7 +14,8 @@ import pytest
 from conftest import make_config
 from core.conversation import ConversationKey, Turn
 from core.prompts import PromptTooLong, SystemPromptTooLong
-from core.service import ReplyFailed, open_service
+from core.errors import ReplyFailed
+from core.service import open_service
 from fakes.openai_server import FakeOpenAIServer
 
 KEY = ConversationKey("test", "remote")
@@ -80,7 +81,7 @@ async def test_server_errors_fail_the_request_cleanly(tmp_path, word_model_dir):
 def test_a_deployment_on_remote_servers_only_never_imports_torch(tmp_path):
     script = textwrap.dedent(f"""
         import asyncio, sys
-        from core.config import Config
+        from core.config.schema import Config
         from core.conversation import ConversationKey
         from core.service import open_service
         from fakes.openai_server import FakeOpenAIServer

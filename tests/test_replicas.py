@@ -22,12 +22,12 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from bots.slack_format import PLACEHOLDER, STREAMING_MARK
+from bots.slack.format import PLACEHOLDER, STREAMING_MARK
 from conftest import make_config
-from core.config import DatabaseSection
+from core.config.schema import DatabaseSection
 from core.conversation import ConversationKey, Turn
 from core.metrics import Metrics
-from core.service import MEMORY_UNAVAILABLE
+from core.errors import MEMORY_UNAVAILABLE
 from core.stores import open_store
 from fakes.slack_server import FakeSlack
 from pg import PostgresServer, pg_url, postgres  # noqa: F401 (fixtures)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from core.config import Decoding
-from core.sampling import RowSampler, _warp, sample
+from core.config.schema import Decoding
+from core.engine.sampling import RowSampler, _warp, sample
 
 
 def transformers_warpers(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

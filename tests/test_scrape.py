@@ -12,7 +12,8 @@ import pytest
 import requests
 
 from fakes.reddit_server import FakeReddit  # tests/ has no __init__.py: pytest puts it on sys.path
-from training.scrape import ScrapeError, main, scrape
+from training.scrape import ScrapeError, scrape
+from ttt.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 N_SUBMISSIONS = 30
@@ -227,9 +228,10 @@ def test_missing_credentials_name_the_environment_variable(tmp_path, monkeypatch
 def test_cli_prints_the_error_without_a_traceback(tmp_path, monkeypatch, capsys):
     for name in ("REDDIT_CLIENT_ID", "REDDIT_CLIENT_SECRET", "REDDIT_USERNAME", "REDDIT_PASSWORD"):
         monkeypatch.delenv(name, raising=False)
-    assert main(["AskFake", str(tmp_path / "raw.jsonl")]) == 2
+    monkeypatch.chdir(tmp_path)
+    assert main(["scrape", "AskFake", "--out", str(tmp_path / "raw.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "REDDIT_CLIENT_ID" in err and "Traceback" not in err
+    assert err.startswith("ttt scrape: error: ") and "REDDIT_CLIENT_ID" in err and "Traceback" not in err
 
 
 @pytest.mark.timeout(30)

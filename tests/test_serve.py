@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bots.serve import serve
+from ttt.serve import serve
 from conftest import make_config, make_settings
-from core.conversation import ConversationKey, SQLiteStore, Turn
+from core.conversation import ConversationKey, Turn
+from core.stores.sqlite import SQLiteStore
 
 
 def free_port() -> int:

@@ -12,7 +12,8 @@ from conftest import make_config
 from core.conversation import ConversationKey, Turn
 from core.personas import PersonaUnavailable
 from core.safety import ZWSP, StreamScreen, degeneracy, is_offensive, neutralize_mentions
-from core.service import Busy, InputRejected, PersonaError, TimedOut, TooLong, open_service
+from core.errors import Busy, InputRejected, PersonaError, TimedOut, TooLong
+from core.service import open_service
 from fakes.openai_server import FakeOpenAIServer
 from trap_model import PROMPT, TRAPS, cached_trap_model
 
@@ -301,7 +302,7 @@ async def test_a_persona_whose_own_system_prompt_fills_the_context_says_so(tmp_p
 
 @pytest.mark.timeout(60)
 async def test_a_conversation_held_past_the_lock_wait_is_busy_not_memory_loss(tmp_path, word_model_dir):
-    from core.conversation import SQLiteStore
+    from core.stores.sqlite import SQLiteStore
     from core.metrics import Metrics
     from core.personas import PersonaRegistry
     from core.service import ChatService

@@ -15,9 +15,10 @@ from contextlib import asynccontextmanager
 import aiohttp
 import pytest
 
-from bots.slack_bot import CHANNEL_RESET, NOT_HERE, SlackAdapter, create_adapter, help_text
-from bots.slack_format import MESSAGE_LIMIT, PLACEHOLDER, STREAMING_MARK
-from bots.streaming import APOLOGY, EditBudget
+from bots.slack.adapter import CHANNEL_RESET, NOT_HERE, SlackAdapter, create_adapter, help_text
+from bots.slack.format import MESSAGE_LIMIT, PLACEHOLDER, STREAMING_MARK
+from bots.chat.edits import EditBudget
+from bots.chat.view import APOLOGY
 from conftest import make_config, make_settings
 from core.conversation import ConversationKey
 from core.service import open_service

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_settings
+from core.config.loading import load_settings
 from core.conversation import ConversationKey
 from core.service import open_service
 

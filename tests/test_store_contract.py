@@ -12,7 +12,7 @@ import asyncpg
 import yaml
 import pytest
 
-from core.config import DatabaseSection
+from core.config.schema import DatabaseSection
 from core.conversation import ConversationBusy, ConversationKey, StoreUnusable, Turn
 from core.metrics import Metrics
 from core.stores import open_store
@@ -222,7 +222,7 @@ async def test_health_reports_the_backend(store, database):
 async def test_an_answered_turn_survives_the_writer_dying_right_after(database, opened):
     writer = textwrap.dedent(f"""
         import asyncio, os
-        from core.config import DatabaseSection
+        from core.config.schema import DatabaseSection
         from core.conversation import ConversationKey, Turn
         from core.metrics import Metrics
         from core.stores import open_store
@@ -366,7 +366,7 @@ async def test_check_database_finds_what_would_stop_the_store_and_changes_nothin
 @pytest.mark.parametrize("url", ["postgresql://ttt:hunter2-secret@db:5432/ttt",
                                  "postgres://ttt@db/ttt?sslmode=require&password=hunter2-secret"])
 def test_a_database_url_with_a_password_is_refused_without_showing_it(tmp_path, url):
-    from core.config import ConfigError, load_settings
+    from core.config.loading import ConfigError, load_settings
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"database": {"url": url}}))
@@ -380,7 +380,7 @@ def test_a_database_url_with_a_password_is_refused_without_showing_it(tmp_path, 
 
 @pytest.mark.timeout(30)
 def test_the_database_password_comes_from_the_environment_as_a_secret(tmp_path):
-    from core.config import load_settings
+    from core.config.loading import load_settings
 
     settings = load_settings(None, environ={"TTT_DATABASE__URL": "postgresql://ttt@db/ttt",
                                             "TTT_DATABASE_PASSWORD": "hunter2-secret"})

@@ -1,4 +1,4 @@
-"""The platform-neutral parts of showing a reply (bots/streaming.py): splitting and replies in flight.
+"""The platform-neutral parts of showing a reply (bots/chat/view.py): splitting and replies in flight.
 
 Streaming, edit budgets and the failure policy are tested end to end through the Discord and
 Slack adapters (tests/test_discord_bot.py, tests/test_slack_bot.py).
@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from bots.streaming import ReplyTasks, split_text
+from bots.chat.ordering import ReplyTasks
+from bots.chat.split import split_text
 
 
 @pytest.mark.timeout(10)

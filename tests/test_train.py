@@ -17,9 +17,9 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from core.config import Config
+from core.config.schema import Config
 from core.conversation import Turn
-from core.models import ModelSource, choose_placement, load_model
+from core.engine.models import ModelSource, choose_placement, load_model
 from accumulation import RANK_BATCHES, batches, gradient, tiny_model
 from core.prompts import IGNORE_INDEX, encode_for_training
 from tiny import build_tokenizer

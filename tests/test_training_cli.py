@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from core.config import load_settings
+from core.config.loading import load_settings
 from core.conversation import ConversationKey, Turn
 from core.prompts import encode
 from core.service import open_service

@@ -15,7 +15,8 @@ import pytest
 import soundfile
 import yaml
 
-from core.config import ConfigError, ListenSection, VoiceSection, load_settings
+from core.config.loading import ConfigError, load_settings
+from core.config.schema import ListenSection, VoiceSection
 from core.metrics import Metrics
 from ttt.cli import main
 from voice_tiny import spoken_clip, tiny_pocket_config, tiny_xtts_dir

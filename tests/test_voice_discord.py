@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bots.discord_voice import BUSY
+from bots.discord.voice.speaking import BUSY
 from conftest import make_config
-from core.config import Config, PersonaConfig
-from core.service import BUSY as TIMED_OUT  # what the text reply says when the model takes too long
+from core.config.schema import Config, PersonaConfig
+from core.errors import BUSY as TIMED_OUT  # what the text reply says when the model takes too long
 from fakes.discord_models import P
 from fakes.discord_server import FakeChannel, FakeDiscord, FakeGuild, FakeUser
 from fakes.discord_voice_server import FakeVoiceServer, VoiceSession, trusted_by_aiohttp
@@ -122,7 +122,7 @@ def voice_config(tmp_path, model_dir, voices, fake: FakeDiscord, guilds: list[Gu
 async def speaking(config: Config, fake: FakeDiscord):
     """The Discord adapter as `ttt serve` runs it, its speech engine loaded."""
     async with running(config, fake) as adapter:
-        await asyncio.wait_for(adapter.voice.speaker.start(), 30)
+        await asyncio.wait_for(adapter.voice.speech.start(), 30)
         yield adapter
 
 
@@ -175,7 +175,7 @@ def assert_heard(spurt: list) -> None:
 async def test_join_speak_in_order_skip_and_leave(tmp_path, speaker_model_dir, voices, fake, caplog):
     caplog.set_level(logging.INFO, logger="voice")
     caplog.set_level(logging.INFO, logger="bots")
-    caplog.set_level(logging.INFO, logger="bots.discord_bot")
+    caplog.set_level(logging.INFO, logger="bots.discord.adapter")
     g = add_guild(fake)
     locked = fake.add_voice_channel(g.guild, "Locked", overwrites=[
         {"id": str(fake.bot_role(g.guild).id), "type": 0, "allow": "0", "deny": str(P.CONNECT)}])

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from core.config import VoiceSection
-from voice.audio import CLIP_RATE, load_clip
-from voice.engine import VoiceUnavailable, load_engine
+from core.config.schema import VoiceSection
+from voice.speak.clips import CLIP_RATE, load_clip
+from voice.speak.factory import load_tts
+from voice.speak.tts import VoiceUnavailable
 from voice_tiny import spoken_clip, tiny_pocket_config, tiny_xtts_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ def speech(engine, state, text: str, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["pocket", "xtts"])
 def test_engine_clones_streams_and_restores_a_saved_state(kind, clip, tmp_path):
     model = str(tiny_pocket_config() if kind == "pocket" else tiny_xtts_dir())
-    engine = load_engine(section(kind, model))
+    engine = load_tts(section(kind, model))
     assert engine.name == kind and engine.sample_rate == 24_000 and engine.device == "cpu"
     assert model in engine.model_id
 
@@ -66,24 +67,24 @@ def test_pocket_refuses_weights_without_voice_cloning(tmp_path):
     config["weights_path"] = "hf://kyutai/pocket-tts-gated-test/model.safetensors"
     (tmp_path / "no-cloning.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(VoiceUnavailable, match="without voice cloning.*HF_TOKEN"):
-        load_engine(section("pocket", str(tmp_path / "no-cloning.yaml")))
+        load_tts(section("pocket", str(tmp_path / "no-cloning.yaml")))
 
 
 @pytest.mark.timeout(60)
 def test_engine_problems_are_explained(tmp_path, monkeypatch):
     with pytest.raises(VoiceUnavailable, match="no variant 'klingon'.*english_18m_2026-10"):
-        load_engine(section("pocket", "klingon"))
+        load_tts(section("pocket", "klingon"))
     with pytest.raises(VoiceUnavailable, match="no pocket-tts config at"):
-        load_engine(section("pocket", str(tmp_path / "missing.yaml")))
+        load_tts(section("pocket", str(tmp_path / "missing.yaml")))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     with pytest.raises(VoiceUnavailable, match="lacks model.pth, vocab.json"):
-        load_engine(section("xtts", str(tmp_path / "ckpt")))
+        load_tts(section("xtts", str(tmp_path / "ckpt")))
     monkeypatch.delenv("COQUI_TOS_AGREED", raising=False)
     with pytest.raises(VoiceUnavailable, match="non-commercial Coqui Public Model License.*COQUI_TOS_AGREED=1"):
-        load_engine(section("xtts", "tts_models/multilingual/multi-dataset/xtts_v2"))
+        load_tts(section("xtts", "tts_models/multilingual/multi-dataset/xtts_v2"))
     with pytest.raises(VoiceUnavailable, match="no CUDA device"):
-        load_engine(VoiceSection(engine="pocket", model=str(tiny_pocket_config()), device="cuda"))
+        load_tts(VoiceSection(engine="pocket", model=str(tiny_pocket_config()), device="cuda"))
 
 
 @pytest.mark.timeout(60)
@@ -91,9 +92,9 @@ def test_loading_pocket_keeps_the_chat_models_threads():
     """pocket-tts calls torch.set_num_threads(1) on import; the chat model must keep its threads."""
     code = (
         "import torch; torch.set_num_threads(3)\n"
-        "from core.config import VoiceSection\n"
-        "from voice.engine import load_engine\n"
-        f"load_engine(VoiceSection(model={str(tiny_pocket_config())!r}))\n"
+        "from core.config.schema import VoiceSection\n"
+        "from voice.speak.factory import load_tts\n"
+        f"load_tts(VoiceSection(model={str(tiny_pocket_config())!r}))\n"
         "print(torch.get_num_threads())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -105,9 +106,9 @@ def test_loading_pocket_keeps_the_chat_models_threads():
 def test_xtts_decodes_each_window_once_into_the_samples_of_a_whole_decode(clip):
     """The streaming decoder hands out a short first chunk, then longer ones, as the latents come,
     and together they are the audio of one decode of all of them: no seams, no cross-fades."""
-    from voice.xtts_decode import FIRST_CHUNK_S, WindowedDecoder
+    from voice.speak.xtts_decode import FIRST_CHUNK_S, WindowedDecoder
 
-    engine = load_engine(section("xtts", str(tiny_xtts_dir())))
+    engine = load_tts(section("xtts", str(tiny_xtts_dir())))
     decoder, args = engine.model.hifigan_decoder, engine.model.args
     generator = torch.Generator().manual_seed(0)
     latents = list(torch.randn(40, args.decoder_input_dim, generator=generator))

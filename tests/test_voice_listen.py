@@ -14,13 +14,13 @@ from discord.ext.voice_recv import rtp
 from discord.ext.voice_recv.reader import PacketDecryptor
 from discord.opus import Encoder
 
-from bots.discord_receive import OPUS_SILENCE, DaveDecrypt, rtp_payload
-from core.config import ListenSection
+from bots.discord.voice.receive import OPUS_SILENCE, DaveDecrypt, rtp_payload
+from core.config.schema import ListenSection
 from fakes.dave import group_of
 from fakes.discord_voice_server import SUPPORTED, FakeSpeaker, rtp_packet
-from voice.listen.hallucinations import heard
+from voice.listen.hallucinations import real_words
 from voice.listen.transcriber import acquire_transcriber
-from voice.listen.turns import Listener
+from voice.listen.turns import TurnTaker
 from voice_tiny import PHRASES, spoken_phrase, tiny_faster_whisper_dir, tiny_whisper_dir
 
 CHANNEL, BOT, ALICE, BOB = 4242, 1001, 1002, 1003
@@ -80,7 +80,7 @@ def frames(pcm: bytes) -> list[bytes]:
     return [pcm[i:i + 3840] for i in range(0, len(pcm) - 3839, 3840)]
 
 
-def feed(listener: Listener, speaker, pcm: bytes, start: float) -> float:
+def feed(listener: TurnTaker, speaker, pcm: bytes, start: float) -> float:
     """Feed `pcm` as 20 ms frames arriving in real time from `start`; returns the time after the last."""
     for i, frame in enumerate(frames(pcm)):
         listener.hear(speaker, frame, now=start + i * 0.02)
@@ -91,7 +91,7 @@ def feed(listener: Listener, speaker, pcm: bytes, start: float) -> float:
 def test_turns_end_after_silence_short_noise_is_no_turn_long_ones_are_cut_and_leavers_are_forgotten():
     config = ListenSection(enabled=True, silence_ms=500, min_speech_ms=300, max_turn_s=3)
     ended, speaking = [], []
-    listener = Listener(config, on_turns=ended.append, on_speech=speaking.append)
+    listener = TurnTaker(config, on_turns=ended.append, on_speech=speaking.append)
     phrase = stereo48(voiced(PHRASES[0]))
     silence = bytes(3840 * 50)
 
@@ -138,10 +138,10 @@ def test_whispers_hallucinations_and_empty_transcripts_are_not_turns():
                  "Subtitles by the Amara.org community", "Thank you. Thank you. Thank you. Thank you.",
                  "Thanks for watching! Please subscribe.", "Thank you for watching, and see you next time!",
                  " [Music]", "(upbeat music)", "*applause*", "♪ la la la ♪", "[BLANK_AUDIO] Thank you."]:
-        assert heard(said) is None, said
-    assert heard(" Thank you for the help, that was quick. ") == "Thank you for the help, that was quick."
-    assert heard("(laughs) Tell me a joke. [Music]") == "Tell me a joke."
-    assert heard("tell me more") == "tell me more"
+        assert real_words(said) is None, said
+    assert real_words(" Thank you for the help, that was quick. ") == "Thank you for the help, that was quick."
+    assert real_words("(laughs) Tell me a joke. [Music]") == "Tell me a joke."
+    assert real_words("tell me more") == "tell me more"
 
 
 @pytest.mark.timeout(120)
@@ -152,7 +152,7 @@ def test_turns_ending_together_are_transcribed_in_one_batch(engine):
     transcriber = acquire_transcriber(config)
     assert transcriber.stt.device == "cpu"  # "auto": CUDA when torch sees it
     results: queue.SimpleQueue = queue.SimpleQueue()
-    listener = Listener(config, on_turns=lambda turns: transcriber.submit(
+    listener = TurnTaker(config, on_turns=lambda turns: transcriber.submit(
         [(turn, lambda t, e: results.put((t, e))) for turn in turns]))
     try:
         ends = [feed(listener, speaker, stereo48(voiced(text, speed=160, pitch=45)), 0.0)
@@ -168,7 +168,7 @@ def test_turns_ending_together_are_transcribed_in_one_batch(engine):
 def test_listen_settings_defaults_overrides_errors_and_what_check_says(tmp_path):
     import yaml
 
-    from core.config import ConfigError, load_settings
+    from core.config.loading import ConfigError, load_settings
     from voice.check import check_voice
 
     path = tmp_path / "config.yaml"

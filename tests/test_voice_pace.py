@@ -1,11 +1,11 @@
-"""When a spoken reply starts playing (voice/pace.py): the start rule, replayed over engines' delivery
+"""When a spoken reply starts playing (voice/speak/pace.py): the start rule, replayed over engines' delivery
 timelines (no clocks: the timelines are numbers), and a player that must never run dry."""
 
 from __future__ import annotations
 
 import pytest
 
-from voice.pace import MARGIN_S, Pace, Progress, SentenceTiming, shortfall
+from voice.speak.pace import MARGIN_S, Pace, Progress, SentenceTiming, shortfall
 
 SPC = 0.05  # seconds of speech per character in these timelines
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import soxr
 
-from core.config import VoiceSection
+from core.config.schema import VoiceSection
 from core.metrics import Metrics
 from core.replies import ReplyUpdate
-from voice.pcm import PcmStream
-from voice.speaker import Speaker, VoiceBusy
+from voice.speak.pcm import PcmStream
+from voice.speak.speech import Speech
+from voice.speak.worker import VoiceBusy
 from voice_tiny import tiny_pocket_config, voices_dir_with
 
 FRAME = 3840  # 20 ms of 48 kHz stereo s16le
@@ -85,10 +86,10 @@ def test_pcm_stream_reports_underruns_ends_and_cancels():
 async def test_reply_speaks_each_sentence_while_the_rest_is_written(voices, caplog):
     caplog.set_level(logging.INFO, logger="voice")
     metrics = Metrics()
-    speaker = Speaker(section(voices), metrics)
-    await speaker.start()
+    speech = Speech(section(voices), metrics)
+    await speech.start()
     try:
-        reply = speaker.reply("alice", adapter="test", label="r1")
+        reply = speech.reply("alice", adapter="test", label="r1")
         await reply.on_update(ReplyUpdate("Hello"))
         await reply.on_update(ReplyUpdate("Hello there, friend. How are"))
         # The first sentence is spoken while the model still writes the second.
@@ -102,7 +103,7 @@ async def test_reply_speaks_each_sentence_while_the_rest_is_written(voices, capl
         frames = [first] + drain(reply.output)
         reply.finish("spoken")
     finally:
-        await speaker.close()
+        await speech.close()
     assert reply.sentences == 3 and reply.error is None
     pcm = pcm_of(frames)
     assert np.abs(pcm).max() > 100  # audible
@@ -121,37 +122,37 @@ async def test_reply_speaks_each_sentence_while_the_rest_is_written(voices, capl
 
 @pytest.mark.timeout(60)
 async def test_a_rewritten_draft_is_spoken_anew_and_failures_end_the_audio_quietly(voices):
-    speaker = Speaker(section(voices), Metrics())
-    await speaker.start()
+    speech = Speech(section(voices), Metrics())
+    await speech.start()
     try:
-        reply = speaker.reply("alice", adapter="test", label="draft")
+        reply = speech.reply("alice", adapter="test", label="draft")
         await reply.on_update(ReplyUpdate("Hello there. Bad wor"))
         await reply.on_update(ReplyUpdate("Let's talk about something else.", final=True))
         await asyncio.wait_for(reply.synthesized.wait(), 30)
         reply.finish("spoken")
         assert reply.sentences == 2 and reply.error is None
 
-        missing = speaker.reply("nobody", adapter="test", label="missing")
+        missing = speech.reply("nobody", adapter="test", label="missing")
         await missing.on_update(ReplyUpdate("Not said. At all.", final=True))  # never raises
         await asyncio.wait_for(missing.synthesized.wait(), 30)
         assert drain(missing.output) == [] and "no voice called 'nobody'" in str(missing.error)
         missing.finish("spoken")
 
-        failed = speaker.reply("alice", adapter="test", label="failed")
+        failed = speech.reply("alice", adapter="test", label="failed")
         await failed.on_update(ReplyUpdate("Half of a reply. And"))
         failed.abandon_unfinished()  # the text reply failed before its final update
         await asyncio.wait_for(failed.synthesized.wait(), 30)
         assert failed.output.read(timeout=0) == b""
         failed.finish("failed")
     finally:
-        await speaker.close()
-    sample = speaker.metrics.registry.get_sample_value
+        await speech.close()
+    sample = speech.metrics.registry.get_sample_value
     assert sample("ttt_voice_replies_total", {"adapter": "test", "outcome": "failed"}) == 2
 
 
 @pytest.mark.timeout(60)
 async def test_one_engine_per_process_and_a_bounded_queue(voices):
-    first, second = Speaker(section(voices, max_queue=2), Metrics()), Speaker(section(voices, max_queue=2), Metrics())
+    first, second = Speech(section(voices, max_queue=2), Metrics()), Speech(section(voices, max_queue=2), Metrics())
     await asyncio.gather(first.start(), second.start())
     try:
         assert first.worker is second.worker  # one loaded model, shared

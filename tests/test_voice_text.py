@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from core.safety import neutralize_mentions
-from voice.sentences import SentenceSplitter
-from voice.speakable import CODE_SAID, speakable
+from voice.speak.sentences import SentenceSplitter
+from voice.speak.speakable import CODE_SAID, speakable
 
 
 @pytest.mark.parametrize("text, said", [

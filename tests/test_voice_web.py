@@ -12,7 +12,7 @@ import pytest
 from selenium.webdriver.common.by import By
 
 from conftest import make_config
-from core.config import Config, PersonaConfig
+from core.config.schema import Config, PersonaConfig
 from test_web_api import API_KEY, Server, start_server, stop_server
 from test_web_page import ServerThread, browser, messages, ready, send, wait_for  # noqa: F401 - browser: a fixture
 from voice_tiny import tiny_pocket_config, voices_dir_with

@@ -15,12 +15,13 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bots.serve import plan_adapters, serve
-from bots.web import WebAdapter, create_adapter
+from ttt.serve import plan_adapters, serve
+from bots.web.server import WebAdapter, create_adapter
 from conftest import make_config, make_settings
-from core.config import Config
+from core.config.schema import Config
 from core.conversation import ConversationKey
-from core.service import MEMORY_UNAVAILABLE, ChatService, open_service
+from core.errors import MEMORY_UNAVAILABLE
+from core.service import ChatService, open_service
 from fakes.openai_server import FakeOpenAIServer
 from pg import pg_url, postgres  # noqa: F401 (fixtures)
 from test_service import GatedOpenAIServer
@@ -287,7 +288,7 @@ async def test_oversize_body_and_headers_are_refused_in_the_error_shape(server, 
     got, answer = await server.chat("{" + " " * (2 * 1024 * 1024) + "}")
     assert got == 413 and "too large" in answer["error"]["message"] and ".." not in answer["error"]["message"]
     assert answer["error"]["code"] == "request_too_large"
-    caplog.set_level("INFO", logger="bots.web")
+    caplog.set_level("INFO", logger="bots.web.server")
     # An oversized header may be a credential: it is neither echoed nor logged.
     async with server.http.get(f"{server.url}/v1/models",
                                headers={"Authorization": "Bearer sk-leak-me" + "a" * 10_000}) as r:

@@ -18,9 +18,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from bots.web import create_adapter
+from bots.web.server import create_adapter
 from conftest import make_config, make_settings
-from core.config import Config
+from core.config.schema import Config
 from core.conversation import ConversationKey
 from core.service import open_service
 from trap_model import PROMPT, TRAPS, cached_trap_model

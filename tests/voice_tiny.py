@@ -52,7 +52,7 @@ def _bpe(path: Path, specials: list[str], vocab_size: int) -> int:
 
 
 def _build_pocket(out: Path, final: Path) -> None:
-    from voice.pocket_engine import _import_pocket
+    from voice.speak.pocket_engine import _import_pocket
 
     pocket_tts, configs_dir = _import_pocket()
     n_bins = _bpe(out / "tokenizer.json", ["[UNK]"], 200)
@@ -129,9 +129,9 @@ def spoken_clip(path: Path, text: str = "The quick brown fox jumps over the lazy
 
 def voices_dir_with(root: Path, name: str = "ada") -> Path:
     """`root` as a voices_dir holding one registered voice (espeak-ng speech), its pocket state computed."""
-    from core.config import VoiceSection
-    from voice.registry import VoiceRegistry
-    from voice.worker import acquire_worker
+    from core.config.schema import VoiceSection
+    from voice.speak.registry import VoiceRegistry
+    from voice.speak.worker import acquire_worker
 
     worker = acquire_worker(VoiceSection(model=str(tiny_pocket_config()), voices_dir=root))
     try:

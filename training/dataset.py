@@ -6,12 +6,11 @@ DialoGPT (Zhang et al. 2019, §2, and its reddit extractor) and act on turns: a 
 fails a rule is pruned with everything below it, so the paths through it end at its parent
 (still a session when long enough) and its siblings' paths are untouched.
 
-    python -m training.dataset RAW.jsonl OUT_DIR [--validation-fraction 0.1 --seed 0]
+`ttt build-data` runs it.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import html
 import json
@@ -394,22 +393,3 @@ Session shape: {", ".join(f"`{k}`={v}" for k, v in shape.items())}
 
 Reddit content belongs to its authors and is subject to Reddit's terms; use accordingly.
 """
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("raw", type=Path, help="JSONL written by training.scrape")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-title", action="store_true", help="start sessions at the top-level comments")
-    args = parser.parse_args(argv)
-    cfg = DatasetConfig(include_title=not args.no_title, validation_fraction=args.validation_fraction, seed=args.seed)
-    report = build_dataset(args.raw, args.out_dir, cfg)
-    print(report.table())
-    print(f"written to {args.out_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,7 +5,7 @@ persona's target tokens, as in training), distinct-1/2 (unique word n-grams / al
 over the replies, Li et al. 2016) and the average reply length in words. Replies are greedy
 (no_repeat_ngram_size 3, so a looping model does not drown the numbers) to the first held-out
 contexts, base and fine-tuned side by side. Models load the way the service loads them
-(core.models.load_model); a LoRA personality is its base with the adapter, and the base's own
+(core.engine.models.load_model); a LoRA personality is its base with the adapter, and the base's own
 replies come from the same model with the adapter switched off.
 """
 
@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from core.conversation import Turn
-from core.models import ModelSource, ModelUnavailable, choose_placement, load_model
+from core.engine.models import ModelSource, ModelUnavailable, choose_placement, load_model
 from core.prompts import PromptTooLong, SystemPromptTooLong, end_of_turn_ids, fit_to_budget
 from training.examples import encode_all, make_loader, read_sessions, session_turns
 from training.train import validation_loss

@@ -5,15 +5,13 @@ with ``replies``). Each line is flushed as soon as its thread is complete, so an
 scrape keeps every finished thread, and running the same command again skips them.
 praw's own rate limiting paces the requests.
 
-    python -m training.scrape SUBREDDIT OUT.jsonl [--listing top --time-filter year --limit 500]
+`ttt scrape SUBREDDIT` runs it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +25,6 @@ from tqdm import tqdm
 
 ENV_CLIENT_ID = "REDDIT_CLIENT_ID"
 ENV_CLIENT_SECRET = "REDDIT_CLIENT_SECRET"
-ENV_USER_AGENT = "REDDIT_USER_AGENT"
 ENV_USERNAME = "REDDIT_USERNAME"
 ENV_PASSWORD = "REDDIT_PASSWORD"
 DEFAULT_USER_AGENT = "talk-to-transformers/0.1 (persona training scraper)"
@@ -231,34 +228,3 @@ def _reason(exc: prawcore.ResponseException) -> str:
         return str(exc.response.json().get("reason", ""))
     except ValueError:
         return ""
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("subreddit")
-    parser.add_argument("out", type=Path, help="JSONL file; appended to, so a re-run resumes")
-    parser.add_argument("--listing", choices=LISTINGS, default="hot")
-    parser.add_argument("--time-filter", choices=TIME_FILTERS, default="all")
-    parser.add_argument("--limit", type=int, default=1000)
-    parser.add_argument("--replace-more-limit", type=int, default=32)
-    args = parser.parse_args(argv)
-    try:
-        summary = scrape(
-            args.subreddit, args.out,
-            user_agent=os.environ.get(ENV_USER_AGENT) or DEFAULT_USER_AGENT,
-            username=os.environ.get(ENV_USERNAME), password=os.environ.get(ENV_PASSWORD),
-            listing=args.listing, time_filter=args.time_filter, limit=args.limit,
-            replace_more_limit=args.replace_more_limit,
-        )
-    except ScrapeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"{summary.submissions} threads ({summary.comments} comments) written to {summary.out_path}, "
-        f"{summary.skipped} already there, {summary.unexpanded} 'more comments' links not expanded"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -354,9 +353,3 @@ def _subreddits(data_dir: Path) -> list[str]:
     if not report.is_file():
         return []
     return list(json.loads(report.read_text()).get("subreddits", []))
-
-
-if __name__ == "__main__":  # accelerate launch -m training.train [ttt train options]
-    from ttt.cli import main as ttt_main
-
-    sys.exit(ttt_main(["train", *sys.argv[1:]]))

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from core.config import Settings
+from core.config.loading import Settings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.config import Settings
+from core.config.loading import Settings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -45,8 +45,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def run_add(settings: Settings, args: argparse.Namespace) -> int:
-    from voice.engine import VoiceUnavailable
-    from voice.registry import VoiceError, VoiceRegistry
+    from voice.speak.tts import VoiceUnavailable
+    from voice.speak.registry import VoiceError, VoiceRegistry
 
     registry = VoiceRegistry(settings.config.voice.voices_dir)
     try:
@@ -62,7 +62,7 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_list(settings: Settings, args: argparse.Namespace) -> int:
-    from voice.registry import VoiceError, VoiceRegistry
+    from voice.speak.registry import VoiceError, VoiceRegistry
 
     registry = VoiceRegistry(settings.config.voice.voices_dir)
     names = registry.names()
@@ -83,7 +83,7 @@ def run_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_remove(settings: Settings, args: argparse.Namespace) -> int:
-    from voice.registry import VoiceError, VoiceRegistry
+    from voice.speak.registry import VoiceError, VoiceRegistry
 
     try:
         VoiceRegistry(settings.config.voice.voices_dir).remove(args.name)
@@ -99,10 +99,10 @@ def run_remove(settings: Settings, args: argparse.Namespace) -> int:
 def run_say(settings: Settings, args: argparse.Namespace) -> int:
     import asyncio
 
-    from voice.engine import VoiceUnavailable
-    from voice.registry import VoiceError
-    from voice.say import say
-    from voice.speakable import speakable
+    from voice.speak.tts import VoiceUnavailable
+    from voice.speak.registry import VoiceError
+    from voice.speak.to_file import speak_to_file
+    from voice.speak.speakable import speakable
 
     cfg = settings.config
     persona = args.persona or (None if args.voice else cfg.service.default_persona)
@@ -116,7 +116,7 @@ def run_say(settings: Settings, args: argparse.Namespace) -> int:
                      "(emoji, emoticons and markup are skipped)")
     _loading(settings)
     try:
-        seconds = asyncio.run(say(cfg.voice, args.text, voice, args.output))
+        seconds = asyncio.run(speak_to_file(cfg.voice, args.text, voice, args.output))
     except (VoiceError, VoiceUnavailable) as exc:
         return _fail(str(exc))
     print(f"wrote {seconds:.1f} s of speech in {voice or 'the engine default voice'} to {args.output}")
@@ -129,10 +129,10 @@ def _loading(settings: Settings) -> None:
 
 
 def _load_engine(settings: Settings):
-    from voice.engine import load_engine
+    from voice.speak.factory import load_tts
 
     _loading(settings)
-    return load_engine(settings.config.voice)
+    return load_tts(settings.config.voice)
 
 
 def _personas_by_voice(settings: Settings) -> dict[str, list[str]]:

@@ -7,8 +7,8 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 
-from core.config import Config
-from voice.registry import VoiceRegistry
+from core.config.schema import Config
+from voice.speak.registry import VoiceRegistry
 
 EXTRAS = {"pocket": ("voice", ("pocket_tts", "soxr", "soundfile", "pysbd", "num2words")),
           "xtts": ("xtts", ("TTS", "torchaudio", "soxr", "soundfile", "pysbd", "num2words"))}

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from core.config import DatabaseSection
-from core.conversation import ConversationStore, SQLiteStore, check_sqlite
+from core.config.schema import DatabaseSection
+from core.conversation import ConversationStore
+from core.stores.sqlite import SQLiteStore, check_sqlite
 from core.metrics import Metrics
 
 

@@ -24,8 +24,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from core.config import DatabaseSection
-from core.conversation import ConversationBusy, ConversationKey, KeyedLocks, StoreUnavailable, StoreUnusable, Turn
+from core.config.schema import DatabaseSection
+from core.conversation import ConversationBusy, ConversationKey, StoreUnavailable, StoreUnusable, Turn
+from core.stores.locks import KeyedLocks
 from core.stores.postgres_schema import SCHEMA_VERSION, migrate
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from core.conversation import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
+from core.stores.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from core.stores.postgres import PostgresStore, storable
 
 BATCH = 2000

@@ -1,6 +1,6 @@
 """Listening: people's speech in, their turns as text out. It knows nothing of Discord.
 
-    listener = Listener(config.voice.listen, on_speech=..., on_turns=...)
+    listener = TurnTaker(config.voice.listen, on_speech=..., on_turns=...)
     listener.hear("alice-id", pcm_48k_stereo)     # each 20 ms frame of one person, as it arrives
     listener.tick()                               # now and then: silence is also the absence of frames
     transcriber.submit([(turn, on_text), ...])    # turns that ended -> their texts, off the event loop

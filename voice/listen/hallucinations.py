@@ -26,7 +26,7 @@ _CAPTION = re.compile(r"\[[^\]]*\]|\([^)]*\)|\*[^*]*\*|♪[^♪]*♪")  # what W
 _CLAUSE = re.compile(r"[.!?,;:…]+(?:\s|$)")  # not inside "Amara.org"
 
 
-def heard(text: str) -> str | None:
+def real_words(text: str) -> str | None:
     """The transcript as a turn, or None when it is empty or a known hallucination."""
     text = " ".join(_CAPTION.sub(" ", text).split())
     normal = _normal(text)

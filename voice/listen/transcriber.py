@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from core.config import ListenSection
-from voice.listen.hallucinations import heard
-from voice.listen.stt import SpeechToText, load_stt
+from core.config.schema import ListenSection
+from voice.listen.hallucinations import real_words
+from voice.listen.factory import load_stt
+from voice.listen.stt import SpeechToText
 from voice.listen.turns import Turn
-from voice.shared import Shared
+from core.loading import Shared
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Transcriber:
             return
         now = time.monotonic()
         for (turn, done), text in zip(batch, texts):
-            _call(done, Transcript(turn, heard(text), text, now, now - started, len(batch)), None)
+            _call(done, Transcript(turn, real_words(text), text, now, now - started, len(batch)), None)
 
     def release(self) -> None:
         """Done with the transcriber; the last user's release stops it and unloads the model."""

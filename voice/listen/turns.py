@@ -6,7 +6,7 @@ turn (a cough, a click), and a turn is cut at `max_turn_s`. Silence is also time
 Discord client stops sending when its user stops speaking, so `tick()` ends turns whose audio has
 stopped coming. Everything happens in memory; nothing is written anywhere.
 
-`Listener` is fed from a receiving thread and ticked from another: it locks around each speaker's
+`TurnTaker` is fed from a receiving thread and ticked from another: it locks around each speaker's
 state. Its callbacks run in the thread that called it and must only hand work on.
 """
 
@@ -22,7 +22,7 @@ from typing import Callable, Hashable
 import numpy as np
 import soxr
 
-from core.config import ListenSection
+from core.config.schema import ListenSection
 from voice.listen.vad import CHUNK, CHUNK_MS, RATE, SpeechDetector
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class _Speaker:
     last_speech_at: float = 0.0
 
 
-class Listener:
+class TurnTaker:
     """Turns of everyone heard in one place (a Discord voice channel).
 
     `on_speech(speaker)` is called once a turn holds `min_speech_ms` of speech (someone is talking:

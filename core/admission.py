@@ -1,0 +1,76 @@
+"""Admission: whether the service takes a message now, and what to say when it does not.
+
+A message is taken when its words are readable text within `service.max_input_chars` and its
+author is within their platform's rate limit. Words that are refused get a notice in the
+conversation (and do not count against the rate limit); a person over the limit is told to slow
+down once per window, then refused silently, so that a flood gets one notice, not one per message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.conversation import ConversationStore
+from core.errors import InputRejected
+
+EMPTY = "I didn't catch any words there. Say something after the mention!"
+UNREADABLE = "That message holds something that is not text I can read."
+
+
+def too_long(limit: int) -> str:
+    return f"That message is a bit long for me: please keep it under {limit} characters."
+
+
+@dataclass(frozen=True)
+class Message:
+    """Words the service has taken: checked once, by `validate` (directly or through admission)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The service's answer to a message: `message` when taken; otherwise `notice` (say it in the
+    conversation), or `slow_down` (seconds until one more would be taken, set only for the first
+    refusal of a window: tell the person, then stay silent)."""
+
+    message: Message | None = None
+    notice: str | None = None
+    slow_down: float | None = None
+
+
+def validate(text: str | None, max_chars: int) -> Message:
+    """The message as the service takes it (stripped); raises InputRejected (nothing counted or stored)."""
+    text = (text or "").strip()
+    if not text:
+        raise InputRejected(EMPTY)
+    if len(text) > max_chars:
+        raise InputRejected(too_long(max_chars))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: JSON "\ud800", or undecodable bytes read from a terminal
+        raise InputRejected(UNREADABLE) from None
+    return Message(text)
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """Whether a person may send another message now; when not, whether to tell them (once a window)."""
+
+    wait_s: float
+    notify: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.wait_s <= 0
+
+
+async def check_rate(store: ConversationStore, platform: str, author_id: str, per_minute: int) -> RateDecision:
+    """Count a message of this person (0 = no limit); when over the limit, `notify` is True only for
+    the first refusal in the window. Raises StoreUnavailable when the store cannot count."""
+    if per_minute <= 0:
+        return RateDecision(0.0)
+    wait = await store.count_event(f"rate:{platform}", author_id, per_minute, 60.0)
+    if wait <= 0:
+        return RateDecision(0.0)
+    return RateDecision(wait, await store.claim(f"rate-notice:{platform}", author_id, wait))

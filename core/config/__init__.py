@@ -1,0 +1,1 @@
+"""Configuration: its schema (schema.py) and how it is read (loading.py)."""

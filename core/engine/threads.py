@@ -1,0 +1,87 @@
+"""How many CPU threads each kind of forward pass gets, chosen by timing the candidates.
+
+A batch-1 decode step is a chain of small matrix-vector products: on an idle machine a second
+thread speeds it up, but when the other cores are busy each product waits for a thread that is
+not scheduled, and one thread is several times faster (measured on 2 cores: 0.47 ms against 8 ms
+per product). Large batches and prefills gain from every core. Load changes, so the choice is
+measured, per kind of pass, and re-checked now and then.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+from collections import deque
+
+EXPLORE_EVERY = 64  # passes of one kind between re-checks of the runner-up, at first
+EXPLORE_AT_MOST_EVERY = 4096  # a runner-up that keeps losing is re-checked ever more rarely, down to this
+RECENT = 5  # a count's time is the median of its last passes: one pass the scheduler delayed moves nothing
+
+
+def bucket(size: int) -> int:
+    """Sizes are grouped by powers of two: 1, 2, 4, 8, ..."""
+    return 1 << max(0, size - 1).bit_length()
+
+
+class ThreadTuner:
+    """Keeps, per kind of pass, the recent times of each candidate thread count.
+
+    A re-check of a losing count costs a slow pass (on a busy machine a two-thread step can take
+    40 times longer), so each time the runner-up loses again its next re-check waits twice as long.
+    A re-check that wins (the machine got quieter) is repeated at once, so that the runner-up takes
+    over after a few passes instead of a few thousand. On a busy machine a two-thread pass now and
+    then takes 10-30 times its usual time (the other thread was not scheduled): times are medians,
+    so such a pass alone changes no choice.
+    """
+
+    def __init__(self, max_threads: int):
+        powers = {1 << i for i in range(max_threads.bit_length()) if 1 << i <= max_threads}
+        self.candidates = sorted(powers | {max_threads})
+        self._seconds: dict[tuple, dict[int, deque[float]]] = {}
+        self._since: dict[tuple, int] = {}  # passes since the last re-check
+        self._interval: dict[tuple, int] = {}
+
+    def choose(self, kind: tuple) -> int:
+        """The thread count for the next pass of this kind."""
+        if len(self.candidates) == 1:
+            return self.candidates[0]
+        seconds = self._seconds.setdefault(kind, {})
+        untried = [n for n in self.candidates if n not in seconds]
+        if untried:
+            return untried[0]
+        ranked = sorted(self.candidates, key=lambda n: statistics.median(seconds[n]))
+        since = self._since[kind] = self._since.get(kind, 0) + 1
+        if since >= self._interval.setdefault(kind, EXPLORE_EVERY):
+            self._since[kind] = 0
+            return ranked[1]
+        return ranked[0]
+
+    def record(self, kind: tuple, threads: int, seconds: float) -> None:
+        times = self._seconds.setdefault(kind, {})
+        best = self.best(kind)
+        times.setdefault(threads, deque(maxlen=RECENT)).append(seconds)
+        if best is not None and threads != best and len(times) == len(self.candidates):
+            interval = self._interval.get(kind, EXPLORE_EVERY)
+            won = seconds < statistics.median(times[best])
+            self._interval[kind] = 1 if won else min(max(2 * interval, EXPLORE_EVERY), EXPLORE_AT_MOST_EVERY)
+
+    def is_trial(self, kind: tuple, threads: int) -> bool:
+        """Whether a pass of this kind at `threads` tries a count out (one not yet measured, or the
+        runner-up's re-check) rather than running at the best known count: on a busy machine a trial
+        can be many times slower than what the engine runs at."""
+        return len(self.candidates) > 1 and threads != self.best(kind)
+
+    def best(self, kind: tuple) -> int | None:
+        """The currently preferred count, if this kind has been measured."""
+        seconds = self._seconds.get(kind)
+        return min(seconds, key=lambda n: statistics.median(seconds[n])) if seconds else None
+
+
+def in_own_thread(fn, *args):
+    """Run `fn(*args)` on a thread that ends with it, so that its OpenMP team ends too (for work
+    that needs every core, such as a benchmark's baseline, next to an engine's worker)."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args)))
+    thread.start()
+    thread.join()
+    return result[0]

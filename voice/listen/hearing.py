@@ -1,0 +1,128 @@
+"""Hearing: listening for one service, over the process's shared speech-to-text model.
+
+    hearing = Hearing(config.voice.listen, metrics); await hearing.start()    # raises SttUnavailable
+    room = hearing.room("guild 1", on_transcript=..., on_speech=...)          # one per place people talk
+    room.hear(person, pcm)           # 20 ms of 48 kHz stereo s16le, from any thread, as it arrives
+    room.forget(person); room.close()
+    await hearing.close()
+
+A room cuts each person's audio into turns (turns.py: voice activity, then silence or a cap), a
+ticker thread ends the turns whose audio stopped coming, and the shared transcriber
+(transcriber.py) writes them down off the event loop. Its callbacks run on the event loop:
+`on_speech(person)` once someone has spoken long enough to take the turn (barge-in), and
+`on_transcript(person, transcript)` for each turn written down. The speaking side mirrors it
+(voice/speak/speech.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Callable, Hashable
+
+from core.config.schema import ListenSection
+from core.loading import LoadOnce
+from core.metrics import Metrics
+from voice.listen.transcriber import Transcriber, Transcript, acquire_transcriber
+from voice.listen.turns import Turn, TurnTaker
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05  # how often turns whose audio stopped coming are checked for their end
+
+OnTranscript = Callable[[Hashable, Transcript], None]
+
+
+class Hearing:
+    def __init__(self, section: ListenSection, metrics: Metrics):
+        self.section = section
+        self.metrics = metrics
+        self._transcriber: LoadOnce[Transcriber] = LoadOnce(lambda: acquire_transcriber(section), Transcriber.release)
+
+    @property
+    def transcriber(self) -> Transcriber | None:
+        return self._transcriber.item
+
+    async def start(self) -> None:
+        """Load the speech-to-text model (once per process, off the event loop); raises SttUnavailable."""
+        if self.transcriber is not None:
+            return
+        transcriber = await self._transcriber.get()
+        log.info("listen: %s speech to text ready (%s on %s)", transcriber.stt.name,
+                 self.section.model or "its default model", transcriber.stt.device)
+
+    async def close(self) -> None:
+        await self._transcriber.close()
+
+    def room(self, name: str, *, on_transcript: OnTranscript,
+             on_speech: Callable[[Hashable], None] = lambda person: None) -> "Room":
+        """A place where people talk (call it on the event loop: callbacks come back to it)."""
+        return Room(self, name, on_transcript, on_speech)
+
+
+class Room:
+    """The people heard in one place: their turns, ended by a ticker thread, written down by the
+    shared transcriber."""
+
+    def __init__(self, hearing: Hearing, name: str, on_transcript: OnTranscript, on_speech: Callable[[Hashable], None]):
+        self.hearing = hearing
+        self.name = name
+        self.on_transcript = on_transcript
+        self.on_speech = on_speech
+        self.loop = asyncio.get_running_loop()
+        self.turns = TurnTaker(hearing.section, on_turns=self._turns_ended, on_speech=self._speech_started)
+        self._stopped = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name=f"listen-{name}", daemon=True)
+        self._ticker.start()
+
+    def hear(self, person: Hashable, pcm: bytes) -> None:
+        """Take 20 ms of a person's audio (any thread)."""
+        self.turns.hear(person, pcm)
+
+    def forget(self, person: Hashable) -> None:
+        """Drop what this person was saying (they left, or asked not to be heard)."""
+        self.turns.forget(person)
+
+    def forget_everyone(self) -> None:
+        for person in self.turns.speakers():
+            self.turns.forget(person)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self.forget_everyone()
+
+    # ---- receiving and ticking threads ---------------------------------------------------------
+
+    def _tick(self) -> None:
+        while not self._stopped.wait(TICK_S):
+            try:
+                self.turns.tick()
+            except Exception:  # noqa: BLE001 - never lose the ticker
+                log.exception("listen: ending turns failed in %s", self.name)
+
+    def _turns_ended(self, turns: list[Turn]) -> None:
+        transcriber = self.hearing.transcriber
+        if transcriber is not None:
+            transcriber.submit([(turn, self._transcribed) for turn in turns])
+
+    def _transcribed(self, transcript: Transcript | None, error: Exception | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody to answer
+            self.loop.call_soon_threadsafe(self._written_down, transcript, error)
+
+    def _speech_started(self, person: Hashable) -> None:
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.on_speech, person)
+
+    # ---- event loop ----------------------------------------------------------------------------
+
+    def _written_down(self, transcript: Transcript | None, error: Exception | None) -> None:
+        metrics = self.hearing.metrics
+        if error is not None:
+            metrics.voice_turns.labels("failed").inc()
+            return
+        transcriber = self.hearing.transcriber
+        metrics.voice_transcription.labels(transcriber.stt.name if transcriber else "?").observe(
+            transcript.transcription_s)
+        self.on_transcript(transcript.turn.speaker, transcript)
