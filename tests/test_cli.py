@@ -19,6 +19,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import make_config
@@ -207,7 +208,13 @@ def run_ttt(tmp_path, monkeypatch):
 
 PROGRESS = re.compile(r"\d+%\|")  # a progress bar (the default model loads meanwhile)
 START_UP_FAILURES = ["read-only directory", "read-only file", "parent is a file", "garbage", "truncated", "corrupt",
-                     "empty config", "unreachable discord", "no adapter"]
+                     "empty config", "unreachable discord", "no adapter", "cuda", "cuda index", "device_map",
+                     "voice device"]
+# A device named in the config that this machine lacks (CI has no GPU): the environment variable, and what the line names.
+MISSING_DEVICES = {"cuda": ("TTT_GENERATOR__DEVICE", "cuda", "generator.device is 'cuda'"),
+                   "cuda index": ("TTT_GENERATOR__DEVICE", "cuda:3", "generator.device is 'cuda:3'"),
+                   "device_map": ("TTT_GENERATOR__DEVICE_MAP", "auto", "generator.device_map is 'auto'"),
+                   "voice device": ("TTT_VOICE__DEVICE", "cuda:1", "voice.device is 'cuda:1'")}
 
 
 @pytest.mark.timeout(120)
@@ -227,6 +234,13 @@ def test_broken_start_up_ends_in_one_clear_line_and_check_finds_it(tmp_path, wor
     elif kind == "no adapter":
         monkeypatch.setenv("TTT_WEB__ENABLED", "off")  # and no platform token
         expected = "web.enabled"
+    elif kind in MISSING_DEVICES:
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        name, value, expected = MISSING_DEVICES[kind]
+        monkeypatch.setenv(name, value)
+        if kind == "voice device":
+            monkeypatch.setenv("TTT_VOICE__ENABLED", "true")
     else:
         database, expected = broken_database(tmp_path, kind)
         path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "database": {"path": str(database)}}))

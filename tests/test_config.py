@@ -59,6 +59,8 @@ def test_shipped_config_is_valid(monkeypatch, tmp_path):
          ["service.default_persona", "'nobody'", "p"]),
         ({"personas": {"p": {"model": "x", "decoding": {"top_p": 3}}}, "service": {"default_persona": "p"}},
          ["personas.p.decoding.top_p", "3", "less than or equal to 1"]),
+        ({"generator": {"device": "gpu"}, "personas": PERSONA, "service": {"default_persona": "p"}},
+         ["generator.device", "'gpu'", "auto, cpu, cuda or cuda:N"]),
     ],
 )
 def test_errors_name_key_value_and_expectation(tmp_path, data, expected):
@@ -145,7 +147,7 @@ BASE = {
     "personas": {"p": {"model": "some/hub-id", "format": "dialogpt"},
                  "e": {"model": "served", "endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}}},
 }
-TRICKY_TEXT = ["off", "123", "yes", "p"]  # YAML would read the first three as a bool, a number, a bool
+TRICKY_TEXT = ["off", "123", "yes", "p", "cuda:1"]  # YAML would read the first three as a bool, a number, a bool
 
 
 def _leaves(model: type[BaseModel], path: tuple[str, ...]):

@@ -85,6 +85,9 @@ def test_serve_starts_web_by_default_and_stops_gracefully(tmp_path, word_model_d
             process.kill()
     logs = logs.read_text()
     assert "web adapter started" in logs and "shutting down" in logs and "stopped" in logs
+    # generator.device auto: which device and dtype were chosen, and why, said once.
+    chosen = [line for line in logs.splitlines() if "generator: " in line]
+    assert len(chosen) == 1 and "generator.device is auto" in chosen[0] and "float32" in chosen[0], logs
 
 
 @pytest.mark.timeout(60)

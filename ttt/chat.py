@@ -24,12 +24,16 @@ CLI_HELP = help_text(HelpStyle(
 async def chat_loop(settings: Settings, persona: str | None, session: str) -> int:
     """Read lines from stdin, answer each through the ChatService; /help lists commands."""
     from core.conversation import ConversationKey, StoreUnavailable, StoreUnusable
+    from core.devices import configured_device_problems
     from core.errors import ChatError
     from core.service import open_service
 
     # Undecodable input becomes text the service refuses politely; unprintable output is escaped.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    for problem in configured_device_problems(settings.config):
+        print(f"ttt: cannot start: {problem}", file=sys.stderr)
+        return 2
     try:
         service = await open_service(settings.config, dict(os.environ))
     except (StoreUnusable, StoreUnavailable) as exc:

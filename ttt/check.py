@@ -11,6 +11,7 @@ from core.config.schema import PersonaConfig
 
 async def check(settings: Settings) -> int:
     """Print what `serve` would start and every problem that would stop it; non-zero when there is one."""
+    from core.devices import configured_device_problems
     from core.metrics import Metrics
     from core.personas import PersonaRegistry
     from core.stores import check_database
@@ -26,10 +27,14 @@ async def check(settings: Settings) -> int:
     database = await check_database(cfg.database, dict(os.environ))
     print(f"database: {cfg.database.url or cfg.database.path}{'  PROBLEM: ' + database if database else ''}")
     problems += [database] if database else []
-    registry = PersonaRegistry(cfg, Metrics())
-    placement = registry.placement
-    print(f"device: {placement.device}  dtype: {str(placement.dtype).removeprefix('torch.')}"
-          f"{'  device_map: ' + placement.device_map if placement.device_map else ''}")
+    devices = configured_device_problems(cfg)
+    problems += devices
+    if devices:
+        print(f"device: {cfg.generator.device}  PROBLEM: {'; '.join(devices)}")
+    else:
+        placement = PersonaRegistry(cfg, Metrics()).placement
+        print(f"device: {placement.device}  dtype: {placement.dtype}"
+              f"{'  device_map: ' + placement.device_map if placement.device_map else ''}")
     print("adapters:")
     plans = plan_adapters(settings)
     problems += [] if any(plan.wanted for plan in plans) else [NO_ADAPTER]

@@ -18,6 +18,7 @@ import aiohttp
 
 from core.config.loading import Settings
 from core.conversation import StoreUnavailable, StoreUnusable
+from core.devices import configured_device_problems
 from core.service import ChatService, open_service
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,11 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     Anything that stops start-up (an adapter that cannot start, an unusable database) ends it
     with one log line that says what, and exit code 2.
     """
+    devices = configured_device_problems(settings.config)
+    for problem in devices:
+        log.error("cannot start: %s", problem)
+    if devices:
+        return 2
     plans = [p for p in plan_adapters(settings) if p.wanted]
     broken = [p for p in plans if p.problem]
     for plan in broken:
@@ -119,6 +125,9 @@ async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:
     except (StoreUnusable, StoreUnavailable) as exc:
         log.error("cannot start: %s", exc)
         return 2
+    if any(persona.endpoint is None for persona in settings.config.personas.values()):
+        placement = await asyncio.to_thread(lambda: service.personas.placement)  # CUDA probing can take a while
+        log.info("generator: %s", placement.describe())
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

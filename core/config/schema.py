@@ -35,6 +35,18 @@ def _switch_word(value: Any) -> Any:
 Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_switch_word)]
 """An adapter switch: `auto` (decided by the tokens that are set), `on` or `off`."""
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _device_name(value: Any) -> Any:
+    if isinstance(value, str) and _DEVICE.fullmatch(value.strip().lower()):
+        return value.strip().lower()
+    raise ValueError("auto, cpu, cuda or cuda:N (N: the GPU's index)")
+
+
+Device = Annotated[str, BeforeValidator(_device_name)]
+"""Where a model runs: `auto` (a GPU when torch sees one, else the CPU), `cpu`, `cuda` or `cuda:N`."""
+
 
 class Decoding(Section):
     """How a persona samples its replies."""
@@ -162,7 +174,7 @@ class ConversationSection(Section):
 
 
 class GeneratorSection(Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device_map: Literal["auto"] | None = None
     max_batch_size: int = Field(32, ge=1)
@@ -281,7 +293,7 @@ class ListenSection(Section):
                                                 "format; faster-whisper: a size, hub id or CTranslate2 directory; "
                                                 "null: the engine's default (a small English Whisper, base.en)")
     language: str | None = Field("en", description="the language spoken (null: Whisper detects it)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     echo_text: bool = Field(True, description="post each transcript and its answer in the linked text channel")
 
 
@@ -295,7 +307,7 @@ class VoiceSection(Section):
                           "checkpoint directory (config.json, model.pth, vocab.json); null: the engine's default",
     )
     language: str = Field("en", description="language of the replies (xtts synthesis, reading numbers)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     voices_dir: Path = Path("voices")
     require_registered: bool = False
     max_queue: int = Field(8, ge=1, description="replies being spoken or waiting, process-wide; more are text only")

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from core import capacity, prompts
+from core import prompts
+from core.engine import capacity
 from core.config.schema import Decoding
 from core.conversation import Turn
 from core.engine.detokenize import ReplyText

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.devices import DeviceUnavailable, pick_device
+from core.devices import DeviceUnavailable, cpu_reason, pick_device
 from core.loading import model_loading
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,14 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class Placement:
-    device: str  # "cpu" or "cuda"
+    device: str  # "cpu", "cuda" or "cuda:N"
     dtype: str  # "float32", "bfloat16", "float16"; on CPU also "int8" or "int4" (core/engine/cpu_weights.py)
     device_map: str | None
+    why: str = ""  # how device and dtype were chosen, for the log
+
+    def describe(self) -> str:
+        where = f"{self.device} (device_map {self.device_map})" if self.device_map else self.device
+        return f"{where} in {self.dtype}" + (f": {self.why}" if self.why else "")
 
     @property
     def weights_dtype(self):
@@ -65,23 +70,30 @@ class Placement:
 def choose_placement(
     device: str = "auto", dtype: str = "auto", device_map: str | None = None, cpu_dtype: str = "float32"
 ) -> Placement:
-    """CUDA when present (bf16 where supported, else fp16), else CPU in `cpu_dtype` (float32 unless opted in)."""
+    """CUDA when present (bf16 where supported, else fp16), else CPU in `cpu_dtype` (float32 unless opted in).
+    Raises ModelUnavailable for a device named explicitly that is not here."""
     import torch
 
     try:
-        use_cuda = pick_device(device, "generator.device").startswith("cuda")
+        chosen_device = pick_device(device, "generator.device")
     except DeviceUnavailable as exc:
         raise ModelUnavailable(str(exc)) from None
+    use_cuda = chosen_device.startswith("cuda")
+    why = [f"generator.device is {device}" + ("" if device != "auto" or use_cuda else f" and {cpu_reason()}")]
     if dtype != "auto":
         chosen = dtype
+        why.append(f"generator.dtype is {dtype}")
     elif use_cuda:
         chosen = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        why.append("the GPU " + ("supports bfloat16" if chosen == "bfloat16" else "has no bfloat16"))
     else:
         chosen = cpu_dtype
+        why.append(f"generator.cpu_dtype is {cpu_dtype}")
         if chosen == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             log.warning("this CPU has no fast bfloat16; generator.cpu_dtype falls back to float32")
             chosen = "float32"
-    return Placement("cuda" if use_cuda else "cpu", chosen, device_map if use_cuda else None)
+            why.append("this CPU has no fast bfloat16")
+    return Placement(chosen_device, chosen, device_map if use_cuda else None, "; ".join(why))
 
 
 def resolve_source(model: str, gguf_file: str | None = None) -> ModelSource:

@@ -23,8 +23,8 @@ SPARE_TOKENS = 256  # room kept after a stored state, for the next turn's messag
 
 def default_prefix_cache_mb(device: str) -> int:
     """An eighth of the machine's memory on CPU (at most 2 GiB), a tenth of the GPU's on CUDA."""
-    if device == "cuda":
-        return torch.cuda.get_device_properties(0).total_memory // 10 // 2**20
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 10 // 2**20
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return min(2048, ram // 8 // 2**20)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from core import capacity
+from core.engine import capacity
 from core.engine.detokenize import ReplyText
 from core.engine.generator import Generation
 from core.engine.runner import BASE_ADAPTER

@@ -35,7 +35,8 @@ class FasterWhisper(SpeechToText):
             raise SttUnavailable("voice.listen.engine is faster-whisper, but it is not installed: "
                                  "pip install 'talk-to-transformers[faster-whisper]'") from None
         try:
-            whisper = WhisperModel(model, device=device, compute_type="default")
+            kind, _, index = device.partition(":")  # CTranslate2 takes the GPU's index apart
+            whisper = WhisperModel(model, device=kind, device_index=int(index or 0), compute_type="default")
         except (OSError, ValueError, RuntimeError) as exc:
             raise SttUnavailable(f"could not load faster-whisper model {model!r}: {exc}") from None
         return cls(whisper, device, language)

@@ -35,7 +35,7 @@ class TransformersWhisper(SpeechToText):
         try:
             processor = AutoProcessor.from_pretrained(model_id)
             model = WhisperForConditionalGeneration.from_pretrained(
-                model_id, dtype=torch.float16 if device == "cuda" else torch.float32
+                model_id, dtype=torch.float16 if device.startswith("cuda") else torch.float32
             )
         except (OSError, ValueError) as exc:
             raise SttUnavailable(f"could not load Whisper model {model_id!r}: {exc}") from None
