@@ -12,6 +12,9 @@ import datetime
 import time
 from dataclasses import dataclass
 
+from core.config.schema import Decoding
+from core.engine.generator import Generation
+
 RESETS = "it resets at 00:00 UTC"
 
 
@@ -66,9 +69,34 @@ class Budget:
 
     def report(self) -> str:
         """`/usage`: the person's tokens today and the server's, against the budgets."""
-        return (f"Today (UTC) you have used {_against(self.person_used, self.person_limit)} here, and this server "
-                f"{_against(self.server_used, self.server_limit)}. Budgets reset at 00:00 UTC.")
+        return (f"Today (UTC) you have used {_against(self.person_used, self.person_limit)} here; this server has "
+                f"used {_against(self.server_used, self.server_limit)}. Budgets reset at 00:00 UTC.")
 
 
 def _against(used: int, limit: int) -> str:
     return f"{used} of {limit} tokens" if limit else f"{used} tokens (no daily limit)"
+
+
+class Spending:
+    """The generations of one reply (a regenerated reply has several), against what it may still
+    spend today (`allowance`, None: no limit): each is capped by what is left when it starts, and
+    none is cut once it runs."""
+
+    def __init__(self, allowance: int | None = None):
+        self.allowance = allowance
+        self._generations: list[Generation] = []
+
+    def capped(self, decoding: Decoding) -> Decoding:
+        """`decoding` with `max_new_tokens` no more than what is left (at least 1)."""
+        if self.allowance is None:
+            return decoding
+        left = max(1, self.allowance - self.tokens)
+        return decoding if decoding.max_new_tokens <= left else decoding.model_copy(update={"max_new_tokens": left})
+
+    def add(self, generation: Generation) -> None:
+        self._generations.append(generation)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated so far, by every generation of the reply."""
+        return sum(generation.stats.new_tokens for generation in self._generations)

@@ -10,7 +10,7 @@ import json
 
 from aiohttp import web
 
-from core.errors import Busy, ChatError, InputRejected, MemoryUnavailable, PersonaError, TooLong
+from core.errors import Busy, ChatError, InputRejected, MemoryUnavailable, OverBudget, PersonaError, TooLong
 
 RETRY_AFTER_S = 1
 
@@ -77,6 +77,8 @@ def chat_error(exc: ChatError, param: str | None = None) -> ApiError:
         return ApiError(503, exc.user_message, type="server_error", code="busy", outcome=exc.outcome)
     if isinstance(exc, PersonaError):
         return unavailable(exc.user_message)
+    if isinstance(exc, OverBudget):
+        return ApiError(429, exc.user_message, type="rate_limit_error", code="budget_spent", outcome=exc.outcome)
     if isinstance(exc, MemoryUnavailable):
         return ApiError(503, exc.user_message, type="server_error", code="store_unavailable", outcome=exc.outcome)
     return ApiError(500, exc.user_message, type="server_error", code="reply_failed", outcome=exc.outcome)
