@@ -121,8 +121,7 @@ class FakeSlack:
         app.router.add_post("/response_url/{rid}", self._handle_response_url)
         app.router.add_get("/files-pri/{file_id}/{name}", self._handle_file)
         app.router.add_get("/files-pri/{file_id}/download/{name}", self._handle_file)
-        app.router.add_get("/signin", lambda request: web.Response(text="<html>Sign in to Slack</html>",
-                                                                   content_type="text/html"))
+        app.router.add_get("/signin", self._handle_signin)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -258,6 +257,10 @@ class FakeSlack:
             raise web.HTTPNotFound()
         obj, data = self.files[file_id]
         return web.Response(body=data, content_type=obj["mimetype"])
+
+    @staticmethod
+    async def _handle_signin(request: web.Request) -> web.Response:
+        return web.Response(text="<html>Sign in to Slack</html>", content_type="text/html")
 
     # ------------------------------------------------------------------ event builders
     def _user_message(self, channel: str, user: str, text: str, thread_ts: Optional[str],
