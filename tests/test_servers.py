@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+from pathlib import Path
 
 import pytest
 
 from conftest import make_config
 from core import servers
 from core.budgets import utc_day
-from core.config.schema import PersonaConfig
+from core.config.schema import LimitsSection, PersonaConfig
 from core.conversation import ConversationKey
 from core.errors import OverBudget
 from core.service import open_service
@@ -203,3 +204,17 @@ async def test_max_new_tokens_is_capped_by_what_remains_and_the_server_prompt_re
         assert "prompt is removed" in await server(service, "prompt clear")
         third = await ask(2)
         assert third["messages"][0]["role"] == "user"  # no system prompt left
+
+
+def test_readme_documents_the_commands_settings_and_metrics_by_their_names():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    discord = readme[readme.index("## Discord"):readme.index("## Slack")]
+    slack = readme[readme.index("## Slack"):readme.index("## Server settings, token budgets and files")]
+    for words in ("persona NAME", "prompt TEXT", "prompt clear", "rate-limit N", "budget person\\|server N", "show"):
+        assert f"`/server {words}`" in discord, words
+    assert "`/usage`" in discord and "`/ttt usage`" in slack
+    assert all(f"`/ttt server {words}" in slack for words in ("persona", "prompt", "rate-limit", "budget", "show"))
+    assert [key for key in LimitsSection.model_fields if f"| `{key}` |" not in readme] == []
+    assert "`service.max_attachment_kb`" in readme
+    assert "`ttt_tokens_generated_total{adapter,persona}`" in readme
+    assert "`ttt_budget_refusals_total{adapter,budget}`" in readme
