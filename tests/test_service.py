@@ -184,6 +184,21 @@ async def test_forget_me_deletes_what_that_person_wrote_and_the_replies(service)
 
 
 @pytest.mark.timeout(60)
+async def test_forgotten_words_are_gone_from_the_database_files_at_once(service):
+    """Not only the rows: no copy stays in the SQLite file, its write-ahead log or the freed pages."""
+    for _ in range(4):  # several copies of the page, as a busy conversation leaves in the log
+        await service.reply(KEY, "alice", "the word is xylophone", adapter="test", author_id="a1")
+    await service.reply(KEY, "bob", "the word is lemon", adapter="test", author_id="b2")
+    database = service.config.database.path
+    files = [database, database.with_name(database.name + "-wal")]
+    assert any(b"xylophone" in f.read_bytes() for f in files if f.exists())
+    await service.command(KEY, "forget-me", author_id="a1")
+    for f in files:  # the service is still running: nothing was closed or cleaned up yet
+        assert not f.exists() or b"xylophone" not in f.read_bytes(), f
+    assert [t.text for t in await service.store.recent_turns(KEY, 10)][0] == "the word is lemon"
+
+
+@pytest.mark.timeout(60)
 async def test_help_is_the_platforms_own_when_given(service):
     assert await service.command(KEY, "help", help_text="Use /reset here.") == "Use /reset here."
     assert "reset" in await service.command(KEY, "help")
