@@ -304,6 +304,29 @@ async def test_two_messages_of_a_thread_on_different_replicas_are_answered_in_ar
 
 @in_cluster_loop
 @pytest.mark.timeout(180)
+async def test_a_follow_up_on_the_other_replica_while_the_mention_is_answered_is_answered_after_it(cluster):
+    """A thread is the bot's from the moment a replica takes its mention: a follow-up without a mention,
+    delivered to the other replica before the first reply is stored, is answered (after it)."""
+    await cluster.ensure_running()
+    one, two = cluster.replicas
+    first = cluster.fake.app_mention("C0GENERAL", "U0DEV", "the word is falcon")
+    followup = cluster.fake.channel_message("C0GENERAL", "U0DEV", "again", thread_ts=first["ts"])
+    key = ConversationKey("slack", f"C0GENERAL/{first['ts']}")
+    holder = await open_store(DatabaseSection(url=cluster.url), Metrics())
+    try:
+        async with holder.lock(key):  # the mention's reply is still being written
+            await cluster.deliver(one, first)
+            await until(lambda: _waiting(cluster.url, 1), what="replica-1 answering the mention")
+            await cluster.deliver(two, followup)
+            await until(lambda: _waiting(cluster.url, 2), what="replica-2 waiting to answer the follow-up")
+    finally:
+        await holder.close()
+    assert await cluster.replies("C0GENERAL", first["ts"], 2) == ["falcon!", "falcon!"]
+    assert await cluster.turns(f"C0GENERAL/{first['ts']}") == word_game("falcon", agains=1)
+
+
+@in_cluster_loop
+@pytest.mark.timeout(180)
 async def test_a_conversation_begun_on_one_replica_continues_on_the_other(cluster):
     await cluster.ensure_running()
     one, two = cluster.replicas

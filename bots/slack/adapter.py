@@ -221,6 +221,11 @@ class SlackAdapter:
         if not self._allowed(place.channel, user, place.is_dm):
             log.info("not answering %s in %s: slack.allowed_users/allowed_channels", user, place.channel)
             return
+        if not followup:  # a mention: the thread is the bot's from now on, on every replica
+            try:
+                await self.service.take_part(place.key)
+            except StoreUnavailable as exc:
+                log.warning("%s: not marked as taken up, the store is unavailable: %s", place.key, exc)
         view = ReplyView(ThreadMessages(self.client, place.channel, place.thread_ts), render, self._edits,
                          self.team_id, str(place.key))
 
