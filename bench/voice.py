@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import sys
 import tempfile
@@ -272,6 +273,7 @@ async def main() -> None:
     parser.add_argument("--stt", action="append", default=[], metavar="ENGINE:MODEL",
                         help="also measure this speech-to-text model (e.g. transformers:openai/whisper-base.en)")
     args = parser.parse_args()
+    print(f"machine: {machine()}", flush=True)
     print(f"torch threads {torch.get_num_threads()}; building the tiny models...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -308,9 +310,23 @@ async def main() -> None:
                     turns.append(total)
         finally:
             await service.close()
-    worst = {k: max(r[k] for r in results) for k in ("ttfa_ratio", "max_gap_ms", "loop_lag_p99_ms")}
+    worst = {k: max(r[k] for r in results) for k in ("ttfa_ratio", "max_gap_ms", "loop_lag_p99_ms", "underruns")}
     print(f"ttfa_ratio={worst['ttfa_ratio']:.2f} max_gap_ms={worst['max_gap_ms']:.0f} "
-          f"loop_lag_p99_ms={worst['loop_lag_p99_ms']:.1f} turn_to_first_audio_s={max(turns):.2f}")
+          f"loop_lag_p99_ms={worst['loop_lag_p99_ms']:.1f} underruns={worst['underruns']} "
+          f"turn_to_first_audio_s={max(turns):.2f}")
+
+
+def machine() -> str:
+    """The CPU the figures come from: its model, the kernels PyTorch picked for it, and its cores."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}; torch kernels {torch.backends.cpu.get_cpu_capability()}; {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ class Metrics:
         self.voice_replies = Counter(
             "ttt_voice_replies", "Spoken replies by adapter and outcome", ["adapter", "outcome"], registry=r
         )
+        self.voice_slow_replies = Counter(
+            "ttt_voice_slow_replies", "Replies played as whole sentences with pauses: the engine ran slower than "
+            "real time", ["engine"], registry=r,
+        )
 
         # ---- listening (voice/listen/, bots/discord/voice/listening.py) ----
         self.voice_turns = Counter(

@@ -33,6 +33,8 @@ from core.stores import open_store
 log = logging.getLogger(__name__)
 
 NOT_KNOWN = "I can't tell who you are here, so there is "
+TAKING_PART = "taking-part"  # conversations a replica took up, until the first reply is stored
+TAKING_PART_FOR_S = 86400.0
 
 
 class ChatService:
@@ -390,10 +392,18 @@ class ChatService:
         with store_trouble(key):
             return current_session(await self.store.recent_turns(key, cfg.max_turns), cfg.idle_minutes * 60)
 
+    async def take_part(self, key: ConversationKey) -> None:
+        """The bot takes part in this conversation from now on (a thread it was mentioned in): every
+        replica knows at once, before the first reply is stored. Raises StoreUnavailable."""
+        await self.store.claim(TAKING_PART, str(key), TAKING_PART_FOR_S)
+
     async def took_part(self, key: ConversationKey) -> bool:
-        """Whether the bot has answered in this conversation (its turns are stored: survives restarts);
-        raises StoreUnavailable."""
-        return bool(await self.store.recent_turns(key, 1))
+        """Whether the bot takes part in this conversation: its turns are stored (that survives restarts),
+        or a replica has taken it up and is answering. Raises StoreUnavailable."""
+        if await self.store.recent_turns(key, 1):
+            return True
+        # A claim that lasts no time only tests whether a live one is there; it leaves nothing behind.
+        return not await self.store.claim(TAKING_PART, str(key), 0)
 
     async def first_delivery(self, namespace: str, ident: str, ttl_s: float) -> bool:
         """True the first time (across replicas) an event is seen within `ttl_s`: platforms retry

@@ -302,6 +302,41 @@ async def test_oversize_body_and_headers_are_refused_in_the_error_shape(server, 
     assert got == 200  # the server keeps serving
 
 
+@pytest.mark.timeout(60, func_only=True)
+async def test_idle_and_half_sent_requests_are_closed_before_any_key_check(tmp_path, word_model_dir):
+    """100 connections that send nothing or half a request, and one whose body trickles, are closed
+    after web.idle_timeout_s; a whole request is still answered."""
+    config = make_config(tmp_path, word_model_dir, web={"port": 0, "idle_timeout_s": 1})
+    s = await start_server(config, {"TTT_API_KEY": API_KEY})
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        connections = [await asyncio.open_connection("127.0.0.1", s.adapter.port) for _ in range(100)]
+        for i, (_, writer) in enumerate(connections):
+            if i % 2:  # half a request header: never the blank line that ends it
+                writer.write(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bear")
+        trickle_reader, trickle = await asyncio.open_connection("127.0.0.1", s.adapter.port)
+        trickle.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"mo")
+
+        async def closed(reader: asyncio.StreamReader) -> bytes:
+            try:
+                return await asyncio.wait_for(reader.read(), 10)  # everything until the server closes
+            except ConnectionResetError:
+                return b""
+
+        answers = await asyncio.gather(*(closed(reader) for reader, _ in connections))
+        assert loop.time() - started < 8 and all(answer == b"" for answer in answers)
+        slow = await closed(trickle_reader)
+        assert slow.startswith(b"HTTP/1.1 408") and b"request_timeout" in slow
+        async with s.http.get(f"{s.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            assert r.status == 200  # the server keeps serving
+        for _, writer in connections + [(None, trickle)]:
+            writer.close()
+    finally:
+        await stop_server(s)
+
+
 # ---- cross-site requests and DNS rebinding -----------------------------------------------------
 
 EVIL = "http://evil.example"

@@ -43,6 +43,7 @@ from core.service import ChatService
 log = logging.getLogger(__name__)
 
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+TOKEN_REJECTED = "Discord rejected DISCORD_TOKEN (reset it on the Bot page of the developer portal)"
 SLOW_DOWN = "\N{HOURGLASS WITH FLOWING SAND}"  # the reaction that tells a person they are over the limit
 
 ReplyHook = Callable[[discord.Message, ReplyUpdate], Awaitable[None]]  # (message answered, update)
@@ -122,9 +123,7 @@ class DiscordAdapter:
                 raise RuntimeError("the Discord gateway closed before the bot was ready")
         except discord.LoginFailure:
             await self._close_client()
-            raise RuntimeError(
-                "Discord rejected DISCORD_TOKEN (reset it on the Bot page of the developer portal)"
-            ) from None
+            raise RuntimeError(TOKEN_REJECTED) from None
         except discord.PrivilegedIntentsRequired:
             await self._close_client()
             raise RuntimeError(

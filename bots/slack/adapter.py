@@ -136,11 +136,11 @@ class SlackAdapter:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        auth = await self.client.auth_test()
+        auth = await _accepted(self.client.auth_test(), "SLACK_BOT_TOKEN")
         self.bot_user_id, self.team_id = auth["user_id"], auth.get("team_id", "")
         if self.config.mode == "socket":
             # connect_async() retries a rejected app token forever: ask once so that it fails here.
-            await self.client.apps_connections_open(app_token=self._app_token)
+            await _accepted(self.client.apps_connections_open(app_token=self._app_token), "SLACK_APP_TOKEN")
             self._handler = AsyncSocketModeHandler(self.app, self._app_token, ping_interval=self._ping_interval)
             self._handler.client.on_message_listeners.append(self._on_socket_message)
             self._handler.client.on_close_listeners.append(self._on_socket_close)
@@ -229,6 +229,11 @@ class SlackAdapter:
         if not self._allowed(place.channel, user, place.is_dm):
             log.info("not answering %s in %s: slack.allowed_users/allowed_channels", user, place.channel)
             return
+        if not followup:  # a mention: the thread is the bot's from now on, on every replica
+            try:
+                await self.service.take_part(place.key)
+            except StoreUnavailable as exc:
+                log.warning("%s: not marked as taken up, the store is unavailable: %s", place.key, exc)
         view = ReplyView(ThreadMessages(self.client, place.channel, place.thread_ts), render, self._edits,
                          self.team_id, str(place.key))
 
@@ -331,6 +336,14 @@ class SlackAdapter:
         """A workspace admin or owner (users.info)."""
         info = await self._user_info(user) or {}
         return any(info.get(flag) for flag in ("is_admin", "is_owner", "is_primary_owner"))
+
+
+async def _accepted(call, secret: str):
+    """The answer to a call that shows whether Slack takes `secret`; a refusal as one clear line."""
+    try:
+        return await call
+    except SlackApiError as exc:
+        raise RuntimeError(f"Slack rejected {secret} ({exc.response.get('error')})") from None
 
 
 def _from_bot(event: dict) -> bool:

@@ -203,6 +203,8 @@ class WebSection(Section):
     max_tokens_limit: int = Field(512, ge=1)
     max_messages: int = Field(100, ge=1, description="messages in one /v1/chat/completions request")
     max_request_kb: int = Field(1024, ge=1, description="largest request body, in KiB")
+    idle_timeout_s: float = Field(10, gt=0, le=600, description="a connection that has not sent a whole request "
+                                                              "(headers and body) within this long is closed")
 
     @property
     def loopback_only(self) -> bool:

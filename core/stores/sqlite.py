@@ -74,7 +74,10 @@ class SQLiteStore:
     """ConversationStore on one SQLite file (WAL), used from one dedicated thread.
 
     One process owns the file, so ordering locks and rate-limit counters live in its memory;
-    claims are in the file, so a restarted process still knows what it answered.
+    claims are in the file, so a restarted process still knows what it answered. Deleted words are
+    overwritten (`secure_delete`), and whatever deletes people's words (forget-me, a reset, the
+    retention sweep) also checkpoints the write-ahead log and truncates it, so the words are gone
+    from the files at once, not at the next clean shutdown.
     """
 
     def __init__(self, path: Path, lock_wait_s: float | None = None):
@@ -104,6 +107,7 @@ class SQLiteStore:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA secure_delete=ON")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreUnusable(
@@ -155,11 +159,13 @@ class SQLiteStore:
 
         def write() -> int:
             with self._transaction():
-                return self._db.execute(
+                deleted = self._db.execute(
                     "DELETE FROM turns WHERE exchange IN (SELECT exchange FROM turns WHERE author_id = ? "
                     "AND conversation >= ? AND conversation < ?)",
                     (author_id, *scope),
                 ).rowcount
+            self._erase_log()
+            return deleted
 
         return await self._run(write)
 
@@ -167,7 +173,10 @@ class SQLiteStore:
         def write() -> int:
             with self._transaction():
                 self._db.execute("DELETE FROM token_usage WHERE day < ?", (utc_day(cutoff).isoformat(),))
-                return self._db.execute("DELETE FROM turns WHERE time < ?", (cutoff,)).rowcount
+                deleted = self._db.execute("DELETE FROM turns WHERE time < ?", (cutoff,)).rowcount
+            if deleted:
+                self._erase_log()
+            return deleted
 
         return await self._run(write)
 
@@ -244,6 +253,7 @@ class SQLiteStore:
         def write() -> None:
             with self._transaction():
                 self._db.execute("DELETE FROM turns WHERE conversation = ?", (str(key),))
+            self._erase_log()
 
         await self._run(write)
 
@@ -271,6 +281,11 @@ class SQLiteStore:
 
         await self._run(close)
         self._executor.shutdown(wait=True)
+
+    def _erase_log(self) -> None:
+        """Copy the write-ahead log into the database and empty it: the log still holds the pages as
+        they were before a delete (the deleted words in them)."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _touch(self, key: ConversationKey, when: float) -> None:
         self._db.execute(
