@@ -18,6 +18,7 @@ PERSONA, PROMPT, RATE_LIMIT, BUDGET, SHOW, CLEAR = "persona", "prompt", "rate-li
 PERSON_BUDGET, SERVER_BUDGET = "budget-person", "budget-server"  # their names in the store
 WORDS = "persona NAME|clear, prompt TEXT|clear, rate-limit N, budget person|server N, show"
 LARGEST = 10**12  # a number beyond any real limit (and within the stores' integers)
+SHOWN_PROMPT_CHARS = 1000
 
 NO_SERVER = "Server settings belong to a server: use this in a Discord server or a Slack workspace."
 ADMINS_ONLY = "Only this server's admins can see or change its settings."
@@ -121,7 +122,10 @@ def confirm(change: Change) -> str:
 def describe(settings: ServerSettings, host: Limits, default_persona: str) -> str:
     """`/server show`: each setting, and the host's where it applies."""
     persona = f"**{settings.persona}**" if settings.persona else f"the host's default (**{default_persona}**)"
-    prompt = f'"{settings.prompt}" (for chat-format personas)' if settings.prompt else "none"
+    prompt = settings.prompt or ""
+    if len(prompt) > SHOWN_PROMPT_CHARS:  # the whole answer must fit one chat message
+        prompt = f"{prompt[:SHOWN_PROMPT_CHARS]}… ({len(prompt)} characters)"
+    prompt = f'"{prompt}" (for chat-format personas)' if prompt else "none"
     lines = [
         f"- persona: {persona}",
         f"- prompt: {prompt}",

@@ -348,12 +348,10 @@ class ChatService:
 
     def _available(self, name: str) -> Persona:
         """The persona called `name`, if it exists and can be served; raises PersonaError."""
-        persona = self.personas.get(name.strip()) if name.strip() in self.personas.personas else None
-        if persona is None:
-            raise PersonaError(str(UnknownPersona(name.strip(), self.personas.names)))
         try:
+            persona = self.personas.get(name.strip())
             self.personas.check(persona)
-        except PersonaUnavailable as exc:
+        except (UnknownPersona, PersonaUnavailable) as exc:
             raise PersonaError(str(exc)) from None
         return persona
 

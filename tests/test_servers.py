@@ -113,6 +113,8 @@ async def test_only_admins_in_a_server_and_bad_values_change_nothing(serving):
         assert "rate-limit: 3 messages per person per minute (the host's: 6" in shown
         assert "budget person: 200 tokens per person per day (the host's: 500" in shown
         assert "budget server: 5000 tokens per day (the host's: no limit)" in shown
+        assert "prompt is set" in await server(service, "prompt " + "y" * 2000)
+        assert len(await server(service, "show")) < 2000  # one Discord message, however long the prompt
         assert "here is the host's" in await server(service, "budget person 0")
         assert "budget person: the host's (500 tokens per person per day)" in await server(service, "show")
 
