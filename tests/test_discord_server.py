@@ -134,3 +134,21 @@ async def test_a_file_too_long_for_the_persona_gets_a_polite_refusal(tmp_path, w
                           attachments=[{"filename": "story.md", "data": story}])
         assert reply["content"].startswith("That is too long for words") and "shorten it" in reply["content"]
         assert await adapter.service.store.recent_turns(ConversationKey("discord", str(world.general.id)), 10) == []
+
+
+@pytest.mark.timeout(120)
+async def test_the_budget_notice_goes_to_the_channel_when_the_persons_dms_are_closed(tmp_path, word_model_dir, fake,
+                                                                                    world):
+    config = bot_config(tmp_path, word_model_dir, fake, world, limits={"tokens_per_person_per_day": 4})
+    world.alice.accepts_dms = False
+    mention = fake.bot_user.mention
+    async with running(config, fake):
+        assert (await say(fake, world.general, world.alice, f"{mention} the word is apple"))["content"] == "apple!"
+        refused = await fake.user_says(world.general, world.alice, f"{mention} the word is river")
+        notice = await fake.wait_for_message(world.general, after=refused)
+        assert notice["content"] == "You have used today's 4 tokens here; it resets at 00:00 UTC."
+        assert notice["message_reference"]["message_id"] == refused["id"] and notice["allowed_mentions"] == {
+            "parse": []}
+        await fake.user_says(world.general, world.alice, f"{mention} again")
+        assert (await say(fake, world.general, world.bob, f"{mention} again"))["content"] == "apple!"
+        assert len(fake.bot_messages(world.general)) == 3  # apple!, the one notice, Bob's answer

@@ -82,6 +82,7 @@ class FakeUser:
     name: str
     bot: bool = False
     global_name: Optional[str] = None
+    accepts_dms: bool = True  # False: the bot's direct messages are refused (50007), as Discord does
 
     @property
     def mention(self) -> str:
