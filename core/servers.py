@@ -1,18 +1,26 @@
-"""Server settings: what a server's admins choose for it, and the words that change them.
+"""Servers: what a server's admins choose for it, the words that change it, and today's budgets.
 
 `/server persona NAME|clear`, `/server prompt TEXT|clear`, `/server rate-limit N`,
 `/server budget person|server N` and `/server show` on Discord; the same words after `/ttt server`
 on Slack. The settings are kept in the store (preferences of the namespace `server:<server id>`),
 so every replica applies them at once. The host's config.yaml is the ceiling: a server can set a
-stricter limit than the host's, never a looser one.
+stricter limit than the host's, never a looser one. `Servers` is the service's part that reads
+and keeps them, and counts the tokens of each server and person (core/budgets.py).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from core.admission import readable
-from core.budgets import stricter
+from core.budgets import Budget, seconds_left_today, stricter, utc_day
+from core.config.schema import Config
+from core.conversation import ConversationKey, ConversationStore
+from core.errors import PersonaError
+
+log = logging.getLogger(__name__)
 
 PERSONA, PROMPT, RATE_LIMIT, BUDGET, SHOW, CLEAR = "persona", "prompt", "rate-limit", "budget", "show", "clear"
 PERSON_BUDGET, SERVER_BUDGET = "budget-person", "budget-server"  # their names in the store
@@ -68,6 +76,69 @@ class Change:
 
     name: str
     value: str | None
+
+
+class Servers:
+    """The servers a service answers in: their settings and today's budgets, in the store. Methods
+    that read or write the store raise StoreUnavailable when it cannot be reached."""
+
+    def __init__(self, config: Config, store: ConversationStore):
+        self.config = config
+        self.store = store
+
+    def host_limits(self, platform: str) -> Limits:
+        """The host's limits on a platform (config.yaml: `<platform>.rate_limit_per_minute` and `limits:`)."""
+        section = getattr(self.config, platform, None)
+        limits = self.config.limits
+        return Limits(getattr(section, "rate_limit_per_minute", 0), limits.tokens_per_person_per_day,
+                      limits.tokens_per_server_per_day)
+
+    async def settings(self, key: ConversationKey) -> ServerSettings:
+        """The settings of the conversation's server (none outside a server)."""
+        if key.server is None:
+            return ServerSettings()
+        return ServerSettings.from_preferences(await self.store.preferences(namespace(key.server_id)))
+
+    async def budget(self, key: ConversationKey, author_id: str | None,
+                     settings: ServerSettings | None = None) -> Budget:
+        """Today's tokens of this person in the conversation's server, against the limits in force
+        (nobody's own budget without an `author_id`)."""
+        settings = settings or await self.settings(key)
+        limits = settings.limits(self.host_limits(key.platform))
+        mine, everyone = await self.store.tokens_used(key.server_id, author_id or "", utc_day())
+        return Budget(mine, limits.person_budget if author_id else 0, everyone, limits.server_budget)
+
+    async def first_refusal_today(self, key: ConversationKey, author_id: str) -> bool:
+        """True the first time today (on any replica) this person is refused here for a spent budget."""
+        return await self.store.claim("budget-notice", f"{key.server_id}/{author_id}/{utc_day()}",
+                                      seconds_left_today())
+
+    async def count_tokens(self, key: ConversationKey, author_id: str | None, tokens: int) -> None:
+        """Count tokens generated today for this person in the conversation's server."""
+        await self.store.add_tokens(key.server_id, author_id or "", utc_day(), tokens)
+
+    async def command(self, key: ConversationKey, words: str, *, admin: bool, author_id: str | None,
+                      persona_named: Callable[[str], str], default_persona: str) -> str:
+        """Show or change the settings of the conversation's server, and say what happened.
+        `persona_named(name)` is the name of a persona that can be served (else PersonaError)."""
+        if key.server is None:
+            return NO_SERVER
+        if not admin:
+            return ADMINS_ONLY
+        host = self.host_limits(key.platform)
+        try:
+            change = parse(words, host, self.config.service.max_input_chars)
+            if change is None:
+                return describe(await self.settings(key), host, default_persona)
+            if change.name == PERSONA and change.value is not None:
+                change = Change(PERSONA, persona_named(change.value))
+        except BadSetting as exc:
+            return str(exc)
+        except PersonaError as exc:
+            return exc.user_message
+        await self.store.set_preference(namespace(key.server_id), change.name, change.value)
+        log.info("server %s: %s %s by %s", key.server_id, change.name, "set" if change.value else "cleared", author_id)
+        return confirm(change)
 
 
 def parse(words: str, host: Limits, max_prompt_chars: int) -> Change | None:

@@ -12,9 +12,9 @@ import logging
 import time
 from typing import AsyncIterator
 
-from core import admission, commands, servers
+from core import admission, commands
 from core.admission import Admission, Message, RateDecision
-from core.budgets import Budget, Spending, seconds_left_today, utc_day
+from core.budgets import Spending
 from core.config.schema import Config, Decoding
 from core.conversation import ConversationBusy, ConversationKey, ConversationStore, StoreUnavailable, Turn, current_session
 from core.files import with_files
@@ -27,7 +27,7 @@ from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
 from core.prompts import PromptTooLong, SystemPromptTooLong
 from core.replies import ReplyUpdate, screened_reply
-from core.servers import Limits, ServerSettings
+from core.servers import ServerSettings, Servers
 from core.stores import open_store
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class ChatService:
         self.store = store
         self.personas = personas
         self.metrics = metrics
+        self.servers = Servers(config, store)
 
     # ---- replies ---------------------------------------------------------------------------
 
@@ -75,10 +76,10 @@ class ChatService:
         try:
             text = (message if isinstance(message, Message) else self.validate(message)).text
             async with self.store.lock(key):
-                settings = await self.server_settings(key)
+                settings = await self.servers.settings(key)
                 persona = await self.persona_for(key, persona_name, settings=settings)
                 label = persona.name
-                budget = await self.budget(key, author_id, settings)
+                budget = await self.servers.budget(key, author_id, settings)
                 if budget.spent:
                     self.metrics.budget_refusals.labels(adapter, budget.spent).inc()
                     raise OverBudget(budget.notice())
@@ -167,7 +168,7 @@ class ChatService:
         if key is None:
             return
         try:
-            await self.store.add_tokens(key.server_id, author_id or "", utc_day(), tokens)
+            await self.servers.count_tokens(key, author_id, tokens)
         except StoreUnavailable as exc:
             log.warning("%d token(s) of a reply key=%s not counted, the store is unavailable: %s", tokens, key, exc)
 
@@ -206,12 +207,11 @@ class ChatService:
         platform = key.platform
         try:
             message = self.validate(text, files=files)
-            settings = await self.server_settings(key)
-            rate = await self.check_rate(platform, author_id, self.host_limits(platform).rate_limit,
+            settings = await self.servers.settings(key)
+            rate = await self.check_rate(platform, author_id, self.servers.host_limits(platform).rate_limit,
                                          server=key.server_id, server_per_minute=settings.own.rate_limit)
-            budget = await self.budget(key, author_id, settings) if rate.allowed else None
-            spent_first = budget is not None and budget.spent and await self.store.claim(
-                "budget-notice", f"{key.server_id}/{author_id}/{utc_day()}", seconds_left_today())
+            budget = await self.servers.budget(key, author_id, settings) if rate.allowed else None
+            spent_first = budget is not None and budget.spent and await self.servers.first_refusal_today(key, author_id)
         except InputRejected as exc:  # refused words do not count against the rate limit
             self.record_refusal(platform, "?", exc.outcome, key=where)
             return Admission(notice=exc.user_message)
@@ -235,30 +235,6 @@ class ChatService:
     @property
     def max_attachment_bytes(self) -> int:
         return self.config.service.max_attachment_kb * 1024
-
-    # ---- servers: settings and budgets -----------------------------------------------------
-
-    def host_limits(self, platform: str) -> Limits:
-        """The host's limits on a platform (config.yaml: `<platform>.rate_limit_per_minute` and `limits:`)."""
-        section = getattr(self.config, platform, None)
-        limits = self.config.limits
-        return Limits(getattr(section, "rate_limit_per_minute", 0), limits.tokens_per_person_per_day,
-                      limits.tokens_per_server_per_day)
-
-    async def server_settings(self, key: ConversationKey) -> ServerSettings:
-        """The settings of the conversation's server (none outside a server); raises StoreUnavailable."""
-        if key.server is None:
-            return ServerSettings()
-        return ServerSettings.from_preferences(await self.store.preferences(servers.namespace(key.server_id)))
-
-    async def budget(self, key: ConversationKey, author_id: str | None,
-                     settings: ServerSettings | None = None) -> Budget:
-        """Today's tokens of this person in the conversation's server, against the limits in force
-        (nobody's own budget without an `author_id`); raises StoreUnavailable."""
-        settings = settings or await self.server_settings(key)
-        limits = settings.limits(self.host_limits(key.platform))
-        mine, everyone = await self.store.tokens_used(key.server_id, author_id or "", utc_day())
-        return Budget(mine, limits.person_budget if author_id else 0, everyone, limits.server_budget)
 
     async def generate(
         self, persona: Persona, turns: list[Turn], *, system_prompt: str | None = None, decoding: Decoding | None = None
@@ -334,7 +310,7 @@ class ChatService:
             chosen = await self.store.persona(scope) if scope is not None else None
             if chosen in self.personas.personas:
                 return self.personas.get(chosen)
-        settings = settings or await self.server_settings(key)
+        settings = settings or await self.servers.settings(key)
         return self.personas.get(settings.persona if settings.persona in self.personas.personas
                                  else self.personas.default)
 
@@ -449,9 +425,11 @@ class ChatService:
         if command == commands.USAGE:
             if not author_id:
                 return NOT_KNOWN + "no usage of yours to show."
-            return (await self.budget(key, author_id)).report()
+            return (await self.servers.budget(key, author_id)).report()
         if command == commands.SERVER:
-            return await self._server_command(key, argument, admin, author_id)
+            return await self.servers.command(key, argument, admin=admin, author_id=author_id,
+                                              persona_named=lambda name: self._available(name).name,
+                                              default_persona=self.personas.default)
         if command == commands.RESET:
             await self.reset(key)
             return "Done: I've forgotten this conversation. Fresh start!"
@@ -472,27 +450,6 @@ class ChatService:
             ]
             return "Personas:\n" + "\n".join(lines)
         return help_text or commands.help_text()
-
-    async def _server_command(self, key: ConversationKey, words: str, admin: bool, author_id: str | None) -> str:
-        """Show or change the settings of the conversation's server (core/servers.py)."""
-        if key.server is None:
-            return servers.NO_SERVER
-        if not admin:
-            return servers.ADMINS_ONLY
-        host = self.host_limits(key.platform)
-        try:
-            change = servers.parse(words, host, self.config.service.max_input_chars)
-            if change is None:
-                return servers.describe(await self.server_settings(key), host, self.personas.default)
-            if change.name == servers.PERSONA and change.value is not None:
-                change = servers.Change(servers.PERSONA, self._available(change.value).name)
-        except servers.BadSetting as exc:
-            return str(exc)
-        except PersonaError as exc:
-            return exc.user_message
-        await self.store.set_preference(servers.namespace(key.server_id), change.name, change.value)
-        log.info("server %s: %s %s by %s", key.server_id, change.name, "set" if change.value else "cleared", author_id)
-        return servers.confirm(change)
 
     async def close(self) -> None:
         await self.personas.close()
