@@ -51,6 +51,14 @@ class Metrics:
         self.prefix_cache_bytes = Gauge(
             "ttt_prefix_cache_bytes", "Memory held by the prefix cache", ["engine"], registry=r
         )
+        self.tokens_generated = Counter(
+            "ttt_tokens_generated", "Tokens generated for replies (regenerated ones too)", ["adapter", "persona"],
+            registry=r,
+        )
+        self.budget_refusals = Counter(
+            "ttt_budget_refusals", "Messages refused because today's token budget is spent (budget: person, server)",
+            ["adapter", "budget"], registry=r,
+        )
         self.tokens_per_second = Gauge(
             "ttt_reply_tokens_per_second", "Decode speed of the latest reply", ["persona"], registry=r
         )

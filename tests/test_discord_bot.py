@@ -219,12 +219,13 @@ async def test_slash_commands_sync_defer_follow_up_and_autocomplete(
     config = bot_config(tmp_path, word_model_dir, fake, world, personas)
     async with running(config, fake) as adapter:
         assert [(guild, sorted(c["name"] for c in body)) for guild, body in fake.command_syncs] == [
-            (world.guild.id, ["forget-me", "help", "persona", "personas", "reset"])]
+            (world.guild.id, ["forget-me", "help", "persona", "personas", "reset", "server", "usage"])]
 
         help_ = await fake.invoke_command(world.general, world.alice, "help")
         response = await fake.wait_for_response(help_)
         assert response["type"] == 4 and response["ephemeral"] and response["data"]["content"] == HELP
-        assert all(f"`/{name}`" in HELP for name in ("reset", "persona", "personas", "forget-me", "help"))
+        assert all(f"`/{name}`" in HELP for name in ("reset", "persona", "personas", "forget-me", "usage", "server",
+                                                      "help"))
         listing = await fake.invoke_command(world.general, world.alice, "personas")
         assert "**parrot**" in (await fake.wait_for_response(listing))["data"]["content"]
 

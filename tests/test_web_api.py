@@ -473,6 +473,25 @@ async def test_page_api_streams_stores_and_resets(server):
 
 
 @pytest.mark.timeout(60, func_only=True)
+async def test_the_page_is_one_server_whose_daily_budget_every_browser_shares(tmp_path, word_model_dir):
+    s = await start_server(make_config(tmp_path, word_model_dir, web={"port": 0},
+                                       limits={"tokens_per_server_per_day": 4}))
+    try:
+        status, events = await page_message(s, "browser-one-1234", "the word is apple")
+        assert status == 200 and events[-1][1]["text"] == "apple!"
+        status, events = await page_message(s, "browser-two-5678", "the word is river")
+        assert status == 429
+        assert events == [("json", {"error": {
+            "message": "This server has used today's 4 tokens; it resets at 00:00 UTC.", "type": "rate_limit_error",
+            "param": None, "code": "budget_spent"}})]
+        assert s.stored_turns() == 2
+        assert await s.metric("ttt_budget_refusals_total", adapter="web", budget="server") == 1
+        assert await s.metric("ttt_tokens_generated_total", adapter="web", persona="words") == 4
+    finally:
+        await stop_server(s)
+
+
+@pytest.mark.timeout(60, func_only=True)
 async def test_page_api_switches_persona(server):
     conversation = "persona-switch-01"
     key = ConversationKey("web", conversation)

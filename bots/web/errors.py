@@ -11,7 +11,7 @@ import json
 
 from aiohttp import web
 
-from core.errors import Busy, ChatError, InputRejected, MemoryUnavailable, PersonaError, TooLong
+from core.errors import Busy, ChatError, InputRejected, MemoryUnavailable, OverBudget, PersonaError, TooLong
 
 RETRY_AFTER_S = 1
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)  # how long a request body may take to arrive
@@ -87,6 +87,8 @@ def chat_error(exc: ChatError, param: str | None = None) -> ApiError:
         return ApiError(503, exc.user_message, type="server_error", code="busy", outcome=exc.outcome)
     if isinstance(exc, PersonaError):
         return unavailable(exc.user_message)
+    if isinstance(exc, OverBudget):
+        return ApiError(429, exc.user_message, type="rate_limit_error", code="budget_spent", outcome=exc.outcome)
     if isinstance(exc, MemoryUnavailable):
         return ApiError(503, exc.user_message, type="server_error", code="store_unavailable", outcome=exc.outcome)
     return ApiError(500, exc.user_message, type="server_error", code="reply_failed", outcome=exc.outcome)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import sqlite3
 import tempfile
 import time
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import AsyncContextManager, Sequence
 
+from core.budgets import utc_day
 from core.conversation import ConversationKey, StoreUnusable, Turn
 from core.stores.locks import KeyedLocks
 from core.stores.ratelimit import RateLimiter
@@ -53,6 +55,16 @@ _MIGRATIONS = [
         value TEXT NOT NULL,
         PRIMARY KEY (namespace, ident)
     );
+    """,
+    """
+    CREATE TABLE token_usage (
+        server TEXT NOT NULL,
+        day TEXT NOT NULL,  -- a UTC date, YYYY-MM-DD
+        person TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY (server, day, person)
+    );
+    CREATE INDEX token_usage_by_day ON token_usage (day);
     """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -160,12 +172,35 @@ class SQLiteStore:
     async def delete_before(self, cutoff: float) -> int:
         def write() -> int:
             with self._transaction():
+                self._db.execute("DELETE FROM token_usage WHERE day < ?", (utc_day(cutoff).isoformat(),))
                 deleted = self._db.execute("DELETE FROM turns WHERE time < ?", (cutoff,)).rowcount
             if deleted:
                 self._erase_log()
             return deleted
 
         return await self._run(write)
+
+    async def add_tokens(self, server: str, person: str, day: datetime.date, tokens: int) -> None:
+        def write() -> None:
+            with self._transaction():
+                self._db.execute(
+                    "INSERT INTO token_usage (server, day, person, tokens) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (server, day, person) DO UPDATE SET tokens = tokens + excluded.tokens",
+                    (server, day.isoformat(), person, tokens),
+                )
+
+        await self._run(write)
+
+    async def tokens_used(self, server: str, person: str, day: datetime.date) -> tuple[int, int]:
+        def query() -> tuple[int, int]:
+            theirs, everyone = self._db.execute(
+                "SELECT coalesce(sum(CASE WHEN person = ? THEN tokens END), 0), coalesce(sum(tokens), 0) "
+                "FROM token_usage WHERE server = ? AND day = ?",
+                (person, server, day.isoformat()),
+            ).fetchone()
+            return theirs, everyone
+
+        return await self._run(query)
 
     async def preferences(self, namespace: str) -> dict[str, str]:
         def query() -> dict[str, str]:
