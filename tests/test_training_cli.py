@@ -100,7 +100,7 @@ def test_each_step_reads_what_the_previous_one_wrote(recipe):
     assert card["subreddit"] == "berkeley" and card["data"]["train_sessions"] == report["train_sessions"]
     assert card["data"]["validation_sessions"] == report["validation_sessions"] > 0
     assert json.loads((root / "data/training/latest.json").read_text()) == {
-        "subreddit": "stanford", "raw": str(root / "data/training/raw/stanford.jsonl"),
+        "name": "stanford", "raw": str(root / "data/training/raw/stanford.jsonl"),
         "data": str(root / "data/training/stanford"), "personality": str(root / "personalities/stanford"),
     }
 
@@ -230,9 +230,9 @@ def test_problems_are_one_line_errors_without_tracebacks(recipe, tmp_path, monke
         assert len(errors) == 1 and re.search(match, errors[0]), err
 
     fails("scrape", "berkeley", match=r"ttt scrape: error: set REDDIT_CLIENT_ID and REDDIT_CLIENT_SECRET")
-    fails("build-data", match=r"no current subreddit: run `ttt scrape SUB` first")
-    fails("build-data", "--raw", "missing.jsonl", match=r"no scraped threads at missing.jsonl")
-    fails("train", match=r"ttt train: error: no current subreddit")
+    fails("build-data", match=r"no current name: run `ttt scrape SUB` or `ttt import ...` first")
+    fails("build-data", "--raw", "missing.jsonl", match=r"no scraped or imported threads at missing.jsonl")
+    fails("train", match=r"ttt train: error: no current name")
     fails("train", "--data", "nowhere", match=r"no training data: nowhere/train.jsonl does not exist")
     fails("train", "--data", str(root / "data/training/berkeley"), "--base-model", "nobody/no-such-model",
           match=r"cannot load base model nobody/no-such-model \(offline")

@@ -1,10 +1,15 @@
-"""Raw scraped threads -> multi-turn sessions, filtered the way DialoGPT filtered Reddit.
+"""Raw threads -> multi-turn sessions, filtered the way DialoGPT filtered Reddit, or as chat needs.
 
 A session is one root-to-leaf path through a thread's comment tree (the submission's title and
 text optionally as its first turn), keeping its last ``max_turns`` turns. The filters follow
 DialoGPT (Zhang et al. 2019, §2, and its reddit extractor) and act on turns: a comment that
 fails a rule is pruned with everything below it, so the paths through it end at its parent
 (still a session when long enough) and its siblings' paths are untouched.
+
+Imported chat history (training/imports) has the same shape, but a conversation is mostly one long
+chain: PRESETS["chat"] cuts each path into windows of ``max_turns`` (a chain has one leaf: keeping
+only its last turns would drop the rest), and skips a dropped turn instead of pruning what follows
+(the next message goes on with the conversation). Its filter values, and why, are in the README.
 
 `ttt build-data` runs it.
 """
@@ -20,7 +25,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tqdm import tqdm
+
 from core.safety import is_offensive
+from training.imports import read_record
 
 # The most frequent English words; a turn with none of them is probably not English.
 COMMON_ENGLISH_WORDS = frozenset(
@@ -32,6 +40,10 @@ COMMON_ENGLISH_WORDS = frozenset(
     been does said yes very""".split()
 )
 DELETED_MARKERS = ("[deleted]", "[removed]")
+SOURCE_NAMES = {"discord": "Discord", "slack": "Slack", "jsonl": "JSON Lines"}
+REDDIT_TERMS = "Reddit content belongs to its authors and is subject to Reddit's terms; use accordingly."
+CHAT_TERMS = ("Discord's and Slack's terms restrict training on people's messages without their consent: "
+              "import only conversations whose authors agreed to it.")
 RULES = (  # in the order they are checked; a turn is counted under the first rule it fails
     "deleted", "bot", "url", "markup", "turn_too_long", "long_word", "shouting", "repetition",
     "too_short", "non_english", "offensive", "session_too_long",
@@ -68,8 +80,29 @@ class DatasetConfig:
     include_title: bool = True
     min_turns: int = 2
     max_turns: int = 10  # DialoGPT extractor's max_depth: keep the last turns of longer paths
+    windows: bool = False  # a longer path gives windows of at most max_turns, all of it used
+    skip_dropped_turns: bool = False  # a dropped turn is skipped, not pruned with what answered it
     validation_fraction: float = 0.1
     seed: int = 0
+
+
+# What chat needs, measured on chitchat-dataset (138,716 turns; README "Persona from conversations"):
+# the Reddit filters keep 10.7% of its turns, for a chat turn that fails one ends its conversation.
+PRESETS = {
+    "reddit": DatasetConfig(),
+    "chat": DatasetConfig(
+        filters=FilterConfig(
+            bots=False,  # bots' messages never reach the export's threads (and names are pseudonyms)
+            max_turn_words=60,  # a turn is one person's consecutive messages: 12 words median, 35 at p90
+            shouting_letters=None,  # capitals are emphasis in chat ("NICEEE", "who KNOWS")
+            repeat_run=4,  # "no no no" and "yes yes yes" are how people talk
+            min_turn_words=1,  # "yeah", "lol": one-word answers are chat
+            english=False,  # the community's own language; and "lol ok" has no common English word
+            max_session_words=None,  # `ttt train --max-length` bounds a session's tokens
+        ),
+        windows=True, skip_dropped_turns=True,
+    ),
+}
 
 
 @dataclass
@@ -106,6 +139,7 @@ class Report:
     train_threads: int = 0
     validation_threads: int = 0
     config: dict = field(default_factory=dict)
+    imported: dict | None = None  # an import's record (source, consent, counts); None for a scrape
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -153,17 +187,19 @@ def threads_to_sessions(
     include_title: bool = True,
     min_turns: int = 2,
     max_turns: int = 10,
+    windows: bool = False,
+    skip_dropped_turns: bool = False,
     report: Report | None = None,
 ) -> list[Session]:
-    """The filtered sessions of one raw thread (as ``training.scrape`` writes it).
+    """The filtered sessions of one raw thread (as ``training.scrape`` and ``training.imports`` write it).
 
-    A title that fails a rule is left out and the sessions start at the top-level comments.
-    Counts go to ``report`` when given.
+    A title that fails a rule is left out and the sessions start at the top-level comments; a thread
+    without a title (an imported conversation) starts there too. Counts go to ``report`` when given.
     """
     filters = filters or FilterConfig()
     report = report if report is not None else Report()
     comments = [_node(c) for c in thread.get("comments", [])]
-    title = _title_node(thread) if include_title else None
+    title = _title_node(thread) if include_title and (thread.get("title") or thread.get("selftext")) else None
     candidates = ([title] if title else []) + [n for c in comments for n in c.walk()]
     report.turns += len(candidates)
     for node in candidates:
@@ -186,13 +222,17 @@ def threads_to_sessions(
                 node.rule = "session_too_long"
         if node.rule:
             report.turns_dropped[node.rule] += 1
-            report.turns_under_dropped += sum(1 for _ in node.walk()) - 1
-            report.paths_cut[node.rule] += node.leaves()
+            if skip_dropped_turns:  # what answered it starts afresh, with it out of sight
+                for child in node.children:
+                    visit(child, [])
+            else:
+                report.turns_under_dropped += sum(1 for _ in node.walk()) - 1
+                report.paths_cut[node.rule] += node.leaves()
             return False
         report.turns_kept += 1
         kept = [visit(child, path + [node]) for child in node.children]
         if not any(kept):
-            sessions.append(window)
+            sessions.extend(_windows(path + [node], max_turns) if windows else [window])
         return True
 
     kept_roots = [visit(c, path) for c in comments]
@@ -210,21 +250,31 @@ def threads_to_sessions(
     return result
 
 
-def build_dataset(raw_jsonl: Path, out_dir: Path, cfg: DatasetConfig | None = None) -> Report:
+def _windows(path: list[_Node], size: int) -> list[list[_Node]]:
+    """The path cut into as few windows of at most `size` turns as it takes, of about equal length."""
+    count = -(-len(path) // size)
+    bounds = [round(i * len(path) / count) for i in range(count + 1)]
+    return [path[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def build_dataset(raw_jsonl: Path, out_dir: Path, cfg: DatasetConfig | None = None, progress: bool = False) -> Report:
     """Filter, dedupe and split raw threads into ``out_dir``: train.jsonl, validation.jsonl (each
-    only when it has sessions), report.json and a README.md dataset card.
+    only when it has sessions), report.json and a README.md dataset card (with the consent and
+    counts of an import).
 
     The split is by thread, so no thread is in both; it is deterministic in ``seed``.
     """
     cfg = cfg or DatasetConfig()
     out_dir = Path(out_dir)
-    report = Report(config=_config_dict(cfg))
+    imported = read_record(Path(raw_jsonl))
+    report = Report(config=_config_dict(cfg), imported=imported)
     subreddits: set[str] = set()
     times: list[float] = []
     by_thread: dict[str, list[Session]] = {}
     seen: set[tuple[str, ...]] = set()
-    with Path(raw_jsonl).open(encoding="utf-8") as f:
-        for line in f:
+    with Path(raw_jsonl).open(encoding="utf-8") as f, \
+            tqdm(f, desc="filtering", unit="thread", disable=not progress, leave=False) as lines:
+        for line in lines:
             if not line.strip():
                 continue
             thread = json.loads(line)
@@ -232,8 +282,8 @@ def build_dataset(raw_jsonl: Path, out_dir: Path, cfg: DatasetConfig | None = No
             subreddits.add(thread.get("subreddit", ""))
             times += _times(thread)
             for session in threads_to_sessions(
-                thread, cfg.filters, include_title=cfg.include_title,
-                min_turns=cfg.min_turns, max_turns=cfg.max_turns, report=report,
+                thread, cfg.filters, include_title=cfg.include_title, min_turns=cfg.min_turns,
+                max_turns=cfg.max_turns, windows=cfg.windows, skip_dropped_turns=cfg.skip_dropped_turns, report=report,
             ):
                 key = tuple(t["text"] for t in session.turns)
                 if key in seen:
@@ -241,7 +291,7 @@ def build_dataset(raw_jsonl: Path, out_dir: Path, cfg: DatasetConfig | None = No
                     continue
                 seen.add(key)
                 by_thread.setdefault(session.submission_id, []).append(session)
-    report.subreddits = sorted(s for s in subreddits if s)
+    report.subreddits = sorted(s for s in subreddits if s) if imported is None else []
     report.first_utc, report.last_utc = (min(times), max(times)) if times else (None, None)
 
     validation = _validation_threads(sorted(by_thread), cfg.validation_fraction, cfg.seed)
@@ -355,31 +405,72 @@ def _date(utc: float | None) -> str:
     return datetime.fromtimestamp(utc, timezone.utc).date().isoformat() if utc else "n/a"
 
 
+def source_label(report: dict) -> str:
+    """Where the sessions come from, in a few words ("r/berkeley", "a Discord export (general)"),
+    from report.json (or Report.to_dict())."""
+    imported = report.get("imported")
+    if imported:
+        return f"a {SOURCE_NAMES.get(imported['source'], imported['source'])} export ({imported['name']})"
+    return ", ".join(f"r/{s}" for s in report.get("subreddits", [])) or "n/a"
+
+
+def terms_note(report: dict) -> str:
+    """What the dataset card and the persona's README say about whose words these are."""
+    imported = report.get("imported")
+    if imported:
+        return f"Imported with this consent: \"{imported['consent']}\". {CHAT_TERMS}"
+    return REDDIT_TERMS
+
+
 def _dataset_card(report: Report) -> str:
+    data = report.to_dict()
     filters = dict(report.config["filters"])
     filters["common_words"] = f"{len(filters['common_words'])} most common English words"
-    sources = ", ".join(f"r/{s}" for s in report.subreddits) or "n/a"
+    source = source_label(data)
     params = "\n".join(f"- `{k}`: {v}" for k, v in filters.items())
     shape = {k: v for k, v in report.config.items() if k != "filters"}
     splits = [name for name, n in (("train", report.train_sessions), ("validation", report.validation_sessions)) if n]
     data_files = "".join(f"  - split: {name}\n    path: {name}.jsonl\n" for name in splits)
+    imported = report.imported
+    if imported:
+        counts = imported["counts"]
+        cut = (f"cut at silences over {imported['silence_minutes']:g} minutes" if imported["silence_minutes"]
+               else "one conversation per line")
+        title = f"Conversations from {source}"
+        origin = (f"Conversations imported with `ttt import {imported['source']}` ({imported['format']}) on "
+                  f"{imported['imported'][:10]}: {counts['messages']} messages, {cut}, into "
+                  f"{counts['conversations']} conversations of {counts['turns']} turns by {counts['people']} "
+                  f"people, written between {_date(report.first_utc)} and {_date(report.last_utc)} (UTC). "
+                  f"Dropped at import: {counts['bot_messages']} bots' messages, {counts['system_messages']} "
+                  f"system messages, {counts['empty_messages']} empty ones and {counts['excluded_messages']} by the "
+                  f"{counts['excluded_people']} people left out. Authors are pseudonymised (user1, user2, ...; "
+                  f"mentions too): no platform id or name is in these files.\n\n"
+                  f"**Consent**: {imported['consent']}")
+        rule = ("A turn failing a rule is skipped: the turn after it starts a new session. A path longer than "
+                "`max_turns` is cut into windows." if report.config.get("skip_dropped_turns")
+                else "A turn failing a rule is pruned with its replies; paths through it end at its parent.")
+    else:
+        title = f"Reddit sessions from {source}"
+        origin = (f"Multi-turn sessions (root-to-leaf paths through comment trees) scraped from {source}, posted\n"
+                  f"between {_date(report.first_utc)} and {_date(report.last_utc)} (UTC).")
+        rule = "A comment failing a rule is pruned with its replies; paths through it end at its parent."
     return f"""---
 configs:
 - config_name: default
   data_files:
 {data_files}---
-# Reddit sessions from {sources}
+# {title}
 
-Multi-turn sessions (root-to-leaf paths through comment trees) scraped from {sources}, posted
-between {_date(report.first_utc)} and {_date(report.last_utc)} (UTC). Each line of
-`train.jsonl` / `validation.jsonl` is `{{"turns": [{{"author", "text"}}, ...], "submission_id"}}`.
+{origin}
+
+Each line of `train.jsonl` / `validation.jsonl` is `{{"turns": [{{"author", "text"}}, ...], "submission_id"}}`.
 Threads are split between train and validation, never shared: {report.train_sessions} train
 sessions from {report.train_threads} threads, {report.validation_sessions} validation sessions
 from {report.validation_threads} threads.
 
 ## Filters (after DialoGPT, Zhang et al. 2019)
 
-A comment failing a rule is pruned with its replies; paths through it end at its parent.
+{rule}
 
 {params}
 
@@ -391,5 +482,5 @@ Session shape: {", ".join(f"`{k}`={v}" for k, v in shape.items())}
 {report.table()}
 ```
 
-Reddit content belongs to its authors and is subject to Reddit's terms; use accordingly.
+{terms_note(data)}
 """

@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from training.dataset import source_label, terms_note
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -18,14 +20,15 @@ if TYPE_CHECKING:
 
 
 def persona_card(cfg: TrainConfig, run: dict, state: dict, stopped: str) -> dict:
-    """persona.json for the run so far. `run` holds what setup decided (base_model, format,
-    max_length, data, subreddits, planned_steps, steps_per_epoch, learning_rate, processes,
+    """persona.json for the run so far. `run` holds what setup decided (base_model, base_persona,
+    format, max_length, data, source, planned_steps, steps_per_epoch, learning_rate, processes,
     mixed_precision); `state` is the loop's (step, best_loss, best_step, base_loss)."""
     best, base = state["best_loss"], state["base_loss"]
-    subreddits = run["subreddits"]
+    subreddits = run["source"]["subreddits"]
     return {
         "name": cfg.name, "subreddit": subreddits[0] if len(subreddits) == 1 else None,
-        "subreddits": subreddits, "base_model": run["base_model"], "format": run["format"],
+        "subreddits": subreddits, "imported": run["source"]["imported"],
+        "base_model": run["base_model"], "base_persona": run["base_persona"], "format": run["format"],
         "system_prompt": cfg.system_prompt,
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                  "target_modules": cfg.lora_target_modules} if cfg.lora else None,
@@ -95,16 +98,25 @@ def shown_path(path: str | Path) -> str:
         return str(path)
 
 
+def reply_decoding(card: dict) -> dict:
+    """How the persona samples its replies, as the printed config lines say (and `ttt eval` samples)."""
+    reply_tokens = min(64 if card["format"] == "dialogpt" else 128, card["training"]["max_length"] // 2)
+    if card["format"] == "dialogpt":  # DialoGPT loops under greedy decoding: sample, no repeated 3-grams
+        return {"max_new_tokens": reply_tokens, "do_sample": True, "top_k": 100, "top_p": 0.7, "temperature": 0.8,
+                "no_repeat_ngram_size": 3}
+    return {"max_new_tokens": reply_tokens, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+
+
 def config_snippet(card: dict, out_dir: Path) -> str:
     """The config.yaml lines that add the personality as a persona."""
     base = card["base_model"]
     base_shown = shown_path(base) if Path(base).expanduser().exists() else base
-    where = f"r/{card['subreddit']}" if card.get("subreddit") else card["name"]
+    base_label = card.get("base_persona") or base.rstrip("/").split("/")[-1]
     ppl = card["validation"].get("perplexity")
     lines = [
         "personas:",
         f"  {card['name']}:",
-        f"    description: {base.rstrip('/').split('/')[-1]} fine-tuned on {where}"
+        f"    description: {base_label} fine-tuned on {source_label(card)}"
         + (f" (validation perplexity {ppl:.1f})" if ppl else ""),
     ]
     if card["lora"]:
@@ -114,13 +126,7 @@ def config_snippet(card: dict, out_dir: Path) -> str:
     lines += [f"    format: {card['format']}", f"    max_context_tokens: {card['training']['max_length']}"]
     if card["system_prompt"]:
         lines += [f"    system_prompt: {json.dumps(card['system_prompt'])}"]
-    reply_tokens = min(64 if card["format"] == "dialogpt" else 128, card["training"]["max_length"] // 2)
-    lines += ["    decoding:", f"      max_new_tokens: {reply_tokens}"]
-    if card["format"] == "dialogpt":  # DialoGPT loops under greedy decoding: sample, no repeated 3-grams
-        lines += ["      do_sample: true", "      top_k: 100", "      top_p: 0.7", "      temperature: 0.8",
-                  "      no_repeat_ngram_size: 3"]
-    else:
-        lines += ["      temperature: 0.7", "      top_p: 0.9"]
+    lines += ["    decoding:"] + [f"      {key}: {json.dumps(value)}" for key, value in reply_decoding(card).items()]
     return "\n".join(lines)
 
 
@@ -128,10 +134,9 @@ def _readme(card: dict, snippet: str) -> str:
     v, d, t = card["validation"], card["data"], card["training"]
     ppl = lambda x: f"{x:.2f}" if x else "n/a"  # noqa: E731
     kind = f"A LoRA adapter (r={card['lora']['r']}) on" if card["lora"] else "A full fine-tune of"
-    source = f"r/{card['subreddit']}" if card.get("subreddit") else str(d["dir"])
     return f"""# Persona `{card['name']}`
 
-{kind} `{card['base_model']}` on Reddit sessions from {source}, in the `{card['format']}`
+{kind} `{card['base_model']}` on sessions from {source_label(card)}, in the `{card['format']}`
 prompt format (core/prompts.py), written by `ttt train` on {card['created']}.
 
 | | |
@@ -151,5 +156,5 @@ Settings: `persona.json`. To serve it, add to config.yaml:
 {snippet}
 ```
 
-Reddit content belongs to its authors and is subject to Reddit's terms; use accordingly.
+{terms_note(card)}
 """

@@ -31,11 +31,14 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from core.prompts import IGNORE_INDEX, end_of_turn_ids
+from training.base_model import BaseModel, BaseModelError, resolve_base_model, weights_location
 from training.checkpoints import latest_checkpoint, save_checkpoint
+from training.cpu_threads import CpuThreads
 from training.examples import encode_all, make_loader, read_sessions
 from training.personality import persona_card, record_ending, save_personality
 from training.train_config import DEFAULT_LORA_LR, DEFAULT_LR, TrainConfig
@@ -64,6 +67,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
     """Fine-tune cfg.base_model on cfg.data_dir and write the personality to cfg.out_dir."""
     # No gradient_accumulation_steps here: step_gradients accumulates, to weigh micro-batches right.
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision))
+    threads = CpuThreads(accelerator.device)
     main = accelerator.is_main_process
     say = (lambda *a: None) if quiet else accelerator.print
     train_path, val_path = cfg.data_dir / "train.jsonl", cfg.data_dir / "validation.jsonl"
@@ -78,11 +82,15 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
     set_seed(cfg.seed)
 
     # model
-    base_model = cfg.base_model  # a local directory is recorded absolute: the card outlives the cwd
+    try:
+        base = resolve_base_model(cfg.base_model, cfg.personas)
+    except BaseModelError as exc:
+        raise TrainError(str(exc)) from None
+    base_model = base.model  # a local directory is recorded absolute: the card outlives the cwd
     if Path(base_model).expanduser().exists():
         base_model = str(Path(base_model).expanduser().resolve())
-    say(f"loading {base_model}")
-    model, tokenizer = load_base(base_model, cfg.device_map)
+    say(f"loading {base.label}")
+    model, tokenizer = load_base(BaseModel(base_model, base.persona), cfg.device_map, cfg.cache_dir)
     fmt = resolve_format(cfg.format, tokenizer)
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     max_length = min(cfg.max_length, positions or cfg.max_length)
@@ -132,8 +140,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         val_loader = accelerator.prepare(val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    run = {"base_model": base_model, "format": fmt, "max_length": max_length, "data": data,
-           "subreddits": _subreddits(cfg.data_dir), "planned_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+    run = {"base_model": base_model, "base_persona": base.persona, "format": fmt, "max_length": max_length, "data": data,
+           "source": _data_source(cfg.data_dir), "planned_steps": total_steps, "steps_per_epoch": steps_per_epoch,
            "learning_rate": peak_lr, "processes": accelerator.num_processes,
            "mixed_precision": accelerator.mixed_precision}
 
@@ -154,7 +162,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         say(f"resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, "
             f"batch {state['batches_in_epoch']})")
     elif val_loader is not None:
-        state["base_loss"] = validation_loss(model, val_loader, accelerator)
+        state["base_loss"] = validation_loss(model, val_loader, accelerator, None if quiet_bars else "validation", threads)
         loss = state["base_loss"]
         say(f"step 0: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} (base model)")
 
@@ -178,11 +186,12 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
             lr = learning_rate(state["step"], total_steps, peak_lr, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            window_loss += step_gradients(accelerator, model, batches)
-            if cfg.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with threads.timed("train", sum(batch["input_ids"].numel() for batch in batches)):
+                window_loss += step_gradients(accelerator, model, batches)
+                if cfg.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             for mask in (batch["attention_mask"] for batch in batches):
                 window_tokens += torch.stack([mask.sum(), torch.tensor(mask.numel(), device=mask.device)])
             state["step"] += 1
@@ -204,7 +213,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
             if step % cfg.eval_interval == 0 or step == total_steps:
                 paused = time.perf_counter()  # validation and checkpoint time is not training time
                 if val_loader is not None:
-                    val = validation_loss(model, val_loader, accelerator)
+                    val = validation_loss(model, val_loader, accelerator, None if quiet_bars else "validation", threads)
                     better = state["best_loss"] is None or val < state["best_loss"]
                     state["bad_evals"] = 0 if better else state["bad_evals"] + 1
                     note = ""
@@ -234,6 +243,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         record_ending(cfg.out_dir, final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    threads.restore()
     return TrainResult(
         out_dir=cfg.out_dir, steps=state["step"],
         base_perplexity=final["validation"]["base_perplexity"], perplexity=final["validation"]["perplexity"],
@@ -288,12 +298,17 @@ def target_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def validation_loss(model, loader, accelerator: Accelerator) -> float:
-    """Mean negative log-likelihood per target token (perplexity = exp of it), over all processes."""
+def validation_loss(model, loader, accelerator: Accelerator, progress: str | None = None,
+                    threads: CpuThreads | None = None) -> float:
+    """Mean negative log-likelihood per target token (perplexity = exp of it), over all processes;
+    a progress bar named `progress`, if given."""
     model.eval()
+    threads = threads or CpuThreads(accelerator.device)
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for batch in loader:
-        nll, is_target = target_nll(model, batch)
+    quiet = progress is None or not accelerator.is_main_process
+    for batch in tqdm(loader, desc=progress, unit="batch", disable=quiet, leave=False):
+        with threads.timed("validation", batch["input_ids"].numel()):
+            nll, is_target = target_nll(model, batch)
         per_row = torch.stack([nll.sum(1).double(), is_target.sum(1).double()], 1)
         total += accelerator.gather_for_metrics(per_row.to(accelerator.device)).sum(0)
     model.train()
@@ -311,16 +326,20 @@ def learning_rate(step: int, total_steps: int, peak: float, cfg: TrainConfig) ->
 
 # ---- setup ----------------------------------------------------------------------------------
 
-def load_base(name: str, device_map: str | None = None):
-    """(model, tokenizer) of a hub id or local directory; TrainError with a one-line reason."""
+def load_base(base: BaseModel, device_map: str | None = None, cache_dir: Path | None = None):
+    """(model, tokenizer) of a hub id, local directory or GGUF; TrainError with a one-line reason."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name = base.model
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
-    if looks_local and not Path(name).expanduser().exists():
+    if looks_local and not name.endswith(".gguf") and not Path(name).expanduser().exists():
         raise TrainError(f"base model directory {name} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, device_map=device_map)
+        location = weights_location(base, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, device_map=device_map)
+    except BaseModelError as exc:
+        raise TrainError(str(exc)) from None
     except (OSError, ValueError) as exc:
         offline = " (offline: HF_HUB_OFFLINE is set, and it is not in the local cache)" \
             if os.environ.get("HF_HUB_OFFLINE") and not looks_local else ""
@@ -348,8 +367,8 @@ def _mixed_precision(choice: str) -> str | None:
     return "no"
 
 
-def _subreddits(data_dir: Path) -> list[str]:
-    report = data_dir / "report.json"
-    if not report.is_file():
-        return []
-    return list(json.loads(report.read_text()).get("subreddits", []))
+def _data_source(data_dir: Path) -> dict:
+    """Where the sessions came from, as build-data's report.json says: subreddits, or an import's record."""
+    path = data_dir / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return {"subreddits": list(report.get("subreddits", [])), "imported": report.get("imported")}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from core.config.schema import PersonaConfig
 
 DEFAULT_LR = 5e-5
 DEFAULT_LORA_LR = 2e-4
@@ -15,7 +17,10 @@ class TrainConfig:
     out_dir: Path  # the personality directory
     checkpoint_dir: Path  # resumable training state: step-N/ folders
     name: str = "persona"
+    # a hub id, a local directory, a GGUF (package://PKG/FILE.gguf or a path), or a persona's name
     base_model: str = "microsoft/DialoGPT-medium"
+    personas: dict[str, PersonaConfig] = field(default_factory=dict)  # the config's, for a persona's name
+    cache_dir: Path | None = None  # where a GGUF base is dequantized (generator.cache_dir: serving's too)
     format: str = "auto"  # "dialogpt", "chat", or "auto": chat when the tokenizer has a chat template
     system_prompt: str = ""  # chat format only; serve the persona with the same one
     # LoRA: train an adapter, the base weights stay frozen and shared when served

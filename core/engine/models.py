@@ -164,6 +164,17 @@ def _load_model(source: ModelSource, placement: Placement, cache_dir: Path | Non
 
 
 def _load_gguf(source: ModelSource, placement: Placement, cache_dir: Path | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = dequantized(source, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=placement.weights_dtype, device_map=placement.device_map)
+    return model, tokenizer
+
+
+def dequantized(source: ModelSource, cache_dir: Path | None = None) -> Path:
+    """The directory of a GGUF source's weights dequantized to float32 (a plain transformers
+    checkpoint), made once and cached under `cache_dir` (default ~/.cache/talk-to-transformers)."""
     import torch
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -172,32 +183,31 @@ def _load_gguf(source: ModelSource, placement: Placement, cache_dir: Path | None
         raise ModelUnavailable(f"GGUF file {gguf_path} does not exist")
     base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "talk-to-transformers"
     cache = base / "gguf" / f"{gguf_path.stem}-{gguf_digest(gguf_path, base / 'gguf')[:16]}"
-    if not (cache / "model.safetensors").is_file():
-        log.info("dequantizing %s once; the result is cached in %s", gguf_path.name, cache)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained: copy config and weights into a plain model.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = type(loaded)(config)
-        plain.load_state_dict(loaded.state_dict())
-        # A private directory, renamed into place whole: two processes starting at once never collide.
-        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}.partial-"))
-        try:
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
-            tmp.rename(cache)
-        except OSError:
-            if not (cache / "model.safetensors").is_file():
-                raise
-            log.info("another process cached %s first", gguf_path.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=placement.weights_dtype, device_map=placement.device_map)
-    return model, tokenizer
+    if (cache / "model.safetensors").is_file():
+        return cache
+    log.info("dequantizing %s once; the result is cached in %s", gguf_path.name, cache)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: copy config and weights into a plain model.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    # A private directory, renamed into place whole: two processes starting at once never collide.
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}.partial-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        tmp.rename(cache)
+    except OSError:
+        if not (cache / "model.safetensors").is_file():
+            raise
+        log.info("another process cached %s first", gguf_path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
 
 
 def gguf_digest(gguf_path: Path, index_dir: Path) -> str:
