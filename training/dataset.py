@@ -22,12 +22,12 @@ import json
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm import tqdm
 
 from core.safety import is_offensive
+from training.dataset_card import dataset_card
 from training.imports import read_record
 
 # The most frequent English words; a turn with none of them is probably not English.
@@ -40,10 +40,6 @@ COMMON_ENGLISH_WORDS = frozenset(
     been does said yes very""".split()
 )
 DELETED_MARKERS = ("[deleted]", "[removed]")
-SOURCE_NAMES = {"discord": "Discord", "slack": "Slack", "jsonl": "JSON Lines"}
-REDDIT_TERMS = "Reddit content belongs to its authors and is subject to Reddit's terms; use accordingly."
-CHAT_TERMS = ("Discord's and Slack's terms restrict training on people's messages without their consent: "
-              "import only conversations whose authors agreed to it.")
 RULES = (  # in the order they are checked; a turn is counted under the first rule it fails
     "deleted", "bot", "url", "markup", "turn_too_long", "long_word", "shouting", "repetition",
     "too_short", "non_english", "offensive", "session_too_long",
@@ -308,7 +304,7 @@ def build_dataset(raw_jsonl: Path, out_dir: Path, cfg: DatasetConfig | None = No
             with path.open("w", encoding="utf-8") as f:
                 f.writelines(json.dumps(s.to_json(), ensure_ascii=False) + "\n" for s in sessions)
     (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    (out_dir / "README.md").write_text(_dataset_card(report), encoding="utf-8")
+    (out_dir / "README.md").write_text(dataset_card(report.to_dict(), report.table()), encoding="utf-8")
     return report
 
 
@@ -399,88 +395,3 @@ def _config_dict(cfg: DatasetConfig) -> dict:
     data["filters"]["common_words"] = sorted(cfg.filters.common_words)
     data["filters"]["bot_authors"] = list(cfg.filters.bot_authors)
     return data
-
-
-def _date(utc: float | None) -> str:
-    return datetime.fromtimestamp(utc, timezone.utc).date().isoformat() if utc else "n/a"
-
-
-def source_label(report: dict) -> str:
-    """Where the sessions come from, in a few words ("r/berkeley", "a Discord export (general)"),
-    from report.json (or Report.to_dict())."""
-    imported = report.get("imported")
-    if imported:
-        return f"a {SOURCE_NAMES.get(imported['source'], imported['source'])} export ({imported['name']})"
-    return ", ".join(f"r/{s}" for s in report.get("subreddits", [])) or "n/a"
-
-
-def terms_note(report: dict) -> str:
-    """What the dataset card and the persona's README say about whose words these are."""
-    imported = report.get("imported")
-    if imported:
-        return f"Imported with this consent: \"{imported['consent']}\". {CHAT_TERMS}"
-    return REDDIT_TERMS
-
-
-def _dataset_card(report: Report) -> str:
-    data = report.to_dict()
-    filters = dict(report.config["filters"])
-    filters["common_words"] = f"{len(filters['common_words'])} most common English words"
-    source = source_label(data)
-    params = "\n".join(f"- `{k}`: {v}" for k, v in filters.items())
-    shape = {k: v for k, v in report.config.items() if k != "filters"}
-    splits = [name for name, n in (("train", report.train_sessions), ("validation", report.validation_sessions)) if n]
-    data_files = "".join(f"  - split: {name}\n    path: {name}.jsonl\n" for name in splits)
-    imported = report.imported
-    if imported:
-        counts = imported["counts"]
-        cut = (f"cut at silences over {imported['silence_minutes']:g} minutes" if imported["silence_minutes"]
-               else "one conversation per line")
-        title = f"Conversations from {source}"
-        origin = (f"Conversations imported with `ttt import {imported['source']}` ({imported['format']}) on "
-                  f"{imported['imported'][:10]}: {counts['messages']} messages, {cut}, into "
-                  f"{counts['conversations']} conversations of {counts['turns']} turns by {counts['people']} "
-                  f"people, written between {_date(report.first_utc)} and {_date(report.last_utc)} (UTC). "
-                  f"Dropped at import: {counts['bot_messages']} bots' messages, {counts['system_messages']} "
-                  f"system messages, {counts['empty_messages']} empty ones and {counts['excluded_messages']} by the "
-                  f"{counts['excluded_people']} people left out. Authors are pseudonymised (user1, user2, ...; "
-                  f"mentions too): no platform id or name is in these files.\n\n"
-                  f"**Consent**: {imported['consent']}")
-        rule = ("A turn failing a rule is skipped: the turn after it starts a new session. A path longer than "
-                "`max_turns` is cut into windows." if report.config.get("skip_dropped_turns")
-                else "A turn failing a rule is pruned with its replies; paths through it end at its parent.")
-    else:
-        title = f"Reddit sessions from {source}"
-        origin = (f"Multi-turn sessions (root-to-leaf paths through comment trees) scraped from {source}, posted\n"
-                  f"between {_date(report.first_utc)} and {_date(report.last_utc)} (UTC).")
-        rule = "A comment failing a rule is pruned with its replies; paths through it end at its parent."
-    return f"""---
-configs:
-- config_name: default
-  data_files:
-{data_files}---
-# {title}
-
-{origin}
-
-Each line of `train.jsonl` / `validation.jsonl` is `{{"turns": [{{"author", "text"}}, ...], "submission_id"}}`.
-Threads are split between train and validation, never shared: {report.train_sessions} train
-sessions from {report.train_threads} threads, {report.validation_sessions} validation sessions
-from {report.validation_threads} threads.
-
-## Filters (after DialoGPT, Zhang et al. 2019)
-
-{rule}
-
-{params}
-
-Session shape: {", ".join(f"`{k}`={v}" for k, v in shape.items())}
-
-## Counts
-
-```
-{report.table()}
-```
-
-{terms_note(data)}
-"""

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.dataset import source_label, terms_note
+from training.dataset_card import source_label, terms_note
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
