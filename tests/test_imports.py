@@ -303,3 +303,15 @@ def test_a_long_conversation_goes_on_as_a_new_thread_beyond_a_hundred_turns(work
     assert code == 0, err
     sessions = [json.loads(line) for line in (workdir / "data/training/long/train.jsonl").read_text().splitlines()]
     assert [len(s["turns"]) for s in sessions] == [10] * 25  # windows: every turn is in a session
+
+
+def test_readme_documents_the_import_commands_the_terms_and_the_bench_line():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    training = readme[readme.index("## Training a persona"):readme.index("## How it works")]
+    for words in ("ttt import discord FILE.json ...", "ttt import slack EXPORT", "ttt import jsonl FILE",
+                  "--consent TEXT", "--exclude-users ID_OR_NAME ...", "--name NAME", "--silence-minutes",
+                  "--filters reddit|chat", "--base-model smol --lora", "training.base_model", "package://PKG/FILE.gguf",
+                  "ppl_base=X ppl_tuned=Y ppl_drop=Z distinct2=W train_minutes=M"):
+        assert words in training, words
+    assert "Discord's and Slack's terms restrict training on people's messages without" in training
+    assert "`training/imports/`" in readme and "`bench/persona.py`" in readme

@@ -19,13 +19,10 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from core.config.loading import load_settings
 from core.config.schema import Config
-from core.conversation import ConversationKey
-from core.service import open_service
 from exports import chitchat_conversations, chitchat_discord_export, write_jsonl
 from test_serve import free_port, wait_ready
-from test_training_cli import snippet, ttt
+from test_training_cli import persona_reply, snippet, ttt
 from tiny import build_tokenizer
 from training.base_model import BaseModelError, resolve_base_model
 
@@ -103,17 +100,7 @@ async def test_the_printed_config_lines_answer_through_the_service(lounge, tmp_p
     persona = snippet(steps["train"][1])["personas"]["student-lounge"]
     assert persona["model"] == "./personalities/student-lounge"
     assert persona["description"].startswith("tiny fine-tuned on a Discord export (student-lounge)")
-    config = root / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "service": {"default_persona": "student-lounge"}, "database": {"path": str(tmp_path / "chat.sqlite3")},
-        "personas": {"student-lounge": persona},
-    }))
-    service = await open_service(load_settings(config, environ={}).config)
-    try:
-        reply = await service.reply(ConversationKey("test", "lounge"), "alice", "hey how are you", adapter="test")
-    finally:
-        await service.close()
-    assert reply.strip()
+    assert (await persona_reply(root, tmp_path, "student-lounge", persona, "hey how are you")).strip()
 
 
 @pytest.mark.timeout(60)

@@ -78,6 +78,20 @@ def snippet(output: str) -> dict:
     return yaml.safe_load(text)
 
 
+async def persona_reply(root: Path, tmp_path: Path, name: str, persona: dict, text: str) -> str:
+    """Serve `persona` (config lines) as the only persona through the core: its reply to `text`."""
+    config = root / f"serve-{name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "service": {"default_persona": name}, "database": {"path": str(tmp_path / "chat.sqlite3")},
+        "personas": {name: persona},
+    }))
+    service = await open_service(load_settings(config, environ={}).config)
+    try:
+        return await service.reply(ConversationKey("test", name), "alice", text, adapter="test")
+    finally:
+        await service.close()
+
+
 def perplexities(output: str) -> list[float]:
     return [float(p) for p in re.findall(r"validation loss [\d.]+, perplexity ([\d.]+)", output)]
 
@@ -127,17 +141,7 @@ async def test_the_trained_personality_answers_as_a_persona_of_the_core(recipe, 
     persona = snippet(steps["train"][1])["personas"]["berkeley"]
     assert persona["model"] == "./personalities/berkeley" and persona["format"] == "dialogpt"
     persona["decoding"] = {"do_sample": False, "max_new_tokens": 16}
-    config = root / "serve-berkeley.yaml"
-    config.write_text(yaml.safe_dump({
-        "service": {"default_persona": "berkeley"}, "database": {"path": str(tmp_path / "chat.sqlite3")},
-        "personas": {"berkeley": persona},
-    }))
-    service = await open_service(load_settings(config, environ={}).config)
-    try:
-        reply = await service.reply(ConversationKey("test", "c1"), "alice", QUESTION, adapter="test")
-    finally:
-        await service.close()
-    assert "berkeley" in reply.lower()
+    assert "berkeley" in (await persona_reply(root, tmp_path, "berkeley", persona, QUESTION)).lower()
 
 
 @pytest.mark.timeout(180)

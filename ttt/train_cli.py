@@ -200,7 +200,7 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
         if not NAME.fullmatch(name or "-"):
             raise RecipeError(f"name {name!r} must be letters, digits, '-' or '_': pass --name")
         summary = save_import(export, name, raw_dir, args.consent, args.exclude_users,
-                              getattr(args, "silence_minutes", DEFAULT_SILENCE_MINUTES))
+                              getattr(args, "silence_minutes", DEFAULT_SILENCE_MINUTES), progress=sys.stderr.isatty())
     except (ExportError, RecipeError) as exc:
         return _fail("import", exc)
     _remember(settings, name=name, raw=str(summary.raw))

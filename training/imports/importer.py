@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tqdm import tqdm
+
 from training.imports.conversations import ChatTurn, conversation_trees
 from training.imports.messages import Export, ExportError, Message
 from training.imports.pseudonyms import Pseudonyms
@@ -64,10 +66,10 @@ def dataset_name(text: str) -> str:
 
 def save_import(
     export: Export, name: str, raw_dir: Path, consent: str, exclude_users: list[str] | None = None,
-    silence_minutes: float = DEFAULT_SILENCE_MINUTES,
+    silence_minutes: float = DEFAULT_SILENCE_MINUTES, progress: bool = False,
 ) -> ImportSummary:
     """Write the export's conversations to raw_dir/NAME.jsonl and its record; ExportError if nothing
-    would be written or the input is wrong (then nothing is written)."""
+    would be written or the input is wrong (then nothing is written). A progress bar if `progress`."""
     if not consent.strip():
         raise ExportError("--consent is empty: say whose conversations these are and that they agreed")
     if silence_minutes <= 0:
@@ -99,7 +101,8 @@ def save_import(
             f"{counts['system_messages']} system, {counts['empty_messages']} empty, "
             f"{counts['excluded_messages']} by people left out)")
     pseudonyms = Pseudonyms(export.people)
-    threads = [_thread(root, f"{name}-{i}", name, pseudonyms) for i, root in enumerate(roots, 1)]
+    threads = [_thread(root, f"{name}-{i}", name, pseudonyms) for i, root in
+               enumerate(tqdm(roots, desc="pseudonymising", unit="conversation", disable=not progress, leave=False), 1)]
     times = [t.time for root in roots for t in root.walk() if t.time is not None]
     counts.update(conversations=len(roots), turns=sum(1 for root in roots for _ in root.walk()),
                   people=len({turn.author_id for root in roots for turn in root.walk()}))
