@@ -305,6 +305,14 @@ def test_a_long_conversation_goes_on_as_a_new_thread_beyond_a_hundred_turns(work
     assert [len(s["turns"]) for s in sessions] == [10] * 25  # windows: every turn is in a session
 
 
+@pytest.mark.timeout(60)
+def test_a_name_is_asked_for_when_the_export_offers_none(workdir):
+    path = write_jsonl(workdir / "---.jsonl", [[("ann", "hi"), ("ben", "hello")]])
+    code, _, err = ttt(workdir / "config.yaml", "import", "jsonl", str(path), "--consent", CONSENT)
+    assert code == 2 and "ttt import: error: name '' must be letters, digits, '-' or '_': pass --name" in err
+    assert not (workdir / "data").exists()
+
+
 def test_readme_documents_the_import_commands_the_terms_and_the_bench_line():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     training = readme[readme.index("## Training a persona"):readme.index("## How it works")]

@@ -197,7 +197,7 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
     try:
         export = read_export(args.source, args.paths)
         name = args.name or dataset_name(export.suggested_name)
-        if not NAME.fullmatch(name or "-"):
+        if not NAME.fullmatch(name):
             raise RecipeError(f"name {name!r} must be letters, digits, '-' or '_': pass --name")
         summary = save_import(export, name, raw_dir, args.consent, args.exclude_users,
                               getattr(args, "silence_minutes", DEFAULT_SILENCE_MINUTES), progress=sys.stderr.isatty())
