@@ -12,7 +12,7 @@ from pathlib import Path
 from training.imports.messages import Export, ExportError, Message, epoch_seconds, load_json
 
 EXPECTED = 'a DiscordChatExporter JSON export of a channel ({"guild", "channel", "messages": [...]})'
-PEOPLES_TYPES = {"Default", "Reply"}  # every other type is a system message (joins, pins, calls, ...)
+PERSON_TYPES = {"Default", "Reply"}  # every other type is a system message (joins, pins, calls, ...)
 
 
 def read(paths: list[Path]) -> Export:
@@ -49,7 +49,7 @@ def _message(raw, channel: str, export: Export, where: str) -> Message:
     if author.get("isBot"):
         kind = "bot"
     else:
-        kind = "person" if raw.get("type", "Default") in PEOPLES_TYPES else "system"
+        kind = "person" if raw.get("type", "Default") in PERSON_TYPES else "system"
     reference = raw.get("reference") or {}
     return Message(
         id=str(raw["id"]), channel=channel, author_id=author_id, text=raw.get("content") or "",

@@ -10,6 +10,7 @@ dataset card. Both files are written whole or not at all.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -132,7 +133,7 @@ def _excluded_people(export: Export, exclude_users: list[str]) -> set[str]:
 
 
 def _thread(root: ChatTurn, thread_id: str, name: str, pseudonyms: Pseudonyms) -> dict:
-    counter = iter(range(1, 1 << 62))
+    counter = itertools.count(1)
 
     def comment(turn: ChatTurn) -> dict:
         return {"id": f"{thread_id}.{next(counter)}", "author": pseudonyms.of(turn.author_id),

@@ -18,7 +18,7 @@ EXPECTED = ("a Slack workspace export: a folder or .zip with users.json, channel
             "YYYY-MM-DD.json files per channel")
 # Conversation lists, and whether a conversation's folder is named by its name or (DMs) its id.
 LISTS = (("channels.json", "name"), ("groups.json", "name"), ("mpims.json", "name"), ("dms.json", "id"))
-PEOPLES_SUBTYPES = {None, "thread_broadcast", "me_message", "file_share"}
+PERSON_SUBTYPES = {None, "thread_broadcast", "me_message", "file_share"}
 DAY_FILE = re.compile(r"\d{4}-\d{2}-\d{2}\.json")
 _LINK = re.compile(r"<([^<>|]+)(?:\|([^<>]*))?>")
 
@@ -110,7 +110,7 @@ def _message(raw, channel: str, bots: set[str], export: Export, where: str) -> M
     if raw.get("bot_id") or subtype == "bot_message" or user in bots:
         kind = "bot"
     else:
-        kind = "person" if subtype in PEOPLES_SUBTYPES and user else "system"
+        kind = "person" if subtype in PERSON_SUBTYPES and user else "system"
     ts, thread = str(raw["ts"]), raw.get("thread_ts")
     return Message(id=ts, channel=channel, author_id=user, text=plain_text(str(raw.get("text") or "")),
                    time=epoch_seconds(ts, where), kind=kind, thread=str(thread) if thread else None)
