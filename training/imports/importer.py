@@ -5,7 +5,7 @@ Bots' and system messages, empty ones and the people left out are dropped; the r
 conversations (training/imports/conversations.py) and pseudonymised (pseudonyms.py): no platform
 id or name is written. Each conversation is a thread without a title whose comment tree is the
 conversation's. Beside it, NAME.import.json records the consent, the source and the counts for the
-dataset card. Both files are written whole or not at all.
+dataset card. Each file is written whole or not at all (a temporary file renamed into place).
 """
 
 from __future__ import annotations
