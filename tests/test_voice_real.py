@@ -23,6 +23,7 @@ from voice_real import espeak_says, hear, piper_says, silence, stereo48, wer
 SAID = "Dragons are large and strong. They can fly over the mountains."
 PAUSED = ("I was thinking about going to the park,", "and then having lunch there.")
 QUESTION = "What is the capital of France?"
+ASKED = "Tell me a short story about a dragon."
 
 
 @pytest.mark.timeout(120)
@@ -105,14 +106,18 @@ def frames(audio: np.ndarray) -> list[bytes]:
     return [pcm[i:i + 3840] for i in range(0, len(pcm) - 3839, 3840)]
 
 
-def turns_of(audio: np.ndarray, turn_model, *, absent: tuple[float, float] = (0.0, 0.0)) -> list:
+def turns_of(audio: np.ndarray, turn_model, *, absent: tuple[float, float] = (0.0, 0.0), told: bool = True) -> list:
     """The turns a TurnTaker finds in `audio` arriving in real time (a simulated clock, ticked every 40 ms),
-    except that no frame arrives from `absent[0]` to `absent[1]` s (the client stops sending in a silence)."""
+    except that no frame arrives from `absent[0]` to `absent[1]` s: the client stops sending in a silence
+    and says so (`told`), or its audio is late."""
     ended = []
     listener = TurnTaker(ListenSection(enabled=True), on_turns=ended.extend, turn_model=turn_model)
     now = 0.0
     for frame in frames(np.concatenate([audio, silence(1.5)])):
-        if not absent[0] <= now < absent[1]:
+        if absent[0] <= now < absent[1]:
+            if told and now - 0.02 < absent[0]:
+                listener.stopped_sending("alice")
+        else:
             listener.hear("alice", frame, now=now)
         now += 0.02
         if round(now * 1000) % 40 == 0:
@@ -136,8 +141,11 @@ def test_a_pause_mid_sentence_does_not_end_the_turn_but_a_complete_question_ends
     [turn] = turns_of(question, None)  # turn_model: silence
     assert turn.ended_by == "silence" and turn.ended_at - turn.last_speech_at >= 0.8
     question = np.concatenate([silence(0.5), espeak_says(QUESTION)])
-    [turn] = turns_of(question, smart_turn, absent=(len(question) / 16_000 + 0.04, 99))
+    [turn] = turns_of(question, smart_turn, absent=(len(question) / 16_000, 99))
     assert turn.ended_by == "smart-turn"  # judged on audio that stopped coming, too
+    late = (0.5 + len(espeak_says("Tell me a short")) / 16_000, 0.5 + len(espeak_says("Tell me a short story")) / 16_000)
+    [turn] = turns_of(np.concatenate([silence(0.5), espeak_says(ASKED)]), smart_turn, absent=late, told=False)
+    assert turn.ended_by == "smart-turn" and turn.speech_s > 1.5  # late audio mid-sentence is not a pause
 
 
 def test_backchannels_are_not_turns_and_two_real_words_take_the_turn():

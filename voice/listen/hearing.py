@@ -3,6 +3,7 @@
     hearing = Hearing(config.voice.listen, metrics); await hearing.start()    # raises SttUnavailable
     room = hearing.room("guild 1", on_transcript=..., on_barge_in=..., talking=...)   # one per place people talk
     room.hear(person, pcm)           # 20 ms of 48 kHz stereo s16le, from any thread, as it arrives
+    room.stopped_sending(person)     # their client says it stopped sending (e.g. Discord's silence frames)
     room.forget(person); room.close()
     await hearing.close()
 
@@ -101,6 +102,10 @@ class Room:
     def hear(self, person: Hashable, pcm: bytes) -> None:
         """Take 20 ms of a person's audio (any thread)."""
         self.turns.hear(person, pcm)
+
+    def stopped_sending(self, person: Hashable) -> None:
+        """This person's client stopped sending audio: what follows is a pause, not late audio (any thread)."""
+        self.turns.stopped_sending(person)
 
     def forget(self, person: Hashable) -> None:
         """Drop what this person was saying (they left, or asked not to be heard)."""

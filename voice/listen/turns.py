@@ -8,7 +8,10 @@ speaks again (the next pause is judged anew) or the silence reaches `silence_ms`
 always ends a turn (and the only rule without a turn model). Speech shorter than `min_speech_ms` in
 all is not a turn (a cough, a click), and a turn is cut at `max_turn_s`. Silence is also time
 without audio: a Discord client stops sending when its user stops speaking, so `tick()` judges and
-ends turns whose audio has stopped coming. Everything happens in memory; nothing is written anywhere.
+ends turns whose audio has stopped coming. Only a client that said it stopped (`stopped_sending`)
+has its missing audio judged as a pause: audio that is merely late (jitter, a busy machine) must not
+end a sentence in the middle; it only counts towards the `silence_ms` cap. Everything happens in
+memory; nothing is written anywhere.
 
 `TurnTaker` is fed from a receiving thread and ticked from another (the turn model runs in the
 ticking one, outside the lock): it locks around each speaker's state. Its callbacks run in the
@@ -73,6 +76,7 @@ class _Speaker:
     silence_ms: int = 0  # trailing silence in the turn's audio
     announced: bool = False  # on_speech was called for this turn
     asked: bool = False  # the turn model was asked about this pause
+    stopped: bool = False  # the client said it stopped sending: missing audio is a pause
     over_bot: bool = False
     turns: int = 0  # turns begun: tells a judged turn from a later one
     last_audio_at: float = 0.0
@@ -112,6 +116,7 @@ class TurnTaker:
             elif now - state.last_audio_at > self.config.silence_ms / 1000 and not state.speaking:
                 state.detector.reset()  # a new stretch of audio after a pause
             state.last_audio_at = now
+            state.stopped = False
             audio = np.concatenate([state.pending, state.resampler.resample_chunk(samples)])
             whole = len(audio) // CHUNK * CHUNK
             state.pending = audio[whole:]
@@ -138,10 +143,13 @@ class TurnTaker:
                     turn = self._end(speaker, state, now, "silence")
                     if turn is not None:
                         turns.append(turn)
-                elif self.turn_model is not None and not state.asked and quiet_ms >= ASK_MS:
+                    continue
+                absent_s = absent_s if state.stopped else 0.0
+                pause_ms = state.silence_ms + absent_s * 1000
+                if self.turn_model is not None and not state.asked and pause_ms >= ASK_MS:
                     state.asked = True
                     heard = np.concatenate([*state.chunks, np.zeros(int(absent_s * RATE), dtype=np.float32)])
-                    late = int((quiet_ms - ASK_MS) * RATE / 1000)  # a late tick: judged on ASK_MS of silence all the same
+                    late = int((pause_ms - ASK_MS) * RATE / 1000)  # a late tick: judged on ASK_MS of silence all the same
                     pauses.append((speaker, state, state.turns, heard[:len(heard) - late] if late > 0 else heard))
         for speaker, state, number, heard in pauses:
             if not self.turn_model.complete(heard):
@@ -154,6 +162,13 @@ class TurnTaker:
                         turns.append(turn)
         if turns:
             self.on_turns(turns)
+
+    def stopped_sending(self, speaker: Hashable) -> None:
+        """`speaker`'s client said it stopped sending: the time without audio from now on is a pause."""
+        with self._lock:
+            state = self._speakers.get(speaker)
+            if state is not None:
+                state.stopped = True
 
     def forget(self, speaker: Hashable) -> None:
         """Drop everything of `speaker` (they left, or asked not to be heard): no turn comes of it."""

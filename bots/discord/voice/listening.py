@@ -206,7 +206,7 @@ class GuildListening:
         self.on = True
         self.room: Room = owner.hearing.room(f"guild-{guild_voice.guild_id}", on_transcript=self._transcribed,
                                              on_barge_in=self._barge_in, talking=lambda: guild_voice.playing)
-        self.sink = TurnSink(self._hear, self.wants)
+        self.sink = TurnSink(self._hear, self.wants, lambda member: self.room.stopped_sending(member.id))
         self._members: dict[int, discord.Member] = {}
 
     def listen(self) -> None:
