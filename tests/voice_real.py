@@ -26,7 +26,11 @@ WHISPER = ListenSection(enabled=True)  # faster-whisper with the bundled tiny.en
 
 
 def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+    """Lower-case words without punctuation; numbers as words ("8" and "eight" are the same word said)."""
+    from num2words import num2words
+
+    spelled = re.sub(r"\d+", lambda m: f" {num2words(int(m.group()))} ", text.lower())
+    return re.sub(r"[^a-z' ]+", " ", spelled.replace("-", " ")).split()
 
 
 def wer(reference: str, heard: str) -> float:

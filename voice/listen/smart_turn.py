@@ -1,3 +1,34 @@
+# The feature code below follows pipecat's pipecat/audio/turn/smart_turn/_whisper_features.py, under
+# this notice:
+#
+#   BSD 2-Clause License
+#
+#   Copyright (c) 2024-2026, Daily
+#
+#   Redistribution and use in source and binary forms, with or without modification, are permitted
+#   provided that the following conditions are met:
+#
+#   1. Redistributions of source code must retain the above copyright notice, this list of conditions
+#      and the following disclaimer.
+#
+#   2. Redistributions in binary form must reproduce the above copyright notice, this list of
+#      conditions and the following disclaimer in the documentation and/or other materials provided
+#      with the distribution.
+#
+#   THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS" AND ANY EXPRESS OR
+#   IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE IMPLIED WARRANTIES OF MERCHANTABILITY AND
+#   FITNESS FOR A PARTICULAR PURPOSE ARE DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR
+#   CONTRIBUTORS BE LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR CONSEQUENTIAL
+#   DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF SUBSTITUTE GOODS OR SERVICES; LOSS OF USE,
+#   DATA, OR PROFITS; OR BUSINESS INTERRUPTION) HOWEVER CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER
+#   IN CONTRACT, STRICT LIABILITY, OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT
+#   OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
+#
+#   Portions derived from Hugging Face Transformers (feature_extraction_whisper.py, audio_utils.py),
+#   Copyright 2022-2023 The HuggingFace Inc. team and the librosa & torchaudio authors, licensed under
+#   the Apache License, Version 2.0 (https://www.apache.org/licenses/LICENSE-2.0); modified by Daily,
+#   and rewritten here.
+
 """Smart Turn v3.2: whether a person's turn is complete, judged from the sound of it (its prosody),
 so that a turn ends when the sentence ends, not after a fixed silence.
 
@@ -6,8 +37,8 @@ about 12-45 ms a decision) ships inside the `pipecat-ai` wheel; it is loaded fro
 package's files with onnxruntime, and pipecat itself is never imported (its dependencies are heavy:
 install it with `pip install --no-deps pipecat-ai==1.14.0`). It hears the last 8 s of a turn at
 16 kHz as Whisper's log-mel features, computed here in numpy the way pipecat's
-`_whisper_features.py` computes them (which derives them from Hugging Face transformers'
-WhisperFeatureExtractor, Apache-2.0): the same values, checked against transformers in the tests.
+`_whisper_features.py` computes them (notice above; it derives them from Hugging Face transformers'
+WhisperFeatureExtractor): the same values, checked against transformers in the tests.
 Audio shorter than 8 s is zero-padded at the start, as pipecat does.
 """
 
