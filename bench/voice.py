@@ -272,12 +272,19 @@ def speech_of(text: str) -> np.ndarray:
     return np.concatenate([np.zeros(8000, np.float32), audio[:np.flatnonzero(np.abs(audio) > 0.01)[-1] + 1]])
 
 
-async def bench_turns(name: str, listen: ListenSection, section: VoiceSection, service, clip: Path,
-                      runs: int) -> float | None:
+async def loaded_transcriber(name: str, listen: ListenSection):
+    """The transcriber of `listen`'s model, or None (said on the row `name`) when it cannot load."""
     try:
-        transcriber = await asyncio.to_thread(acquire_transcriber, listen)
+        return await asyncio.to_thread(acquire_transcriber, listen)
     except SttUnavailable as exc:
         print(f"{name:<34} not measured: {exc}", flush=True)
+        return None
+
+
+async def bench_turns(name: str, listen: ListenSection, section: VoiceSection, service, clip: Path,
+                      runs: int) -> float | None:
+    transcriber = await loaded_transcriber(name, listen)
+    if transcriber is None:
         return None
     speech = Speech(section, Metrics())
     try:
@@ -330,10 +337,8 @@ async def bench_real(root: Path, runs: int) -> dict | None:
     """The real-model row: smol answers espeak-ng's question aloud in the Piper voice, Whisper tiny.en hears
     it and hears the answer back, Smart Turn ends the turns; then the pause in a sentence, PAUSE_RUNS times."""
     name = "turn: real (tiny.en, Smart Turn, smol, Piper)"
-    try:
-        transcriber = await asyncio.to_thread(acquire_transcriber, WHISPER)
-    except SttUnavailable as exc:
-        print(f"{name:<34} not measured: {exc}", flush=True)
+    transcriber = await loaded_transcriber(name, WHISPER)
+    if transcriber is None:
         return None
     speech = Speech(PIPER, Metrics())
     turn_model = service = None
