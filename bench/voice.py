@@ -237,8 +237,10 @@ class SpokenTurn:
 
 
 async def answer_turn(service, speech: Speech, transcriber, listen: ListenSection, run: int, *,
-                      voice: str | None = "bench", said: str = SAID, turn_model=None) -> dict:
-    transcript = await SpokenTurn(listen, transcriber, speech_of(said), turn_model).run()
+                      voice: str | None = "bench", said: np.ndarray | None = None, turn_model=None) -> dict:
+    """One spoken turn (`said`: 16 kHz audio; by default SAID for the tiny Whisper) answered aloud, timed."""
+    said = speech_of(SAID) if said is None else said
+    transcript = await SpokenTurn(listen, transcriber, said, turn_model).run()
     turn = transcript.turn
     reply = speech.reply(voice, adapter="bench", label=f"bench turn {run}")
     player = Player(reply.output)
@@ -347,7 +349,7 @@ async def bench_real(root: Path, runs: int) -> dict | None:
         await speech.start()
         service = await open_service(load_settings(ROOT / "config.yaml", environ={
             "TTT_DATABASE__PATH": str(root / "real.sqlite3"), "TTT_SERVICE__LOG_LEVEL": "WARNING"}).config)
-        ask = {"voice": None, "said": ASKED, "turn_model": turn_model}
+        ask = {"voice": None, "said": np.concatenate([silence(0.5), espeak_says(ASKED)]), "turn_model": turn_model}
         await answer_turn(service, speech, transcriber, WHISPER, 0, **ask)  # warm-up
         rows = [await answer_turn(service, speech, transcriber, WHISPER, run, **ask) for run in range(1, runs + 1)]
         heard = [await asyncio.to_thread(hear, transcriber, mono16(row["played"])) for row in rows]
