@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import sys
@@ -396,6 +397,7 @@ async def main() -> None:
     parser.add_argument("--stt", action="append", default=[], metavar="ENGINE:MODEL",
                         help="also measure this speech-to-text model (e.g. transformers:openai/whisper-base.en)")
     args = parser.parse_args()
+    print(f"machine: {machine()}", flush=True)
     print(f"torch threads {torch.get_num_threads()}; building the tiny models...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -435,14 +437,28 @@ async def main() -> None:
             real = await bench_real(root, args.runs)
         finally:
             await service.close()
-    worst = {k: max(r[k] for r in results) for k in ("ttfa_ratio", "max_gap_ms", "loop_lag_p99_ms")}
+    worst = {k: max(r[k] for r in results) for k in ("ttfa_ratio", "max_gap_ms", "loop_lag_p99_ms", "underruns")}
     real_figures = "" if piper is None else (
         f" real_ttfa_s={piper['ttfa']:.2f} real_rtf={piper['rtf']:.2f} real_max_gap_ms={piper['max_gap_ms']:.0f}")
     real_figures += "" if real is None else (
         f" real_turn_to_first_audio_s={real['total']:.2f} round_trip_wer={real['wer']:.2f} "
         f"pause_one_turn={real['one_turn']}/{PAUSE_RUNS}")
     print(f"ttfa_ratio={worst['ttfa_ratio']:.2f} max_gap_ms={worst['max_gap_ms']:.0f} "
-          f"loop_lag_p99_ms={worst['loop_lag_p99_ms']:.1f} turn_to_first_audio_s={max(turns):.2f}{real_figures}")
+          f"loop_lag_p99_ms={worst['loop_lag_p99_ms']:.1f} underruns={worst['underruns']} "
+          f"turn_to_first_audio_s={max(turns):.2f}{real_figures}")
+
+
+def machine() -> str:
+    """The CPU the figures come from: its model, the kernels PyTorch picked for it, and its cores."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}; torch kernels {torch.backends.cpu.get_cpu_capability()}; {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """Admission: whether the service takes a message now, and what to say when it does not.
 
-A message is taken when its words are readable text within `service.max_input_chars` and its
-author is within their platform's rate limit. Words that are refused get a notice in the
-conversation (and do not count against the rate limit); a person over the limit is told to slow
-down once per window, then refused silently, so that a flood gets one notice, not one per message.
+A message is taken when its words are readable text within `service.max_input_chars` (or it
+brings files), its author is within the rate limits (their platform's, and their server's own when
+it is stricter) and within today's token budgets (core/budgets.py). Words that are refused get a
+notice in the conversation (and do not count against the rate limit); a person over the rate
+limit is told to slow down once per window, one whose budget is spent is told privately once a
+day; after that both are refused silently, so that a flood gets one notice, not one per message.
 """
 
 from __future__ import annotations
@@ -31,25 +33,36 @@ class Message:
 @dataclass(frozen=True)
 class Admission:
     """The service's answer to a message: `message` when taken; otherwise `notice` (say it in the
-    conversation), or `slow_down` (seconds until one more would be taken, set only for the first
-    refusal of a window: tell the person, then stay silent)."""
+    conversation), `slow_down` (seconds until one more would be taken, set only for the first
+    refusal of a window: tell the person, then stay silent) or `private_notice` (tell only this
+    person: set for the first refusal of the day for a spent budget, then silence)."""
 
     message: Message | None = None
     notice: str | None = None
     slow_down: float | None = None
+    private_notice: str | None = None
 
 
-def validate(text: str | None, max_chars: int) -> Message:
-    """The message as the service takes it (stripped); raises InputRejected (nothing counted or stored)."""
+def readable(text: str) -> bool:
+    """Whether `text` is text that can be stored and shown (no lone surrogates: JSON "\ud800", or
+    undecodable bytes read from a terminal)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def validate(text: str | None, max_chars: int, *, files: int = 0) -> Message:
+    """The message as the service takes it (stripped; its words may be empty when it brings `files`);
+    raises InputRejected (nothing counted or stored)."""
     text = (text or "").strip()
-    if not text:
+    if not text and not files:
         raise InputRejected(EMPTY)
     if len(text) > max_chars:
         raise InputRejected(too_long(max_chars))
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: JSON "\ud800", or undecodable bytes read from a terminal
-        raise InputRejected(UNREADABLE) from None
+    if not readable(text):
+        raise InputRejected(UNREADABLE)
     return Message(text)
 
 
@@ -65,12 +78,15 @@ class RateDecision:
         return self.wait_s <= 0
 
 
-async def check_rate(store: ConversationStore, platform: str, author_id: str, per_minute: int) -> RateDecision:
-    """Count a message of this person (0 = no limit); when over the limit, `notify` is True only for
-    the first refusal in the window. Raises StoreUnavailable when the store cannot count."""
-    if per_minute <= 0:
-        return RateDecision(0.0)
-    wait = await store.count_event(f"rate:{platform}", author_id, per_minute, 60.0)
+async def check_rate(store: ConversationStore, platform: str, author_id: str, per_minute: int, *,
+                     server: str = "", server_per_minute: int = 0) -> RateDecision:
+    """Count a message of this person against their platform's limit and, when `server_per_minute`
+    is set, against `server`'s own (0 = no limit); when over a limit, `notify` is True only for the
+    first refusal in the window. Raises StoreUnavailable when the store cannot count."""
+    wait = 0.0
+    for namespace, limit in ((f"rate:{platform}", per_minute), (f"rate:{server}", server_per_minute)):
+        if limit > 0 and wait <= 0:
+            wait = await store.count_event(namespace, author_id, limit, 60.0)
     if wait <= 0:
         return RateDecision(0.0)
     return RateDecision(wait, await store.claim(f"rate-notice:{platform}", author_id, wait))

@@ -1,5 +1,8 @@
 """The chat commands every entry point offers, and who may switch a persona.
 
+`server` (a server's settings, core/servers.py) is offered only where there are servers (Discord,
+Slack): their help says so with `HelpStyle.servers`.
+
 What a command does lives in ChatService.command; what it is called and how its help reads on a
 platform (`/reset` on Discord, `/ttt reset` on Slack, `/reset` in a terminal) is the platform's
 `HelpStyle`; the help itself is written once, here.
@@ -10,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Collection, Literal, Mapping
 
-RESET, PERSONA, PERSONAS, FORGET_ME, HELP = "reset", "persona", "personas", "forget-me", "help"
+RESET, PERSONA, PERSONAS, FORGET_ME, USAGE, HELP = "reset", "persona", "personas", "forget-me", "usage", "help"
+SERVER = "server"
 
 # Each command with what it does, as the help says it (a platform may say it differently: HelpStyle.notes).
 MEANINGS = {
@@ -18,6 +22,8 @@ MEANINGS = {
     PERSONA: "shows or switches who I am here (`{persona} NAME` switches)",
     PERSONAS: "lists who I can be",
     FORGET_ME: "deletes everything you wrote to me",
+    USAGE: "shows how many tokens you and this server used today (and the daily budgets)",
+    SERVER: "shows or changes this server's settings (for its admins)",
     HELP: "shows this",
 }
 
@@ -25,12 +31,14 @@ MEANINGS = {
 @dataclass(frozen=True)
 class HelpStyle:
     """How one entry point says its help: how to talk to the bot there, how a command is written
-    (`written.format(name)`), what a command means there where it differs, and its own extras."""
+    (`written.format(name)`), what a command means there where it differs, its own extras, and
+    whether it has servers (and so the `server` command)."""
 
     talk: str
     written: str = "`/{}`"
     notes: Mapping[str, str] = field(default_factory=dict)
     extra: tuple[str, ...] = ()
+    servers: bool = False
 
 
 GENERIC = HelpStyle("Talk to me by mentioning me or messaging me directly.", written="`{}`")
@@ -41,7 +49,7 @@ def help_text(style: HelpStyle = GENERIC) -> str:
     persona = style.written.format(PERSONA)
     parts = [
         f"{style.written.format(name)} {style.notes.get(name, meaning).format(persona=persona.strip('`'))}"
-        for name, meaning in MEANINGS.items()
+        for name, meaning in MEANINGS.items() if name != SERVER or style.servers
     ]
     return f"{style.talk} {', '.join([*parts, *style.extra])}."
 

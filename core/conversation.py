@@ -1,13 +1,15 @@
 """Conversations: keys, turns, and the interface of the store that keeps them (core/stores/).
 
 Everything a conversation needs beyond one process's memory goes through the store interface:
-turns, the chosen persona, event dedupe (`claim`), rate-limit counters (`count_event`) and
+turns, the chosen persona, event dedupe (`claim`), rate-limit counters (`count_event`), standing
+choices and server settings (`preferences`), tokens generated per day (`add_tokens`) and
 per-conversation ordering (`lock`), so that a server store (PostgreSQL) can stand in for
 several replicas.
 """
 
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass, field
 from typing import AsyncContextManager, Literal, Protocol, Sequence
@@ -31,20 +33,28 @@ class StoreUnusable(Exception):
 class ConversationKey:
     """Where a conversation lives: a platform and a scope in it (channel, thread, DM, session).
 
-    `parent` is the enclosing scope whose settings it inherits (a thread's channel); it is not part
-    of the conversation's identity.
+    `parent` is the enclosing scope whose settings it inherits (a thread's channel); `server` the
+    platform's id of the server it is in (a Discord guild, a Slack workspace), None outside any
+    (a Discord DM, the web page, a terminal). Neither is part of the conversation's identity.
     """
 
     platform: str
     scope: str
     parent: str | None = field(default=None, compare=False)
+    server: str | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.platform}:{self.scope}"
 
     @property
     def parent_key(self) -> "ConversationKey | None":
-        return ConversationKey(self.platform, self.parent) if self.parent else None
+        return ConversationKey(self.platform, self.parent, server=self.server) if self.parent else None
+
+    @property
+    def server_id(self) -> str:
+        """The server whose settings and budgets apply, as the store knows it: `platform:server`; the
+        conversations outside any server count together as their platform's own (`discord`, `web`)."""
+        return f"{self.platform}:{self.server}" if self.server else self.platform
 
     @classmethod
     def parse(cls, text: str) -> "ConversationKey":
@@ -83,11 +93,19 @@ class ConversationStore(Protocol):
         bot's replies to them; the number of turns deleted."""
 
     async def delete_before(self, cutoff: float) -> int:
-        """Delete turns older than `cutoff` (a UNIX time); the number deleted."""
+        """Delete turns older than `cutoff` (a UNIX time), and the token counts of the days before
+        its (UTC) day; the number of turns deleted."""
+
+    async def add_tokens(self, server: str, person: str, day: datetime.date, tokens: int) -> None:
+        """Count `tokens` generated for `person` ("" for nobody in particular) in `server` on `day`;
+        atomic, so replicas counting at once lose nothing."""
+
+    async def tokens_used(self, server: str, person: str, day: datetime.date) -> tuple[int, int]:
+        """The tokens counted on `day` for (`person` in `server`, everyone in `server`)."""
 
     async def preferences(self, namespace: str) -> dict[str, str]:
         """Every preference kept in `namespace`, ident -> value (a person's standing choices, such as
-        not being listened to in voice channels)."""
+        not being listened to in voice channels; a server's settings)."""
 
     async def set_preference(self, namespace: str, ident: str, value: str | None) -> None:
         """Keep (or with None, drop) a preference; durable when this returns."""

@@ -49,6 +49,12 @@ class TooLong(InputRejected):
     """The message (or a system prompt) does not fit the persona's context."""
 
 
+class OverBudget(ChatError):
+    """Today's token budget of this person or server is spent (HTTP: 429)."""
+
+    outcome = "over_budget"
+
+
 class PersonaError(ChatError):
     outcome = "persona"
 

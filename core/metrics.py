@@ -51,6 +51,14 @@ class Metrics:
         self.prefix_cache_bytes = Gauge(
             "ttt_prefix_cache_bytes", "Memory held by the prefix cache", ["engine"], registry=r
         )
+        self.tokens_generated = Counter(
+            "ttt_tokens_generated", "Tokens generated for replies (regenerated ones too)", ["adapter", "persona"],
+            registry=r,
+        )
+        self.budget_refusals = Counter(
+            "ttt_budget_refusals", "Messages refused because today's token budget is spent (budget: person, server)",
+            ["adapter", "budget"], registry=r,
+        )
         self.tokens_per_second = Gauge(
             "ttt_reply_tokens_per_second", "Decode speed of the latest reply", ["persona"], registry=r
         )
@@ -75,6 +83,10 @@ class Metrics:
         self.voice_audio = Counter("ttt_voice_audio_seconds", "Seconds of speech synthesized", ["adapter"], registry=r)
         self.voice_replies = Counter(
             "ttt_voice_replies", "Spoken replies by adapter and outcome", ["adapter", "outcome"], registry=r
+        )
+        self.voice_slow_replies = Counter(
+            "ttt_voice_slow_replies", "Replies played as whole sentences with pauses: the engine ran slower than "
+            "real time", ["engine"], registry=r,
         )
 
         # ---- listening (voice/listen/, bots/discord/voice/listening.py) ----

@@ -6,6 +6,7 @@ Adapters also switch mentions off at the platform level; this is the second lock
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 
 ZWSP = "\u200b"
@@ -53,11 +54,16 @@ def _normalize(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
+def _says_something(text: str) -> bool:
+    """Letters, digits or emoji: a reply of emoji alone ("👍", "😂😂") says something too."""
+    return any(ch.isalnum() or unicodedata.category(ch) in ("So", "Sk") for ch in text)
+
+
 def degeneracy(reply: str, user_text: str) -> str | None:
     """Why a reply is degenerate (empty, echo, looping), or None if it is fine."""
-    words = _normalize(reply).split()
-    if not words:
+    if not _says_something(reply):
         return "empty"
+    words = _normalize(reply).split()
     if len(words) >= 2 and _normalize(reply) == _normalize(user_text):
         return "echo"
     if _STUTTER.search(reply):

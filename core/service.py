@@ -1,7 +1,8 @@
 """ChatService: what every adapter calls with (conversation key, author, text).
 
-It builds the context, picks the persona, asks the shared generator, keeps output safe, and
-stores the answered turn before the adapter shows the final reply.
+It builds the context, picks the persona, keeps within the rate limits and token budgets (the
+host's and the server's own), asks the shared generator, keeps output safe, counts the tokens
+made, and stores the answered turn before the adapter shows the final reply.
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ from typing import AsyncIterator
 
 from core import admission, commands
 from core.admission import Admission, Message, RateDecision
+from core.budgets import Spending
 from core.config.schema import Config, Decoding
 from core.conversation import ConversationBusy, ConversationKey, ConversationStore, StoreUnavailable, Turn, current_session
+from core.files import with_files
 from core.errors import (
-    BUSY, CONVERSATION_BUSY, MEMORY_UNAVAILABLE, Busy, ChatError, InputRejected, MemoryUnavailable, PersonaError,
-    ReplyFailed, TimedOut, TooLong, store_trouble,
+    BUSY, CONVERSATION_BUSY, MEMORY_UNAVAILABLE, Busy, ChatError, InputRejected, MemoryUnavailable, OverBudget,
+    PersonaError, ReplyFailed, TimedOut, TooLong, store_trouble,
 )
 from core.engine.generator import Generation, GenerationFailed, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
 from core.personas import Persona, PersonaRegistry, PersonaUnavailable, UnknownPersona
 from core.prompts import PromptTooLong, SystemPromptTooLong
 from core.replies import ReplyUpdate, screened_reply
+from core.servers import ServerSettings, Servers
 from core.stores import open_store
 
 log = logging.getLogger(__name__)
+
+NOT_KNOWN = "I can't tell who you are here, so there is "
+TAKING_PART = "taking-part"  # conversations a replica took up, until the first reply is stored
+TAKING_PART_FOR_S = 86400.0
 
 
 class ChatService:
@@ -35,6 +43,7 @@ class ChatService:
         self.store = store
         self.personas = personas
         self.metrics = metrics
+        self.servers = Servers(config, store)
 
     # ---- replies ---------------------------------------------------------------------------
 
@@ -46,7 +55,8 @@ class ChatService:
 
         `message` is raw text (checked here) or a Message the service took already (`admit`).
         `author` is the name the model reads; `author_id` the platform's id of that person, stored
-        with their turn so that "forget me" can find it.
+        with their turn so that "forget me" can find it, and whose daily token budget it spends
+        (a spent budget raises OverBudget before anything reaches the generator).
         """
         return self._respond(key, author, author_id, message, adapter, persona)
 
@@ -66,18 +76,29 @@ class ChatService:
         try:
             text = (message if isinstance(message, Message) else self.validate(message)).text
             async with self.store.lock(key):
-                persona = await self.persona_for(key, persona_name)
+                settings = await self.servers.settings(key)
+                persona = await self.persona_for(key, persona_name, settings=settings)
                 label = persona.name
+                budget = await self.servers.budget(key, author_id, settings)
+                if budget.spent:
+                    self.metrics.budget_refusals.labels(adapter, budget.spent).inc()
+                    raise OverBudget(budget.notice())
                 cfg = self.config.conversation
                 history = current_session(
                     await self.store.recent_turns(key, cfg.max_turns), cfg.idle_minutes * 60
                 )
                 final = None
-                async for update in self._screened(persona, history + [Turn("user", author, text)], key=key):
-                    if update.final:
-                        final = update
-                    else:
-                        yield update
+                spending = Spending(budget.remaining)
+                try:
+                    async for update in self._screened(persona, history + [Turn("user", author, text)], key=key,
+                                                       system_prompt=_system_prompt(persona, settings),
+                                                       spending=spending):
+                        if update.final:
+                            final = update
+                        else:
+                            yield update
+                finally:
+                    await self._count_tokens(adapter, persona.name, spending.tokens, key, author_id)
                 await self.store.add_turns(
                     key,
                     [
@@ -114,9 +135,10 @@ class ChatService:
         started = time.monotonic()
         key = f"{adapter}:-"
         finished = False
+        spending = Spending()
         try:
             async for update in self._screened(persona, turns, key=key, system_prompt=system_prompt,
-                                               decoding=decoding, retractable=retractable):
+                                               decoding=decoding, retractable=retractable, spending=spending):
                 if update.final:
                     self._record_reply(adapter, persona.name, key, started, update)
                     finished = True
@@ -128,11 +150,27 @@ class ChatService:
             if not finished:  # the reader went away
                 self.record_refusal(adapter, persona.name, "cancelled", key=key)
             raise
+        finally:
+            await self._count_tokens(adapter, persona.name, spending.tokens)
 
     def record_refusal(self, adapter: str, persona: str, outcome: str, *, key: object = "-") -> None:
         """Count and log a request that got no reply (adapters call it for refusals of their own)."""
         self.metrics.requests.labels(adapter, persona, outcome).inc()
         log.info("no reply key=%s persona=%s outcome=%s", key, persona, outcome)
+
+    async def _count_tokens(self, adapter: str, persona: str, tokens: int, key: ConversationKey | None = None,
+                            author_id: str | None = None) -> None:
+        """Count the tokens a reply made: in the metrics and, for a conversation, against today's
+        budgets of its author and server (a count the store cannot take is logged, not raised)."""
+        if not tokens:
+            return
+        self.metrics.tokens_generated.labels(adapter, persona).inc(tokens)
+        if key is None:
+            return
+        try:
+            await self.servers.count_tokens(key, author_id, tokens)
+        except StoreUnavailable as exc:
+            log.warning("%d token(s) of a reply key=%s not counted, the store is unavailable: %s", tokens, key, exc)
 
     def _record_reply(self, adapter: str, persona: str, key: object, started: float, final: ReplyUpdate) -> None:
         latency = time.monotonic() - started
@@ -149,33 +187,54 @@ class ChatService:
 
     # ---- admission -------------------------------------------------------------------------
 
-    def validate(self, text: str | None) -> Message:
-        """The message as the service takes it (stripped); raises InputRejected (nothing counted or stored)."""
-        return admission.validate(text, self.config.service.max_input_chars)
+    def validate(self, text: str | None, *, files: int = 0) -> Message:
+        """The message as the service takes it (stripped; its words may be empty when it brings
+        `files`); raises InputRejected (nothing counted or stored)."""
+        return admission.validate(text, self.config.service.max_input_chars, files=files)
 
-    async def check_rate(self, platform: str, author_id: str, per_minute: int) -> RateDecision:
-        """Count a message from this person (0 = no limit); when over the limit, `notify` is True only
-        for the first refusal in the window, so a flood gets one notice, not one per message."""
-        return await admission.check_rate(self.store, platform, author_id, per_minute)
+    async def check_rate(self, platform: str, author_id: str, per_minute: int, *, server: str = "",
+                         server_per_minute: int = 0) -> RateDecision:
+        """Count a message from this person (0 = no limit; `server_per_minute`: their server's own, counted
+        per server); when over a limit, `notify` is True only for the first refusal in the window, so a
+        flood gets one notice, not one per message."""
+        return await admission.check_rate(self.store, platform, author_id, per_minute, server=server,
+                                          server_per_minute=server_per_minute)
 
-    async def admit(self, text: str | None, *, platform: str, author_id: str, per_minute: int,
+    async def admit(self, text: str | None, *, key: ConversationKey, author_id: str, files: int = 0,
                     where: object = "-") -> Admission:
-        """Whether to answer this message of this person now (see core/admission.py); a refusal is
-        counted and logged here."""
+        """Whether to answer this message of this person in this conversation now (see
+        core/admission.py; `files`: how many files it brings); a refusal is counted and logged here."""
+        platform = key.platform
         try:
-            message = self.validate(text)
-            rate = await self.check_rate(platform, author_id, per_minute)
+            message = self.validate(text, files=files)
+            settings = await self.servers.settings(key)
+            rate = await self.check_rate(platform, author_id, self.servers.host_limits(platform).rate_limit,
+                                         server=key.server_id, server_per_minute=settings.own.rate_limit)
+            budget = await self.servers.budget(key, author_id, settings) if rate.allowed else None
+            spent_first = budget is not None and budget.spent and await self.servers.first_refusal_today(key, author_id)
         except InputRejected as exc:  # refused words do not count against the rate limit
             self.record_refusal(platform, "?", exc.outcome, key=where)
             return Admission(notice=exc.user_message)
         except StoreUnavailable as exc:
-            log.warning("%s: no rate check, the store is unavailable: %s", where, exc)
+            log.warning("%s: no rate or budget check, the store is unavailable: %s", where, exc)
             self.record_refusal(platform, "?", MemoryUnavailable.outcome, key=where)
             return Admission(notice=MEMORY_UNAVAILABLE)
-        if rate.allowed:
-            return Admission(message)
-        self.record_refusal(platform, "?", "rate_limited", key=where)
-        return Admission(slow_down=rate.wait_s if rate.notify else None)
+        if not rate.allowed:
+            self.record_refusal(platform, "?", "rate_limited", key=where)
+            return Admission(slow_down=rate.wait_s if rate.notify else None)
+        if budget.spent:
+            self.record_refusal(platform, "?", OverBudget.outcome, key=where)
+            self.metrics.budget_refusals.labels(platform, budget.spent).inc()
+            return Admission(private_notice=budget.notice() if spent_first else None)
+        return Admission(message)
+
+    def attach(self, message: Message, blocks: list[str]) -> Message:
+        """The message with the files read for it (quoted blocks from core/files.py) after its words."""
+        return with_files(message, blocks)
+
+    @property
+    def max_attachment_bytes(self) -> int:
+        return self.config.service.max_attachment_kb * 1024
 
     async def generate(
         self, persona: Persona, turns: list[Turn], *, system_prompt: str | None = None, decoding: Decoding | None = None
@@ -212,11 +271,14 @@ class ChatService:
             raise ReplyFailed("Sorry, I couldn't come up with a reply to that.") from None
 
     async def _screened(
-        self, persona: Persona, turns: list[Turn], *, key: object, system_prompt: str | None = None,
-        decoding: Decoding | None = None, retractable: bool = True,
+        self, persona: Persona, turns: list[Turn], *, key: object, spending: Spending,
+        system_prompt: str | None = None, decoding: Decoding | None = None, retractable: bool = True,
     ) -> AsyncIterator[ReplyUpdate]:
         async def generate(decoding: Decoding) -> Generation:
-            return await self.generate(persona, turns, system_prompt=system_prompt, decoding=decoding)
+            generation = await self.generate(persona, turns, system_prompt=system_prompt,
+                                             decoding=spending.capped(decoding))
+            spending.add(generation)
+            return generation
 
         replies = screened_reply(generate, self.config.safety, turns[-1].text, decoding or persona.config.decoding,
                                  retractable=retractable, label=f"key={key} persona={persona.name}")
@@ -234,9 +296,11 @@ class ChatService:
 
     # ---- shared commands -------------------------------------------------------------------
 
-    async def persona_for(self, key: ConversationKey, override: str | None = None) -> Persona:
+    async def persona_for(self, key: ConversationKey, override: str | None = None, *,
+                          settings: ServerSettings | None = None) -> Persona:
         """`override` if given (it must exist), else the persona chosen for the conversation, else the
-        one chosen for its parent scope (a thread inherits its channel's), else the default."""
+        one chosen for its parent scope (a thread inherits its channel's), else its server's
+        (`/server persona`; `settings` if the caller has them), else the host's default."""
         if override is not None:
             try:
                 return self.personas.get(override)
@@ -246,18 +310,25 @@ class ChatService:
             chosen = await self.store.persona(scope) if scope is not None else None
             if chosen in self.personas.personas:
                 return self.personas.get(chosen)
-        return self.personas.get(self.personas.default)
+        settings = settings or await self.servers.settings(key)
+        return self.personas.get(settings.persona if settings.persona in self.personas.personas
+                                 else self.personas.default)
 
     async def set_persona(self, key: ConversationKey, name: str) -> Persona:
         """Switch this conversation's persona; raises PersonaError for an unknown name, MemoryUnavailable
         without the store."""
-        persona = await self.persona_for(key, name.strip())
-        try:
-            self.personas.check(persona)
-        except PersonaUnavailable as exc:
-            raise PersonaError(str(exc)) from None
+        persona = self._available(name)
         with store_trouble(key):
             await self.store.set_persona(key, persona.name)
+        return persona
+
+    def _available(self, name: str) -> Persona:
+        """The persona called `name`, if it exists and can be served; raises PersonaError."""
+        try:
+            persona = self.personas.get(name.strip())
+            self.personas.check(persona)
+        except (UnknownPersona, PersonaUnavailable) as exc:
+            raise PersonaError(str(exc)) from None
         return persona
 
     async def reset(self, key: ConversationKey) -> None:
@@ -295,10 +366,18 @@ class ChatService:
         with store_trouble(key):
             return current_session(await self.store.recent_turns(key, cfg.max_turns), cfg.idle_minutes * 60)
 
+    async def take_part(self, key: ConversationKey) -> None:
+        """The bot takes part in this conversation from now on (a thread it was mentioned in): every
+        replica knows at once, before the first reply is stored. Raises StoreUnavailable."""
+        await self.store.claim(TAKING_PART, str(key), TAKING_PART_FOR_S)
+
     async def took_part(self, key: ConversationKey) -> bool:
-        """Whether the bot has answered in this conversation (its turns are stored: survives restarts);
-        raises StoreUnavailable."""
-        return bool(await self.store.recent_turns(key, 1))
+        """Whether the bot takes part in this conversation: its turns are stored (that survives restarts),
+        or a replica has taken it up and is answering. Raises StoreUnavailable."""
+        if await self.store.recent_turns(key, 1):
+            return True
+        # A claim that lasts no time only tests whether a live one is there; it leaves nothing behind.
+        return not await self.store.claim(TAKING_PART, str(key), 0)
 
     async def first_delivery(self, namespace: str, ident: str, ttl_s: float) -> bool:
         """True the first time (across replicas) an event is seen within `ttl_s`: platforms retry
@@ -319,29 +398,38 @@ class ChatService:
 
     async def command(
         self, key: ConversationKey, command: str, argument: str = "", *, help_text: str | None = None,
-        author_id: str | None = None,
+        author_id: str | None = None, admin: bool = False,
     ) -> str:
-        """Run a shared command (reset, persona, personas, forget-me, help) and say what happened
-        (also when the store cannot be reached).
+        """Run a shared command (reset, persona, personas, forget-me, usage, server, help) and say what
+        happened (also when the store cannot be reached).
 
         `help_text` is the calling platform's own help (naming its real commands); `author_id`
-        is who asked (needed by forget-me).
+        is who asked (needed by forget-me and usage); `admin` whether the platform counts them as
+        an admin of the conversation's server (needed by server).
         """
         try:
             with store_trouble(key):
-                return await self._command(key, command, argument, help_text, author_id)
+                return await self._command(key, command, argument, help_text, author_id, admin)
         except ChatError as exc:
             return exc.user_message
 
     async def _command(self, key: ConversationKey, command: str, argument: str, help_text: str | None,
-                       author_id: str | None) -> str:
+                       author_id: str | None, admin: bool) -> str:
         command = command.strip().lower().lstrip("/!")
         argument = argument.strip()
         if command == commands.FORGET_ME:
             if not author_id:
-                return "I can't tell who you are here, so there is nothing of yours I could forget."
+                return NOT_KNOWN + "nothing of yours I could forget."
             deleted = await self.forget_person(key.platform, author_id)
             return f"Done: I've deleted everything you wrote to me here ({deleted} message(s), with my replies)."
+        if command == commands.USAGE:
+            if not author_id:
+                return NOT_KNOWN + "no usage of yours to show."
+            return (await self.servers.budget(key, author_id)).report()
+        if command == commands.SERVER:
+            return await self.servers.command(key, argument, admin=admin, author_id=author_id,
+                                              persona_named=lambda name: self._available(name).name,
+                                              default_persona=self.personas.default)
         if command == commands.RESET:
             await self.reset(key)
             return "Done: I've forgotten this conversation. Fresh start!"
@@ -366,6 +454,14 @@ class ChatService:
     async def close(self) -> None:
         await self.personas.close()
         await self.store.close()
+
+
+def _system_prompt(persona: Persona, settings: ServerSettings) -> str | None:
+    """The persona's system prompt with the server's prompt after it (chat-format personas only);
+    None: the persona's own, unchanged."""
+    if persona.config.format != "chat" or not settings.prompt:
+        return None
+    return "\n\n".join(part for part in (persona.config.system_prompt, settings.prompt) if part)
 
 
 async def open_service(config: Config, environ: dict[str, str] | None = None) -> ChatService:

@@ -78,6 +78,22 @@ def test_chat_through_stdin_keeps_history_across_runs(tmp_path, word_model_dir, 
     assert stored_turns(config) == 0
 
 
+@pytest.mark.timeout(300)
+def test_chat_usage_counts_the_tokens_of_this_terminal_against_the_daily_budget(tmp_path, word_model_dir):
+    config = make_config(tmp_path, word_model_dir, limits={"tokens_per_person_per_day": 6})
+    path = write_config(tmp_path, config)
+    out = run_chat(path, tmp_path, ["/usage", "the word is meadow", "/usage", "/reset", "the word is river", "again",
+                                    "/usage", "/server show"])
+    lines = out.splitlines()
+    assert lines[0].startswith("Today (UTC) you have used 0 of 6 tokens here; this server has used 0 tokens")
+    assert lines[1] == "words> meadow!"
+    assert lines[2].startswith("Today (UTC) you have used 3 of 6 tokens here; this server has used 3 tokens")
+    assert lines[4] == "words> river!"
+    assert lines[5] == "words> You have used today's 6 tokens here; it resets at 00:00 UTC."
+    assert lines[6].startswith("Today (UTC) you have used 6 of 6 tokens here")
+    assert lines[7] == "Server settings belong to a server: use this in a Discord server or a Slack workspace."
+
+
 @pytest.mark.timeout(120)
 def test_ctrl_c_while_replying_ends_quietly_and_stores_nothing(tmp_path, word_model_dir):
     slow = {"model": str(build_untrained_model(tmp_path / "slow", n_positions=1100)), "format": "dialogpt",

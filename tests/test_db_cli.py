@@ -45,6 +45,8 @@ async def history(path: Path) -> None:
                                    Turn("bot", "words", "apple!", 15.0, "words")])
     await store.set_persona(CHANNEL, "dialogpt")
     await store.set_persona(ConversationKey("discord", "99"), "berkeley")  # settings without turns
+    await store.set_preference("server:discord:5", "persona", "smol")  # a server's settings
+    await store.set_preference("listen-ignore", "42", "1")
     await store.close()
     with sqlite3.connect(path) as db:  # bulk rows straight in: thousands of fsynced calls would be slow
         db.executemany(
@@ -80,6 +82,8 @@ async def test_migrate_sqlite_copies_everything_in_order_and_only_once(tmp_path,
         assert len(await new.recent_turns(BULK, 10_000)) == BATCH + 10
         assert await new.persona(CHANNEL) == "dialogpt"
         assert await new.persona(ConversationKey("discord", "99")) == "berkeley"
+        assert await new.preferences("server:discord:5") == {"persona": "smol"}
+        assert await new.preferences("listen-ignore") == {"42": "1"}
         # Exchanges came along: forgetting alice takes the bot's reply to her too, nothing else.
         assert await new.forget_author("discord", "1") == 2
         assert [t.text for t in await new.recent_turns(CHANNEL, 10)] == ["hi\ufffdthere", "hello bob"]

@@ -15,6 +15,8 @@ from transformers import AutoTokenizer
 
 from bots.discord.adapter import SLOW_DOWN, DiscordAdapter
 from bots.discord.commands import HELP
+from ttt.check import check
+from ttt.serve import serve
 from bots.chat.view import APOLOGY
 from conftest import make_config, make_settings
 from core.config.schema import Config, DiscordSection, PersonaConfig
@@ -217,12 +219,13 @@ async def test_slash_commands_sync_defer_follow_up_and_autocomplete(
     config = bot_config(tmp_path, word_model_dir, fake, world, personas)
     async with running(config, fake) as adapter:
         assert [(guild, sorted(c["name"] for c in body)) for guild, body in fake.command_syncs] == [
-            (world.guild.id, ["forget-me", "help", "persona", "personas", "reset"])]
+            (world.guild.id, ["forget-me", "help", "persona", "personas", "reset", "server", "usage"])]
 
         help_ = await fake.invoke_command(world.general, world.alice, "help")
         response = await fake.wait_for_response(help_)
         assert response["type"] == 4 and response["ephemeral"] and response["data"]["content"] == HELP
-        assert all(f"`/{name}`" in HELP for name in ("reset", "persona", "personas", "forget-me", "help"))
+        assert all(f"`/{name}`" in HELP for name in ("reset", "persona", "personas", "forget-me", "usage", "server",
+                                                      "help"))
         listing = await fake.invoke_command(world.general, world.alice, "personas")
         assert "**parrot**" in (await fake.wait_for_response(listing))["data"]["content"]
 
@@ -282,6 +285,18 @@ async def test_an_unreachable_api_ends_the_start_with_one_clear_line(tmp_path, w
     assert str(failed.value).startswith(f"cannot reach the Discord API at {closed}: ")
     assert "\n" not in str(failed.value) and failed.value.__cause__ is None and failed.value.__suppress_context__
     assert fake.token not in str(failed.value)
+
+
+@pytest.mark.timeout(60)
+async def test_a_rejected_token_is_found_by_check_and_stops_serve(tmp_path, word_model_dir, fake, world, capsys):
+    config = bot_config(tmp_path, word_model_dir, fake, world)
+    wrong = make_settings(config, {"DISCORD_TOKEN": "not-the-token-7d1e"})
+    assert await check(wrong) == 2
+    out, err = capsys.readouterr()
+    assert "PROBLEM: discord: Discord rejected DISCORD_TOKEN" in err and "not-the-token-7d1e" not in out + err
+    assert await serve(wrong) == 2
+    assert await check(make_settings(config, {"DISCORD_TOKEN": fake.token})) == 0
+    assert "discord  starts" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(120)

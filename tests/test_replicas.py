@@ -259,6 +259,19 @@ async def cluster(tmp_path_factory, postgres: PostgresServer, word_model_dir):
             await fake.stop()
 
 
+async def deliver_while_busy(cluster: Cluster, key: ConversationKey, deliveries: list[tuple[Replica, dict]]) -> None:
+    """Deliver each event to its replica while `key` is held (as a long reply on a third replica would
+    hold it), each time until that many replicas wait for the conversation."""
+    holder = await open_store(DatabaseSection(url=cluster.url), Metrics())
+    try:
+        async with holder.lock(key):
+            for waiting, (replica, event) in enumerate(deliveries, 1):
+                await cluster.deliver(replica, event)
+                await until(lambda n=waiting: _waiting(cluster.url, n), what=f"{replica.name} waiting for {key}")
+    finally:
+        await holder.close()
+
+
 in_cluster_loop = pytest.mark.asyncio(loop_scope="module")  # the loop of the `cluster` fixture (the fake Slack)
 
 
@@ -281,25 +294,22 @@ async def test_the_same_event_delivered_to_both_replicas_is_answered_once(cluste
 
 @in_cluster_loop
 @pytest.mark.timeout(180)
-async def test_two_messages_of_a_thread_on_different_replicas_are_answered_in_arrival_order(cluster):
+@pytest.mark.parametrize("word, user, mentioned", [("river", "U0BEN", True), ("falcon", "U0DEV", False)])
+async def test_two_messages_of_a_thread_on_different_replicas_are_answered_in_arrival_order(
+        cluster, word, user, mentioned):
+    """Both arrive while the conversation is busy; a follow-up without a mention is answered too: the
+    thread is the bot's from the moment a replica takes its mention, before its first reply is stored."""
     await cluster.ensure_running()
     one, two = cluster.replicas
-    first = cluster.fake.app_mention("C0GENERAL", "U0BEN", "the word is river")
-    second = cluster.fake.app_mention("C0GENERAL", "U0BEN", "again", thread_ts=first["ts"])
-    key = ConversationKey("slack", f"C0GENERAL/{first['ts']}")
-    holder = await open_store(DatabaseSection(url=cluster.url), Metrics())
-    try:
-        # Hold the conversation (as a long reply on a third replica would), so both arrive while it is busy.
-        async with holder.lock(key):
-            await cluster.deliver(one, first)
-            await until(lambda: _waiting(cluster.url, 1), what="replica-1 waiting for the conversation")
-            await cluster.deliver(two, second)
-            await until(lambda: _waiting(cluster.url, 2), what="replica-2 waiting for the conversation")
-    finally:
-        await holder.close()
-    # "again" only says "river!" when the reply to "the word is river" was stored before it was answered.
-    assert await cluster.replies("C0GENERAL", first["ts"], 2) == ["river!", "river!"]
-    assert await cluster.turns(f"C0GENERAL/{first['ts']}") == word_game("river", agains=1)
+    first = cluster.fake.app_mention("C0GENERAL", user, f"the word is {word}")
+    thread = {"thread_ts": first["ts"]}
+    second = (cluster.fake.app_mention("C0GENERAL", user, "again", **thread) if mentioned
+              else cluster.fake.channel_message("C0GENERAL", user, "again", **thread))
+    # Hold the conversation (as a long reply on a third replica would), so both arrive while it is busy.
+    await deliver_while_busy(cluster, ConversationKey("slack", f"C0GENERAL/{first['ts']}"), [(one, first), (two, second)])
+    # "again" only says the word when the reply to "the word is ..." was stored before it was answered.
+    assert await cluster.replies("C0GENERAL", first["ts"], 2) == [f"{word}!", f"{word}!"]
+    assert await cluster.turns(f"C0GENERAL/{first['ts']}") == word_game(word, agains=1)
 
 
 @in_cluster_loop

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_config
 from core.conversation import ConversationKey, Turn
 from core.personas import PersonaUnavailable
+from fakes.scripted_model import ScriptedModel
 from core.safety import ZWSP, StreamScreen, degeneracy, is_offensive, neutralize_mentions
 from core.errors import Busy, InputRejected, PersonaError, TimedOut, TooLong
 from core.service import open_service
@@ -144,6 +145,9 @@ def test_offensive_and_degenerate_detection():
     assert degeneracy("I don't know. I don't know. I don't know. I don't know. I don't know.", "hi") == "loop"
     assert degeneracy("lolololololololololololololol", "hi") == "loop"
     assert degeneracy("Berkeley has great food, try the dining halls!", "where to eat") is None
+    # Emoji say something: an emoji-only reply (to an emoji-only message) is a reply, not an empty one.
+    assert [degeneracy(reply, "😀😀") for reply in ("👍", "😂😂😂", "❤️", "👋🏽 hi")] == [None] * 4
+    assert degeneracy(" ... ", "hi") == "empty"
 
 
 @pytest.mark.timeout(60)
@@ -181,6 +185,21 @@ async def test_forget_me_deletes_what_that_person_wrote_and_the_replies(service)
     assert [(t.role, t.author_id) for t in left] == [("user", "b2"), ("bot", None)]
     assert left[0].text == "the word is lemon"
     assert "can't tell who you are" in await service.command(KEY, "forget-me")
+
+
+@pytest.mark.timeout(60)
+async def test_forgotten_words_are_gone_from_the_database_files_at_once(service):
+    """Not only the rows: no copy stays in the SQLite file, its write-ahead log or the freed pages."""
+    for _ in range(4):  # several copies of the page, as a busy conversation leaves in the log
+        await service.reply(KEY, "alice", "the word is xylophone", adapter="test", author_id="a1")
+    await service.reply(KEY, "bob", "the word is lemon", adapter="test", author_id="b2")
+    database = service.config.database.path
+    files = [database, database.with_name(database.name + "-wal")]
+    assert any(b"xylophone" in f.read_bytes() for f in files if f.exists())
+    await service.command(KEY, "forget-me", author_id="a1")
+    for f in files:  # the service is still running: nothing was closed or cleaned up yet
+        assert not f.exists() or b"xylophone" not in f.read_bytes(), f
+    assert [t.text for t in await service.store.recent_turns(KEY, 10)][0] == "the word is lemon"
 
 
 @pytest.mark.timeout(60)
@@ -319,3 +338,20 @@ async def test_a_conversation_held_past_the_lock_wait_is_busy_not_memory_loss(tm
         assert await service.reply(KEY, "alice", "the word is apple", adapter="test") == "apple!"
     finally:
         await service.close()
+
+
+@pytest.mark.timeout(60)
+async def test_an_emoji_only_message_gets_the_models_emoji_reply_not_the_fallback(tmp_path, word_model_dir):
+    async with ScriptedModel() as model:
+        config = make_config(tmp_path, word_model_dir, personas={"scripted": model.persona()},
+                             service={"default_persona": "scripted"})
+        service = await open_service(config)
+        try:
+            reply = asyncio.ensure_future(service.reply(KEY, "alice", "😀😀😀", adapter="test", author_id="a1"))
+            await model.request(0)
+            model.say(0, "😂", "👍")
+            model.end(0)
+            assert await asyncio.wait_for(reply, 30) == "😂👍"
+            assert len(model.requests) == 1  # not regenerated either
+        finally:
+            await service.close()

@@ -15,6 +15,8 @@ from contextlib import asynccontextmanager
 import aiohttp
 import pytest
 
+from ttt.check import check
+from ttt.serve import serve
 from bots.slack.adapter import CHANNEL_RESET, NOT_HERE, SlackAdapter, create_adapter, help_text
 from bots.slack.format import MESSAGE_LIMIT, PLACEHOLDER, STREAMING_MARK
 from bots.chat.edits import EditBudget
@@ -703,3 +705,17 @@ async def test_create_adapter_uses_the_configured_api_base_url(tmp_path, fake, m
     finally:
         await adapter.stop()
         await service.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("secret", ["SLACK_BOT_TOKEN", "SLACK_APP_TOKEN"])
+async def test_a_rejected_token_is_found_by_check_and_stops_serve(tmp_path, fake, models, capsys, caplog, secret):
+    config = make_config(tmp_path, *models, slack={"api_base_url": fake.api_url, "http_port": 0})
+    wrong = make_settings(config, {**environ(fake), secret: "xoxb-not-the-token-2c9f"})
+    assert await check(wrong) == 2
+    out, err = capsys.readouterr()
+    assert f"PROBLEM: slack: Slack rejected {secret} (invalid_auth)" in err and "not-the-token" not in out + err
+    assert await serve(wrong) == 2
+    assert f"slack adapter could not start: Slack rejected {secret} (invalid_auth)" in caplog.text
+    assert await check(make_settings(config, environ(fake))) == 0
+    assert "slack    starts" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import subprocess
 import sys
 import textwrap
@@ -142,6 +143,34 @@ async def test_preferences_are_kept_per_namespace_changed_dropped_and_survive_a_
     await store.set_preference("listen-ignore", "404", None)  # dropping what is not there is fine
     assert await store.preferences("listen-ignore") == {"43": "yes"}
     assert await store.preferences("other") == {"42": "x"}
+
+
+@pytest.mark.timeout(60)
+async def test_tokens_are_counted_per_person_server_and_day_atomically_across_stores(opened, database):
+    day, next_day = datetime.date(2031, 5, 6), datetime.date(2031, 5, 7)
+    first = await opened()
+    # A second store on the same database is another replica (PostgreSQL); SQLite has one owner.
+    second = await opened() if database.url else first
+    await asyncio.gather(*(store.add_tokens("discord:1", person, day, 3)
+                           for store in (first, second) for person in ("alice", "bob") for _ in range(20)))
+    await first.add_tokens("discord:1", "", day, 5)  # nobody in particular: the server's count only
+    await first.add_tokens("discord:2", "alice", day, 7)
+    await first.add_tokens("discord:1", "alice", next_day, 11)
+    assert await second.tokens_used("discord:1", "alice", day) == (120, 245)
+    assert await first.tokens_used("discord:2", "alice", day) == (7, 7)
+    assert await first.tokens_used("discord:1", "alice", next_day) == (11, 11)
+    assert await first.tokens_used("discord:1", "carol", day) == (0, 245)
+    assert await first.tokens_used("slack:T1", "alice", day) == (0, 0)
+    await opened.close(first)
+    if second is not first:
+        await opened.close(second)
+    store = await opened()  # the counts survive a restart
+    assert await store.tokens_used("discord:2", "alice", day) == (7, 7)
+    # Retention deletes the counts of the days before the cutoff's day, not that day's.
+    midday_next = datetime.datetime(2031, 5, 7, 12, tzinfo=datetime.timezone.utc).timestamp()
+    await store.delete_before(midday_next)
+    assert await store.tokens_used("discord:2", "alice", day) == (0, 0)
+    assert await store.tokens_used("discord:1", "alice", next_day) == (11, 11)
 
 
 @pytest.mark.timeout(30)

@@ -259,4 +259,4 @@ def test_readme_documents_every_voice_setting_and_metric_by_its_exposed_name():
     assert [k for k in keys if f"| `{k}` |" not in section] == []
     names = [f"{m.name}_total" if m.type == "counter" else m.name
              for m in Metrics().registry.collect() if m.name.startswith("ttt_voice_")]
-    assert len(names) == 10 and [n for n in names if not re.search(rf"`{n}[`{{]", section)] == []
+    assert len(names) == 11 and [n for n in names if not re.search(rf"`{n}[`{{]", section)] == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -101,6 +102,33 @@ async def test_a_spoken_turn_is_transcribed_answered_aloud_and_shown_two_people_
         await fake.wait_for(lambda: metric(adapter, "ttt_voice_turn_to_first_audio_seconds_count") == 2, 30,
                             "the spoken answers' log lines")
         assert "turn_to_first_audio=" in caplog.text
+
+
+def turn_audio_logged(caplog) -> list[float]:
+    """The audio seconds of each spoken turn, from its log line."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("listen: turn ")]
+    return [float(re.search(r" audio=([\d.]+)s", line).group(1)) for line in lines]
+
+
+@pytest.mark.timeout(240)
+async def test_the_first_words_are_heard_when_speaking_comes_after_the_first_packets(
+        tmp_path, speaker_model_dir, voices, fake, said, caplog):
+    """Discord can send a person's first packets before the SPEAKING event that says whose they are;
+    with speech from the very first frame, those frames are held and heard, not lost."""
+    caplog.set_level(logging.INFO, logger="bots")
+    g = add_guild(fake)
+    phrase = said[APPLE]
+    samples = np.frombuffer(phrase, dtype="<i2")
+    start = np.flatnonzero(np.abs(samples) > 300)[0] // 2 * 4  # the first sample that is heard, as a byte offset
+    phrase = phrase[start:]  # speech from the first 20 ms frame on
+    async with speaking(listening_config(tmp_path, speaker_model_dir, voices, fake, g), fake):
+        fake.user_joins_voice(g.lounge, g.alice)
+        await command(fake, g.general, g.alice, "join")
+        await fake.voice_server.speak(g.guild.id, g.alice.id, phrase, speaking_after=15)  # 300 ms unattributed
+        await heard_line(fake, g.general, g.alice.name, APPLE)
+        [audio] = await fake.wait_for(lambda: turn_audio_logged(caplog), 30, "the turn's log line")
+    # Every frame reached the turn: the whole phrase (and a little trailing silence), not 300 ms less.
+    assert audio >= len(phrase) / (48_000 * 4) - 0.05, audio
 
 
 @pytest.fixture

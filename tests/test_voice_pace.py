@@ -100,3 +100,94 @@ def test_a_short_buffer_waits_for_the_next_sentences_start_up():
     assert shortfall(pace, 0.3 + MARGIN_S + 0.01, None, [20]) <= 0
     longer = Progress(chars=40, elapsed_s=0.3, first_audio_at_s=0.3, written_s=0.2)  # 2 s expected
     assert shortfall(pace, 0.2, longer, [20]) <= 0  # its own rest covers the next start-up
+
+
+def timeline(timings: list[SentenceTiming], pace: Pace) -> tuple[list[tuple[float, float, bool]], int]:
+    """Replay a reply as SpokenReply plays it, each sentence's audio held until the rule lets it through:
+    the worker synthesizes the sentences one after another (all known from the start) and measures each
+    into its pace; playback starts the first time the rule allows, at a chunk or at a sentence's end; from
+    then on a sentence is let through when the rule allows or once it is whole, and the player plays what
+    was let through, in order, pausing when it has nothing. Returns each chunk's (when it plays, how long
+    the player waited before it, whether it starts a sentence) and the number of sentences held whole
+    while playing."""
+    played_chunks: list[tuple[float, float, float, bool]] = []  # (start, length, wait before it, first of sentence)
+    starts, let_through, clock, playing_from, held_whole = [], [], 0.0, None, 0
+
+    def played(at: float) -> float:
+        return sum(min(max(at - start, 0.0), length) for start, length, _, _ in played_chunks)
+
+    def schedule(i: int) -> None:
+        for k, (arrival, length) in enumerate(zip(timings[i].arrivals, timings[i].durations)):
+            ready = max(starts[i] + arrival, let_through[i], playing_from)
+            end_before = played_chunks[-1][0] + played_chunks[-1][1] if played_chunks else None
+            start = ready if end_before is None else max(ready, end_before)
+            played_chunks.append((start, length, 0.0 if end_before is None else start - end_before, k == 0))
+
+    for i, timing in enumerate(timings):
+        starts.append(clock)
+        upcoming = [t.chars for t in timings[i + 1:]]
+        before = sum(t.audio_s for t in timings[:i])
+        through = None
+        for k, arrival in enumerate(timing.arrivals):
+            at = clock + arrival
+            written = sum(timing.durations[:k + 1])
+            progress = Progress(timing.chars, arrival, timing.arrivals[0], written, timing.durations[0])
+            if shortfall(pace, before + written - played(at), progress, upcoming) <= 0:
+                through = at
+                break
+        end = clock + timing.arrivals[-1]
+        pace = pace.observe(timing)  # the worker measures the sentence before its end is looked at
+        if playing_from is None:
+            if through is not None:
+                playing_from = through
+            elif not upcoming or shortfall(pace, before + timing.audio_s, None, upcoming) <= 0:
+                playing_from = end
+            let_through.append(end if through is None else through)
+            if playing_from is not None:
+                for j in range(i + 1):
+                    schedule(j)
+        else:
+            held_whole += through is None and len(timing.arrivals) > 1
+            let_through.append(end if through is None else through)
+            schedule(i)
+        clock = end
+    return [(start, wait, first) for start, _, wait, first in played_chunks], held_whole
+
+
+@pytest.mark.parametrize("name, measured_rtf, now_rtf", [
+    ("steadily slower than real time", 1.6, 1.6),
+    ("measured idle, slower than real time by the time the reply comes (a neighbour's load)", 0.6, 1.5),
+])
+def test_an_engine_slower_than_real_time_starts_late_enough_to_be_gapless(name, measured_rtf, now_rtf):
+    pace = measured(deliveries([0.8, 1.4, 0.6], 0.2, 0.37, measured_rtf, 1.5))
+    chunks, held_whole = timeline(deliveries([1.0, 1.5, 0.7, 1.2], 0.2, 0.37, now_rtf, 1.5), pace)
+    worst = max(gap for _, gap, _ in chunks)
+    assert worst <= MARGIN_S / 2, f"{name}: a gap of {worst:.3f} s"
+    start = chunks[0][0]
+    assert start > 0.37 + 0.2  # it waited: more than the first chunk
+
+
+def test_an_engine_that_falls_behind_mid_reply_plays_whole_sentences_never_fragments():
+    """Measured at 0.6, it starts as early as that allows; then a neighbour's load makes it 1.5 times
+    slower than real time from the second sentence on: later sentences pause before they play, whole."""
+    pace = measured(deliveries([0.8, 1.4, 0.6], 0.2, 0.17, 0.6, 1.5))
+    reply = deliveries([1.2], 0.2, 0.17, 0.6, 1.5) + deliveries([1.5, 0.7, 1.2], 0.2, 0.4, 1.5, 1.5)
+    chunks, held_whole = timeline(reply, pace)
+    inside = [gap for _, gap, first in chunks if not first]
+    assert max(inside) <= MARGIN_S / 2  # no sentence is cut into fragments
+    assert held_whole >= 1  # the pauses fall between sentences, and that is said (SpokenReply logs it)
+    assert chunks[0][0] < reply[0].arrivals[-1]  # it started before the first sentence was whole
+
+
+def test_a_slower_delivery_is_taken_over_at_once_a_faster_one_averaged_in():
+    fast = deliveries([1.0], 0.2, 0.17, 0.6, 1.5)[0]
+    slow = deliveries([1.0], 0.2, 0.4, 1.5, 1.5)[0]
+    pace = Pace.first(fast).observe(slow)
+    assert pace.rtf == pytest.approx(Pace.first(slow).rtf) and pace.chunk_rtf == pytest.approx(1.5)
+    back = pace.observe(fast)
+    assert Pace.first(fast).rtf < back.rtf < pace.rtf  # the machine got quieter: it follows, smoothly
+    # Within a sentence, chunks coming slower than measured count at once, before the sentence ends.
+    progress = Progress(chars=30, elapsed_s=1.0, first_audio_at_s=0.2, written_s=0.6, first_chunk_s=0.2)
+    assert progress.chunk_rtf == pytest.approx(2.0)
+    assert shortfall(Pace.first(fast), 0.6, progress, [20]) > shortfall(
+        Pace.first(fast), 0.6, Progress(30, 0.44, 0.2, 0.6, 0.2), [20])

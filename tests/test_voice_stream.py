@@ -82,6 +82,23 @@ def test_pcm_stream_reports_underruns_ends_and_cancels():
     assert mono.read(timeout=0) == b""
 
 
+def test_held_audio_waits_until_it_is_released():
+    """A sentence held back (it could not be played without a gap yet) is not read; what came before is."""
+    output = PcmStream(48_000)
+    output.write(np.zeros(960, dtype=np.float32))  # one frame of the sentence playing
+    output.hold()
+    output.write(np.ones(960 * 2, dtype=np.float32))  # the next sentence, held
+    assert len(output.read(timeout=0)) == FRAME and output.read(timeout=0) is None and output.starved()
+    assert output.buffered_seconds() == pytest.approx(0.04)  # held audio still counts as buffered
+    output.release()
+    frames = [output.read(timeout=0), output.read(timeout=0)]
+    assert all(len(f) == FRAME and f != bytes(FRAME) for f in frames) and output.read(timeout=0) is None
+    output.hold()
+    output.write(np.ones(960, dtype=np.float32))
+    output.finish()  # the end hands out whatever was held
+    assert len(output.read(timeout=0)) == FRAME and output.read(timeout=0) == b""
+
+
 @pytest.mark.timeout(60)
 async def test_reply_speaks_each_sentence_while_the_rest_is_written(voices, caplog):
     caplog.set_level(logging.INFO, logger="voice")

@@ -302,6 +302,41 @@ async def test_oversize_body_and_headers_are_refused_in_the_error_shape(server, 
     assert got == 200  # the server keeps serving
 
 
+@pytest.mark.timeout(60, func_only=True)
+async def test_idle_and_half_sent_requests_are_closed_before_any_key_check(tmp_path, word_model_dir):
+    """100 connections that send nothing or half a request, and one whose body trickles, are closed
+    after web.idle_timeout_s; a whole request is still answered."""
+    config = make_config(tmp_path, word_model_dir, web={"port": 0, "idle_timeout_s": 1})
+    s = await start_server(config, {"TTT_API_KEY": API_KEY})
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        connections = [await asyncio.open_connection("127.0.0.1", s.adapter.port) for _ in range(100)]
+        for i, (_, writer) in enumerate(connections):
+            if i % 2:  # half a request header: never the blank line that ends it
+                writer.write(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bear")
+        trickle_reader, trickle = await asyncio.open_connection("127.0.0.1", s.adapter.port)
+        trickle.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"mo")
+
+        async def closed(reader: asyncio.StreamReader) -> bytes:
+            try:
+                return await asyncio.wait_for(reader.read(), 10)  # everything until the server closes
+            except ConnectionResetError:
+                return b""
+
+        answers = await asyncio.gather(*(closed(reader) for reader, _ in connections))
+        assert loop.time() - started < 8 and all(answer == b"" for answer in answers)
+        slow = await closed(trickle_reader)
+        assert slow.startswith(b"HTTP/1.1 408") and b"request_timeout" in slow
+        async with s.http.get(f"{s.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+            assert r.status == 200  # the server keeps serving
+        for _, writer in connections + [(None, trickle)]:
+            writer.close()
+    finally:
+        await stop_server(s)
+
+
 # ---- cross-site requests and DNS rebinding -----------------------------------------------------
 
 EVIL = "http://evil.example"
@@ -435,6 +470,25 @@ async def test_page_api_streams_stores_and_resets(server):
     assert await server.service.store.recent_turns(key, 10) == []
     async with server.http.get(f"{server.url}/api/conversations/{conversation}") as r:
         assert (await r.json())["turns"] == []
+
+
+@pytest.mark.timeout(60, func_only=True)
+async def test_the_page_is_one_server_whose_daily_budget_every_browser_shares(tmp_path, word_model_dir):
+    s = await start_server(make_config(tmp_path, word_model_dir, web={"port": 0},
+                                       limits={"tokens_per_server_per_day": 4}))
+    try:
+        status, events = await page_message(s, "browser-one-1234", "the word is apple")
+        assert status == 200 and events[-1][1]["text"] == "apple!"
+        status, events = await page_message(s, "browser-two-5678", "the word is river")
+        assert status == 429
+        assert events == [("json", {"error": {
+            "message": "This server has used today's 4 tokens; it resets at 00:00 UTC.", "type": "rate_limit_error",
+            "param": None, "code": "budget_spent"}})]
+        assert s.stored_turns() == 2
+        assert await s.metric("ttt_budget_refusals_total", adapter="web", budget="server") == 1
+        assert await s.metric("ttt_tokens_generated_total", adapter="web", persona="words") == 4
+    finally:
+        await stop_server(s)
 
 
 @pytest.mark.timeout(60, func_only=True)

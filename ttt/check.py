@@ -15,7 +15,7 @@ async def check(settings: Settings) -> int:
     from core.metrics import Metrics
     from core.personas import PersonaRegistry
     from core.stores import check_database
-    from ttt.serve import NO_ADAPTER, plan_adapters, unreachable
+    from ttt.serve import NO_ADAPTER, plan_adapters, platform_problem
 
     cfg = settings.config
     problems: list[str] = []
@@ -41,7 +41,7 @@ async def check(settings: Settings) -> int:
     for plan in plans:
         problem = plan.problem if plan.wanted else None
         if plan.starts:
-            problem = await unreachable(plan, settings)
+            problem = await platform_problem(plan, settings)
         state = "starts" if plan.starts and not problem else ("CANNOT START: " + problem if problem else "off")
         problems += [f"{plan.name}: {problem}"] if problem else []
         print(f"  {plan.name:<8} {state}")

@@ -83,21 +83,37 @@ def _plan(name: str, module: str, wanted: bool, problem: str | None, library: st
     return AdapterPlan(name, module, wanted, problem)
 
 
-async def unreachable(plan: AdapterPlan, settings: Settings, timeout_s: float = 5.0) -> str | None:
-    """Why the platform's API cannot be reached from here; None when it answers at all (any status)."""
-    cfg = settings.config
+async def platform_problem(plan: AdapterPlan, settings: Settings, timeout_s: float = 5.0) -> str | None:
+    """Why the platform would not let the adapter start: its API cannot be reached from here, or it
+    rejects the token (the same call the adapter makes first); None when it takes the token."""
+    cfg, secrets = settings.config, settings.secrets
     if plan.name == "discord":
-        url = (cfg.discord.api_base_url or DISCORD_API).rstrip("/") + "/gateway"
+        from bots.discord.adapter import TOKEN_REJECTED
+
+        token = secrets.get("DISCORD_TOKEN")
+        calls = [("GET", (cfg.discord.api_base_url or DISCORD_API).rstrip("/") + "/users/@me", f"Bot {token}",
+                  TOKEN_REJECTED)]
     elif plan.name == "slack":
-        url = (cfg.slack.api_base_url or SLACK_API).rstrip("/") + "/api.test"
+        base = (cfg.slack.api_base_url or SLACK_API).rstrip("/")
+        calls = [("POST", base + "/auth.test", f"Bearer {secrets.get('SLACK_BOT_TOKEN')}", "SLACK_BOT_TOKEN")]
+        if cfg.slack.mode == "socket":
+            calls.append(("POST", base + "/apps.connections.open", f"Bearer {secrets.get('SLACK_APP_TOKEN')}",
+                          "SLACK_APP_TOKEN"))
     else:
         return None
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
-            async with http.get(url):
-                return None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            for method, url, authorization, rejected in calls:
+                async with http.request(method, url, headers={"Authorization": authorization}) as response:
+                    if plan.name == "discord" and response.status == 401:
+                        return rejected
+                    if plan.name == "slack":
+                        body = await response.json(content_type=None)
+                        if isinstance(body, dict) and not body.get("ok"):
+                            return f"Slack rejected {rejected} ({body.get('error') or response.status})"
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
         return f"cannot reach {url}: {exc or type(exc).__name__}"
+    return None
 
 
 async def serve(settings: Settings, stop: asyncio.Event | None = None) -> int:

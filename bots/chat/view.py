@@ -5,7 +5,8 @@ The life of a reply here: `stream_reply` takes the service's growing reply and k
 the platform's `EditBudget` (edits.py), long text cut by the platform's `render` (split.py). When
 the reply fails before it is stored, the view shows why; when showing the stored reply fails, it
 is retried and then posted anew (the conversation goes on from it, so the user must see it).
-Before that, `take_message` asks the service to admit the message and says why when it does not.
+Before that, `take_message` asks the service to admit the message and says why when it does not,
+and reads the text files it brings into it (files.py).
 Adapters bring only their platform's rules: a `Surface` (post, edit, delete), a `render` (limits,
 escaping) and the numbers of their rate buckets.
 """
@@ -17,7 +18,9 @@ import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Hashable, Protocol, Sequence
 
 from bots.chat.edits import EditBudget
+from bots.chat.files import Download, read_files
 from core.admission import Message
+from core.conversation import ConversationKey
 from core.errors import ChatError
 from core.replies import ReplyListener, ReplyUpdate, relay
 from core.service import ChatService
@@ -174,15 +177,27 @@ async def _first_done(task: asyncio.Future, other: Awaitable) -> asyncio.Future:
 
 
 async def take_message(
-    service: ChatService, view: ReplyView, text: str, *, platform: str, author_id: str, per_minute: int,
-    slow_down: Callable[[float], Awaitable[None]],
+    service: ChatService, view: ReplyView, text: str, *, key: ConversationKey, author_id: str,
+    slow_down: Callable[[float], Awaitable[None]], tell: Callable[[str], Awaitable[None]],
+    files: Sequence[Download] = (),
 ) -> Message | None:
-    """The message if the service takes it from this person now; else None, once the reason is
-    said: a refused message in `view`, going too fast through `slow_down(wait_s)` (once a window)."""
-    admission = await service.admit(text, platform=platform, author_id=author_id, per_minute=per_minute,
-                                    where=view.where)
+    """The message (with the text files it brings read into it) if the service takes it from this
+    person in this conversation now; else None, once the reason is said: a refused message in
+    `view`, going too fast through `slow_down(wait_s)` (once a window), a spent budget through
+    `tell(notice)` (only this person sees it; once a day). Files that are not read are mentioned
+    through `tell` too; the message is answered without them."""
+    admission = await service.admit(text, key=key, author_id=author_id, files=len(files), where=view.where)
     if admission.notice is not None:
         await view.notify(admission.notice)
     elif admission.slow_down is not None:
         await slow_down(admission.slow_down)
-    return admission.message
+    elif admission.private_notice is not None:
+        await tell(admission.private_notice)
+    message = admission.message
+    if message is None or not files:
+        return message
+    blocks, notes = await read_files(files, service.max_attachment_bytes)
+    if notes:
+        await tell(" ".join(notes))
+    message = service.attach(message, blocks)
+    return message if message.text else None

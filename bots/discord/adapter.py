@@ -2,8 +2,9 @@
 
 The life of a message reads top to bottom in `DiscordAdapter`: `on_message` decides at once
 whether the bot is addressed and may answer, and takes the message's place in its conversation;
-`_answer` turns it into words, checks them and the sender's rate limit, and streams the reply
-into message edits (bots/chat/view.py). Slash commands are in commands.py, Discord's text rules in
+`_answer` turns it into words (with the text files attached), checks them and the sender's rate
+limit and token budget, and streams the reply into message edits (bots/chat/view.py). A
+conversation's server is its guild; a DM is in none. Slash commands are in commands.py, Discord's text rules in
 format.py, how reply messages are posted in reply.py, the access lists in access.py.
 
 Voice (voice/, when `voice.enabled`) is a sibling of the text path on the same client and service:
@@ -27,19 +28,22 @@ from discord import app_commands
 from bots.discord.access import Access
 from bots.discord.commands import add_commands, conversation_key, sync_commands
 from bots.discord.format import invite_url, model_text, thread_name
-from bots.discord.reply import EDITS_PER_CHANNEL, NO_PINGS, ReplyMessages, render
+from bots.discord.reply import EDITS_PER_CHANNEL, NO_PINGS, ReplyMessages, render, tell_privately
+from bots.chat.files import Download
 from bots.chat.edits import EditBudget
 from bots.chat.ordering import ReplyTasks, finish_within_s
 from bots.chat.view import ReplyView, stream_reply, take_message
 from core.config.loading import Settings
 from core.config.schema import DiscordSection
 from core.conversation import ConversationKey
+from core.files import AttachedFile
 from core.replies import ReplyUpdate
 from core.service import ChatService
 
 log = logging.getLogger(__name__)
 
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+TOKEN_REJECTED = "Discord rejected DISCORD_TOKEN (reset it on the Bot page of the developer portal)"
 SLOW_DOWN = "\N{HOURGLASS WITH FLOWING SAND}"  # the reaction that tells a person they are over the limit
 
 ReplyHook = Callable[[discord.Message, ReplyUpdate], Awaitable[None]]  # (message answered, update)
@@ -119,9 +123,7 @@ class DiscordAdapter:
                 raise RuntimeError("the Discord gateway closed before the bot was ready")
         except discord.LoginFailure:
             await self._close_client()
-            raise RuntimeError(
-                "Discord rejected DISCORD_TOKEN (reset it on the Bot page of the developer portal)"
-            ) from None
+            raise RuntimeError(TOKEN_REJECTED) from None
         except discord.PrivilegedIntentsRequired:
             await self._close_client()
             raise RuntimeError(
@@ -204,11 +206,12 @@ class DiscordAdapter:
             return
         if not self.access.allows(message.author, message.guild.id if message.guild else None, message.channel):
             return
+        guild_id = message.guild.id if message.guild else None
         if self._opens_thread(message):
             # The thread opened on a message has the message's id: its conversation starts here.
-            key = ConversationKey("discord", str(message.id), parent=str(message.channel.id))
+            key = ConversationKey("discord", str(message.id), parent=str(message.channel.id), server=str(guild_id))
         else:
-            key = conversation_key(message.channel)
+            key = conversation_key(message.channel, guild_id)
         self._replies.spawn(self._answer(message, key), conversation=key)
 
     def _addressed(self, message: discord.Message) -> bool:
@@ -230,25 +233,30 @@ class DiscordAdapter:
         return self.config.auto_thread and isinstance(channel, discord.Thread) and channel.owner_id == me
 
     async def _answer(self, message: discord.Message, key: ConversationKey) -> None:
-        """Check the words and the sender's rate, then stream the reply with the typing indicator on."""
+        """Check the words, the sender's rate and budget, read the text files attached, then stream
+        the reply with the typing indicator on."""
         me, my_role = self.client.user.id, message.guild.self_role if message.guild else None
         author = str(message.author.id)
 
         async def slow_down(wait_s: float) -> None:  # a reaction: a flood of mentions must not flood the channel
             await self._react(message, SLOW_DOWN)
 
+        async def tell(text: str) -> None:
+            await tell_privately(message.author, text, instead=message.channel, about=message)
+
         words = model_text(message, me, my_role.id if my_role else None)
+        files = [Download(AttachedFile(a.filename, a.size, a.content_type), a.url) for a in message.attachments]
         taken = await take_message(
             self.service, self._view(message.channel, message, key), words,
-            platform="discord", author_id=author, per_minute=self.config.rate_limit_per_minute, slow_down=slow_down,
+            key=key, author_id=author, slow_down=slow_down, tell=tell, files=files,
         )
         if taken is None:
             return
         channel, reply_to = message.channel, message
         if self._opens_thread(message):
-            channel, reply_to = await self._open_thread(message, taken.text)
+            channel, reply_to = await self._open_thread(message, words or taken.text)
             if channel is message.channel:
-                key = conversation_key(channel)
+                key = conversation_key(channel, message.guild.id)
         view = self._view(channel, reply_to, key)
         listeners = [functools.partial(hook, message) for hook in self.reply_hooks]
         async with channel.typing():

@@ -1,9 +1,12 @@
-"""Slash commands: /reset, /persona [name], /personas, /forget-me, /help.
+"""Slash commands: /reset, /persona [name], /personas, /forget-me, /usage, /help, and /server (its
+admins: persona, prompt, rate-limit, budget, show).
 
 Each is about the channel or thread it is used in (a thread inherits its channel's persona),
-except /forget-me, which is about the person. Refusals, errors and what concerns only the caller
-are ephemeral (only the caller sees them); what changes the channel's conversation (a reset, a
-persona switch) is said in the open.
+except /forget-me, which is about the person, /usage, about the person in this server, and
+/server, about the server. Refusals, errors and what concerns only the caller are ephemeral (only
+the caller sees them); what changes the channel's conversation (a reset, a persona switch) is said
+in the open. What each /server word means is core's (core/servers.py): here it is only spelled
+as Discord's options.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Awaitable, Callable
 import discord
 from discord import app_commands
 
-from core.commands import PERSONA, RESET, HelpStyle, SwitchPolicy, help_text
+from core.commands import PERSONA, RESET, SERVER, USAGE, HelpStyle, SwitchPolicy, help_text
 from core.config.schema import DiscordSection
 from core.conversation import ConversationKey
 from core.errors import ChatError
@@ -26,14 +29,17 @@ HELP = help_text(HelpStyle(
     "Mention me, reply to one of my messages or message me directly to chat.",
     notes={RESET: "forgets this channel's conversation",
            PERSONA: "shows or switches who I am here (a channel's persona carries into its threads)"},
+    servers=True,
 ))
 APOLOGY = "Sorry, something went wrong with that command. Please try again."
 
 
-def conversation_key(channel: discord.abc.Snowflake) -> ConversationKey:
-    """A Discord conversation: a channel, a thread (which inherits its channel's persona) or a DM."""
+def conversation_key(channel: discord.abc.Snowflake, guild_id: int | None) -> ConversationKey:
+    """A Discord conversation: a channel, a thread (which inherits its channel's persona) or a DM
+    (no guild: outside any server)."""
     parent = channel.parent_id if isinstance(channel, discord.Thread) else None
-    return ConversationKey("discord", str(channel.id), parent=str(parent) if parent else None)
+    return ConversationKey("discord", str(channel.id), parent=str(parent) if parent else None,
+                           server=str(guild_id) if guild_id else None)
 
 
 def refusing(refusal: Callable[..., str | None]) -> Callable[..., Awaitable[bool]]:
@@ -62,7 +68,7 @@ def add_commands(
     policy = switch_policy(config)
 
     def here(interaction: discord.Interaction) -> ConversationKey:
-        return conversation_key(interaction.channel or discord.Object(interaction.channel_id))
+        return conversation_key(interaction.channel or discord.Object(interaction.channel_id), interaction.guild_id)
 
     @tree.command(name="reset", description="Forget this channel's conversation with me")
     async def reset(interaction: discord.Interaction) -> None:
@@ -114,11 +120,20 @@ def add_commands(
         text = await service.command(here(interaction), "forget-me", author_id=str(interaction.user.id))
         await interaction.followup.send(text, ephemeral=True)
 
+    @tree.command(name=USAGE, description="How many tokens you and this server used today")
+    async def usage(interaction: discord.Interaction) -> None:
+        if await refused(interaction):
+            return
+        text = await service.command(here(interaction), USAGE, author_id=str(interaction.user.id))
+        await interaction.response.send_message(text, ephemeral=True)
+
     @tree.command(name="help", description="How to talk to me")
     async def help_(interaction: discord.Interaction) -> None:
         if await refused(interaction):
             return
         await interaction.response.send_message(HELP, ephemeral=True)
+
+    tree.add_command(server_commands(service, refused, persona_choices, here))
 
     @tree.error
     async def on_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
@@ -131,6 +146,51 @@ def add_commands(
             await interaction.response.send_message(APOLOGY, ephemeral=True)
 
 
+def server_commands(service: ChatService, refused: Callable[..., Awaitable[bool]], persona_choices,
+                    here: Callable[[discord.Interaction], ConversationKey]) -> app_commands.Group:
+    """/server: this server's settings, for members with Manage Server (Discord shows it only to
+    them; the service checks again). Every answer is ephemeral."""
+    group = app_commands.Group(name=SERVER, description="This server's settings (Manage Server)", guild_only=True,
+                               default_permissions=discord.Permissions(manage_guild=True))
+
+    async def run(interaction: discord.Interaction, words: str) -> None:
+        if await refused(interaction):
+            return
+        text = await service.command(here(interaction), SERVER, words, author_id=str(interaction.user.id),
+                                     admin=is_admin(interaction))
+        await interaction.response.send_message(text, ephemeral=True)
+
+    @group.command(name="persona", description="Who this server's channels that have not chosen one answer as")
+    @app_commands.describe(name="a persona, or clear for the host's default")
+    @app_commands.autocomplete(name=persona_choices)
+    async def persona(interaction: discord.Interaction, name: str) -> None:
+        await run(interaction, f"persona {name}")
+
+    @group.command(name="prompt", description="An extra instruction for this server's conversations")
+    @app_commands.describe(text="the instruction (chat-format personas follow it), or clear to remove it")
+    async def prompt(interaction: discord.Interaction, text: str) -> None:
+        await run(interaction, f"prompt {text}")
+
+    @group.command(name="rate-limit", description="Messages per person per minute here (within the host's)")
+    @app_commands.describe(messages="messages per person per minute; 0: the host's limit")
+    async def rate_limit(interaction: discord.Interaction, messages: int) -> None:
+        await run(interaction, f"rate-limit {messages}")
+
+    @group.command(name="budget", description="Tokens a day here, per person or for the server (within the host's)")
+    @app_commands.describe(who="person: each person's budget; server: everyone's together",
+                           tokens="tokens a day; 0: the host's limit")
+    @app_commands.choices(who=[app_commands.Choice(name="person", value="person"),
+                               app_commands.Choice(name="server", value="server")])
+    async def budget(interaction: discord.Interaction, who: app_commands.Choice[str], tokens: int) -> None:
+        await run(interaction, f"budget {who.value} {tokens}")
+
+    @group.command(name="show", description="This server's settings")
+    async def show(interaction: discord.Interaction) -> None:
+        await run(interaction, "show")
+
+    return group
+
+
 def switch_policy(config: DiscordSection) -> SwitchPolicy:
     """`persona_switch` as core's policy: `roles` lists the roles of `persona_switch_roles`."""
     rule = "listed" if config.persona_switch == "roles" else config.persona_switch
@@ -140,10 +200,14 @@ def switch_policy(config: DiscordSection) -> SwitchPolicy:
 
 def may_switch_persona(interaction: discord.Interaction, policy: SwitchPolicy) -> bool:
     """Admins (Manage Server) may always switch; others as the policy says. DMs: anyone."""
+    roles = {role.id for role in getattr(interaction.user, "roles", ())}
+    return policy.allows(admin=is_admin(interaction), holds=roles, private=interaction.guild is None)
+
+
+def is_admin(interaction: discord.Interaction) -> bool:
+    """An admin of the server it is used in: Manage Server (or Administrator)."""
     permissions = interaction.permissions
-    return policy.allows(admin=permissions.administrator or permissions.manage_guild,
-                         holds={role.id for role in getattr(interaction.user, "roles", ())},
-                         private=interaction.guild is None)
+    return interaction.guild_id is not None and (permissions.administrator or permissions.manage_guild)
 
 
 async def sync_commands(tree: app_commands.CommandTree, guild_ids: list[int]) -> None:

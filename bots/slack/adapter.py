@@ -2,13 +2,16 @@
 
 Listeners only acknowledge and hand over (Slack wants an ack within 3 seconds), taking the
 message's place in its conversation as it arrives; the life of a reply then reads top to bottom
-in `SlackAdapter._answer`: answered once (across replicas), access, words and rate checks, a
-placeholder in the thread, the reply streamed into it by edits (bots/chat/view.py).
+in `SlackAdapter._answer`: answered once (across replicas), access, words, rate and budget checks,
+the text files shared with it read in, a placeholder in the thread, the reply streamed into it by
+edits (bots/chat/view.py).
 
 Where it answers: an `app_mention` in the thread of the mention; every DM (in its thread when
 threaded); a follow-up in a thread it already answered in, without a new mention
 (`slack.thread_followups`). One conversation per thread, and per DM; a thread inherits the
-persona chosen for its channel (`/ttt persona` in the channel).
+persona chosen for its channel (`/ttt persona` in the channel). Every conversation, DMs included,
+is in the workspace's server: its settings (`/ttt server ...`, for workspace admins and owners)
+and budgets apply.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.slack.format import PLACEHOLDER, ThreadMessages, mentioned_users, readable, render, to_mrkdwn
 from bots.chat.edits import EditBudget
+from bots.chat.files import Download
 from bots.chat.ordering import ReplyTasks, finish_within_s
 from bots.chat.view import ReplyView, stream_reply, take_message
 from core.config.loading import Settings
 from core.config.schema import SlackSection
 from core.conversation import ConversationKey, StoreUnavailable
 from core import commands
+from core.files import AttachedFile
 from core.service import ChatService
 
 log = logging.getLogger(__name__)
@@ -59,7 +64,9 @@ def help_text(command: str) -> str:
         written=f"`{command} {{}}`",
         notes={commands.RESET: "forgets a direct-message conversation (in a channel, each thread is its own)",
                commands.PERSONA: "shows or switches who I am here (in a channel: for its threads; "
-                                 "`{persona} NAME` switches)"},
+                                 "`{persona} NAME` switches)",
+               commands.SERVER: "shows or changes this workspace's settings (for workspace admins and owners)"},
+        servers=True,
     ))
 
 
@@ -74,20 +81,21 @@ class Place:
     channel: str
     thread_ts: str | None  # None: the DM itself, not a thread in it
     is_dm: bool
+    team: str  # the workspace: the conversation's server
 
     @classmethod
-    def of(cls, event: dict) -> "Place":
+    def of(cls, event: dict, team: str) -> "Place":
         channel = event["channel"]
         if event.get("channel_type") == "im" or channel.startswith("D"):
-            return cls(channel, event.get("thread_ts"), True)
-        return cls(channel, event.get("thread_ts") or event["ts"], False)
+            return cls(channel, event.get("thread_ts"), True, team)
+        return cls(channel, event.get("thread_ts") or event["ts"], False, team)
 
     @property
     def key(self) -> ConversationKey:
         """A thread's conversation inherits its channel's (or DM's) persona."""
         if self.thread_ts:
-            return ConversationKey("slack", f"{self.channel}/{self.thread_ts}", parent=self.channel)
-        return ConversationKey("slack", self.channel)
+            return ConversationKey("slack", f"{self.channel}/{self.thread_ts}", parent=self.channel, server=self.team)
+        return ConversationKey("slack", self.channel, server=self.team)
 
 
 class SlackAdapter:
@@ -128,11 +136,11 @@ class SlackAdapter:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        auth = await self.client.auth_test()
+        auth = await _accepted(self.client.auth_test(), "SLACK_BOT_TOKEN")
         self.bot_user_id, self.team_id = auth["user_id"], auth.get("team_id", "")
         if self.config.mode == "socket":
             # connect_async() retries a rejected app token forever: ask once so that it fails here.
-            await self.client.apps_connections_open(app_token=self._app_token)
+            await _accepted(self.client.apps_connections_open(app_token=self._app_token), "SLACK_APP_TOKEN")
             self._handler = AsyncSocketModeHandler(self.app, self._app_token, ping_interval=self._ping_interval)
             self._handler.client.on_message_listeners.append(self._on_socket_message)
             self._handler.client.on_close_listeners.append(self._on_socket_close)
@@ -183,14 +191,14 @@ class SlackAdapter:
         @app.event("app_mention")
         async def on_mention(event: dict) -> None:
             if not _from_bot(event):
-                place = Place.of(event)
+                place = Place.of(event, self.team_id)
                 self._replies.spawn(self._answer(event, place, followup=False), conversation=place.key)
 
         @app.event("message")
         async def on_message(event: dict) -> None:
             if _from_bot(event) or event.get("subtype") not in ANSWERED_SUBTYPES:
                 return
-            place = Place.of(event)
+            place = Place.of(event, self.team_id)
             # In channels only follow-ups in threads are ours here: mentions come as app_mention events.
             followup = not place.is_dm
             if followup and (not event.get("thread_ts") or not self.config.thread_followups):
@@ -221,6 +229,11 @@ class SlackAdapter:
         if not self._allowed(place.channel, user, place.is_dm):
             log.info("not answering %s in %s: slack.allowed_users/allowed_channels", user, place.channel)
             return
+        if not followup:  # a mention: the thread is the bot's from now on, on every replica
+            try:
+                await self.service.take_part(place.key)
+            except StoreUnavailable as exc:
+                log.warning("%s: not marked as taken up, the store is unavailable: %s", place.key, exc)
         view = ReplyView(ThreadMessages(self.client, place.channel, place.thread_ts), render, self._edits,
                          self.team_id, str(place.key))
 
@@ -228,9 +241,12 @@ class SlackAdapter:
             notice = f"You're writing faster than I can answer: try again in {math.ceil(wait_s)} seconds."
             await self._ephemeral(place, user, notice)
 
+        async def tell(text: str) -> None:
+            await self._ephemeral(place, user, text)
+
         taken = await take_message(
             self.service, view, await self._readable(event.get("text") or ""),
-            platform="slack", author_id=user, per_minute=self.config.rate_limit_per_minute, slow_down=slow_down,
+            key=place.key, author_id=user, slow_down=slow_down, tell=tell, files=self._files(event),
         )
         if taken is None:
             return
@@ -238,6 +254,15 @@ class SlackAdapter:
         await view.begin(PLACEHOLDER)
         updates = self.service.respond(place.key, author, taken, adapter="slack", author_id=user)
         await stream_reply(view, updates, interval_s=self.config.stream_edit_interval_s)
+
+    def _files(self, event: dict) -> list[Download]:
+        """The files shared with a message, fetched with the bot token (Slack's files are private)."""
+        token = {"Authorization": f"Bearer {self.client.token}"}
+        return [
+            Download(AttachedFile(f.get("name") or f.get("title") or "file", int(f.get("size") or 0),
+                                  f.get("mimetype")), url, token)
+            for f in event.get("files") or () if (url := f.get("url_private_download") or f.get("url_private"))
+        ]
 
     async def _took_part(self, place: Place) -> bool:
         """Whether the bot answers in this thread (its turns are stored, so this survives restarts)."""
@@ -297,17 +322,28 @@ class SlackAdapter:
             text = self._switch.refusal()
         else:
             text = await self.service.command(
-                ConversationKey("slack", channel), name, argument,
+                ConversationKey("slack", channel, server=self.team_id), name, argument,
                 help_text=help_text(self.config.slash_command), author_id=user,
+                admin=name == commands.SERVER and await self._is_admin(user),
             )
         await respond(text=to_mrkdwn(text), response_type="ephemeral")
 
     async def _may_switch_persona(self, user: str, is_dm: bool) -> bool:
         """Workspace admins and owners may always switch; others as `persona_switch` says. DMs: anyone."""
-        if self._switch.allows(admin=False, holds={user}, private=is_dm):
-            return True
+        return self._switch.allows(admin=False, holds={user}, private=is_dm) or await self._is_admin(user)
+
+    async def _is_admin(self, user: str) -> bool:
+        """A workspace admin or owner (users.info)."""
         info = await self._user_info(user) or {}
         return any(info.get(flag) for flag in ("is_admin", "is_owner", "is_primary_owner"))
+
+
+async def _accepted(call, secret: str):
+    """The answer to a call that shows whether Slack takes `secret`; a refusal as one clear line."""
+    try:
+        return await call
+    except SlackApiError as exc:
+        raise RuntimeError(f"Slack rejected {secret} ({exc.response.get('error')})") from None
 
 
 def _from_bot(event: dict) -> bool:

@@ -6,13 +6,15 @@ handler runs) uses this shape; `chat_error` maps the ChatService's refusals onto
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from aiohttp import web
 
-from core.errors import Busy, ChatError, InputRejected, MemoryUnavailable, PersonaError, TooLong
+from core.errors import Busy, ChatError, InputRejected, MemoryUnavailable, OverBudget, PersonaError, TooLong
 
 RETRY_AFTER_S = 1
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)  # how long a request body may take to arrive
 
 
 class ApiError(Exception):
@@ -31,7 +33,10 @@ class ApiError(Exception):
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
         if self.status == 503:
             headers["Retry-After"] = str(RETRY_AFTER_S)
-        return web.json_response(self.body(), status=self.status, headers=headers)
+        response = web.json_response(self.body(), status=self.status, headers=headers)
+        if self.status == 408:  # the rest of a body that stalled must not be read as the next request
+            response.force_close()
+        return response
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -56,7 +61,12 @@ async def read_json(request: web.Request) -> object:
     if request.content_type != "application/json":
         raise ApiError(415, f"Send the body as JSON with 'Content-Type: application/json' "
                             f"(got {request.content_type!r}).", code="unsupported_media_type")
-    raw = await request.read()
+    wait_s = request.app[BODY_TIMEOUT_S]
+    try:
+        async with asyncio.timeout(wait_s):  # a body that trickles in must not hold the connection
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {wait_s:g} s.", code="request_timeout") from None
     if not raw.strip():
         raise bad_request("The request body is empty: send a JSON object.", code="invalid_json")
     try:
@@ -77,6 +87,8 @@ def chat_error(exc: ChatError, param: str | None = None) -> ApiError:
         return ApiError(503, exc.user_message, type="server_error", code="busy", outcome=exc.outcome)
     if isinstance(exc, PersonaError):
         return unavailable(exc.user_message)
+    if isinstance(exc, OverBudget):
+        return ApiError(429, exc.user_message, type="rate_limit_error", code="budget_spent", outcome=exc.outcome)
     if isinstance(exc, MemoryUnavailable):
         return ApiError(503, exc.user_message, type="server_error", code="store_unavailable", outcome=exc.outcome)
     return ApiError(500, exc.user_message, type="server_error", code="reply_failed", outcome=exc.outcome)

@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from bots.web.openai_api import OpenAIRoutes
 from bots.web.chat import ChatPageRoutes
-from bots.web.errors import ApiError
+from bots.web.errors import BODY_TIMEOUT_S, ApiError
 from core.config.loading import Settings
 from core.config.schema import Config
 from core.metrics import Metrics
@@ -73,10 +73,15 @@ class WebAdapter:
         self.port = cfg.port
         self.app = build_app(service, settings.config, api_key)
         self._shutdown_timeout = settings.config.generator.request_timeout_s
+        self._idle_timeout = cfg.idle_timeout_s
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        runner = _Runner(self.app, shutdown_timeout=self._shutdown_timeout)
+        # aiohttp's keep-alive timer runs from the connection's start until a whole request has come,
+        # and again between requests: a connection that sends nothing, or half a request, is closed;
+        # after a refused request, the rest of its body is read (and dropped) for as long at most.
+        runner = _Runner(self.app, shutdown_timeout=self._shutdown_timeout, keepalive_timeout=self._idle_timeout,
+                         lingering_time=self._idle_timeout)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port).start()
@@ -142,6 +147,7 @@ def build_app(service: ChatService, config: Config, api_key: str | None) -> web.
         middlewares=[_errors, _loopback_hosts(config.web.loopback_only), _same_origin, _require_key(api_key)],
         client_max_size=config.web.max_request_kb * 1024,
     )
+    app[BODY_TIMEOUT_S] = config.web.idle_timeout_s
     app.router.add_get("/", _page)
     app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get("/healthz", _health(service))

@@ -109,6 +109,15 @@ class ServiceSection(Section):
     default_persona: str = "smol"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_input_chars: int = Field(2000, ge=1)
+    max_attachment_kb: int = Field(64, ge=1, description="largest text file read into a conversation, in KiB")
+
+
+class LimitsSection(Section):
+    """Daily token budgets the host sets (0: none): the ceiling, which a server's own settings can only lower.
+    A day is UTC."""
+
+    tokens_per_person_per_day: int = Field(0, ge=0, description="tokens generated for one person in one server")
+    tokens_per_server_per_day: int = Field(0, ge=0, description="tokens generated for everyone in one server")
 
 
 class DatabaseSection(Section):
@@ -194,6 +203,8 @@ class WebSection(Section):
     max_tokens_limit: int = Field(512, ge=1)
     max_messages: int = Field(100, ge=1, description="messages in one /v1/chat/completions request")
     max_request_kb: int = Field(1024, ge=1, description="largest request body, in KiB")
+    idle_timeout_s: float = Field(10, gt=0, le=600, description="a connection that has not sent a whole request "
+                                                              "(headers and body) within this long is closed")
 
     @property
     def loopback_only(self) -> bool:
@@ -321,6 +332,7 @@ class Config(Section):
     service: ServiceSection = Field(default_factory=ServiceSection)
     database: DatabaseSection = Field(default_factory=DatabaseSection)
     conversation: ConversationSection = Field(default_factory=ConversationSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
     generator: GeneratorSection = Field(default_factory=GeneratorSection)
     safety: SafetySection = Field(default_factory=SafetySection)
     personas: dict[str, PersonaConfig] = Field(default_factory=dict)

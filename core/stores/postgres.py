@@ -11,6 +11,7 @@ reached the call raises StoreUnavailable, and the pools reconnect by themselves 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import logging
 import time
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from core.budgets import utc_day
 from core.config.schema import DatabaseSection
 from core.conversation import ConversationBusy, ConversationKey, StoreUnavailable, StoreUnusable, Turn
 from core.stores.locks import KeyedLocks
@@ -174,7 +176,25 @@ class PostgresStore:
         return _row_count(status)
 
     async def delete_before(self, cutoff: float) -> int:
-        return _row_count(await self._execute("DELETE FROM turns WHERE time < $1", cutoff))
+        return _row_count(await self._execute(
+            "WITH counts AS (DELETE FROM token_usage WHERE day < $2) DELETE FROM turns WHERE time < $1",
+            cutoff, utc_day(cutoff),
+        ))
+
+    async def add_tokens(self, server: str, person: str, day: datetime.date, tokens: int) -> None:
+        await self._execute(
+            "INSERT INTO token_usage (server, day, person, tokens) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT (server, day, person) DO UPDATE SET tokens = token_usage.tokens + excluded.tokens",
+            storable(server), day, storable(person), tokens,
+        )
+
+    async def tokens_used(self, server: str, person: str, day: datetime.date) -> tuple[int, int]:
+        row = await self._fetchrow(
+            "SELECT coalesce(sum(tokens) FILTER (WHERE person = $3), 0), coalesce(sum(tokens), 0) "
+            "FROM token_usage WHERE server = $1 AND day = $2",
+            storable(server), day, storable(person),
+        )
+        return int(row[0]), int(row[1])
 
     # ---- what replicas coordinate on -------------------------------------------------------
 
@@ -296,6 +316,10 @@ class PostgresStore:
     async def _fetch(self, query: str, *args) -> list:
         async with self.connection() as conn:
             return await conn.fetch(query, *args)
+
+    async def _fetchrow(self, query: str, *args):
+        async with self.connection() as conn:
+            return await conn.fetchrow(query, *args)
 
     async def _fetchval(self, query: str, *args):
         async with self.connection() as conn:

@@ -78,6 +78,16 @@ MIGRATIONS = [
         PRIMARY KEY (namespace, ident)
     );
     """,
+    """
+    CREATE TABLE token_usage (
+        server text NOT NULL,
+        day date NOT NULL,  -- a UTC day
+        person text NOT NULL,
+        tokens bigint NOT NULL,
+        PRIMARY KEY (server, day, person)
+    );
+    CREATE INDEX token_usage_by_day ON token_usage (day);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

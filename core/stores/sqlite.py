@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import sqlite3
 import tempfile
 import time
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import AsyncContextManager, Sequence
 
+from core.budgets import utc_day
 from core.conversation import ConversationKey, StoreUnusable, Turn
 from core.stores.locks import KeyedLocks
 from core.stores.ratelimit import RateLimiter
@@ -54,6 +56,16 @@ _MIGRATIONS = [
         PRIMARY KEY (namespace, ident)
     );
     """,
+    """
+    CREATE TABLE token_usage (
+        server TEXT NOT NULL,
+        day TEXT NOT NULL,  -- a UTC date, YYYY-MM-DD
+        person TEXT NOT NULL,
+        tokens INTEGER NOT NULL,
+        PRIMARY KEY (server, day, person)
+    );
+    CREATE INDEX token_usage_by_day ON token_usage (day);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -62,7 +74,10 @@ class SQLiteStore:
     """ConversationStore on one SQLite file (WAL), used from one dedicated thread.
 
     One process owns the file, so ordering locks and rate-limit counters live in its memory;
-    claims are in the file, so a restarted process still knows what it answered.
+    claims are in the file, so a restarted process still knows what it answered. Deleted words are
+    overwritten (`secure_delete`), and whatever deletes people's words (forget-me, a reset, the
+    retention sweep) also checkpoints the write-ahead log and truncates it, so the words are gone
+    from the files at once, not at the next clean shutdown.
     """
 
     def __init__(self, path: Path, lock_wait_s: float | None = None):
@@ -92,6 +107,7 @@ class SQLiteStore:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA secure_delete=ON")
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreUnusable(
@@ -143,20 +159,48 @@ class SQLiteStore:
 
         def write() -> int:
             with self._transaction():
-                return self._db.execute(
+                deleted = self._db.execute(
                     "DELETE FROM turns WHERE exchange IN (SELECT exchange FROM turns WHERE author_id = ? "
                     "AND conversation >= ? AND conversation < ?)",
                     (author_id, *scope),
                 ).rowcount
+            self._erase_log()
+            return deleted
 
         return await self._run(write)
 
     async def delete_before(self, cutoff: float) -> int:
         def write() -> int:
             with self._transaction():
-                return self._db.execute("DELETE FROM turns WHERE time < ?", (cutoff,)).rowcount
+                self._db.execute("DELETE FROM token_usage WHERE day < ?", (utc_day(cutoff).isoformat(),))
+                deleted = self._db.execute("DELETE FROM turns WHERE time < ?", (cutoff,)).rowcount
+            if deleted:
+                self._erase_log()
+            return deleted
 
         return await self._run(write)
+
+    async def add_tokens(self, server: str, person: str, day: datetime.date, tokens: int) -> None:
+        def write() -> None:
+            with self._transaction():
+                self._db.execute(
+                    "INSERT INTO token_usage (server, day, person, tokens) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (server, day, person) DO UPDATE SET tokens = tokens + excluded.tokens",
+                    (server, day.isoformat(), person, tokens),
+                )
+
+        await self._run(write)
+
+    async def tokens_used(self, server: str, person: str, day: datetime.date) -> tuple[int, int]:
+        def query() -> tuple[int, int]:
+            theirs, everyone = self._db.execute(
+                "SELECT coalesce(sum(CASE WHEN person = ? THEN tokens END), 0), coalesce(sum(tokens), 0) "
+                "FROM token_usage WHERE server = ? AND day = ?",
+                (person, server, day.isoformat()),
+            ).fetchone()
+            return theirs, everyone
+
+        return await self._run(query)
 
     async def preferences(self, namespace: str) -> dict[str, str]:
         def query() -> dict[str, str]:
@@ -209,6 +253,7 @@ class SQLiteStore:
         def write() -> None:
             with self._transaction():
                 self._db.execute("DELETE FROM turns WHERE conversation = ?", (str(key),))
+            self._erase_log()
 
         await self._run(write)
 
@@ -236,6 +281,11 @@ class SQLiteStore:
 
         await self._run(close)
         self._executor.shutdown(wait=True)
+
+    def _erase_log(self) -> None:
+        """Copy the write-ahead log into the database and empty it: the log still holds the pages as
+        they were before a delete (the deleted words in them)."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _touch(self, key: ConversationKey, when: float) -> None:
         self._db.execute(

@@ -1,7 +1,8 @@
 """Copy a SQLite conversation history into the PostgreSQL store (`ttt db migrate-sqlite`).
 
 Turns keep their conversations, authors, author ids, exchanges, times and order; personas chosen
-per conversation come along. Each copied turn records where it came from (`origin`, a digest of
+per conversation, people's standing choices and servers' settings (preferences) come along. Each
+copied turn records where it came from (`origin`, a digest of
 the SQLite row), so running the copy again skips what is already there.
 """
 
@@ -54,6 +55,7 @@ async def copy_sqlite_history(source: sqlite3.Connection, store: PostgresStore,
                 "updated_at = greatest(conversations.updated_at, excluded.updated_at)",
                 [r[0] for r in conversations], [r[1] for r in conversations], [r[2] for r in conversations],
             )
+        await _copy_preferences(source, store)
         total = await asyncio.to_thread(lambda: source.execute("SELECT count(*) FROM turns").fetchone()[0])
         columns = await asyncio.to_thread(_turn_columns, source)
         done = copied = 0
@@ -92,6 +94,22 @@ def _open(path: Path) -> sqlite3.Connection:
         source.close()
         raise CopyError(f"{path} has schema version {version}, newer than this release knows ({SQLITE_SCHEMA_VERSION})")
     return source
+
+
+async def _copy_preferences(source: sqlite3.Connection, store: PostgresStore) -> None:
+    """Standing choices and server settings; one made since (on PostgreSQL) wins over the copied one."""
+    def read() -> list[tuple]:
+        if not source.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'preferences'").fetchone():
+            return []  # a history from before preferences
+        return source.execute("SELECT namespace, ident, value FROM preferences").fetchall()
+
+    rows = await asyncio.to_thread(read)
+    async with store.connection() as conn:
+        await conn.execute(
+            "INSERT INTO preferences (namespace, ident, value) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING",
+            [r[0] for r in rows], [r[1] for r in rows], [storable(r[2]) for r in rows],
+        )
 
 
 def _turn_columns(source: sqlite3.Connection) -> str:

@@ -39,6 +39,7 @@ class P:
     CREATE_INSTANT_INVITE = 1 << 0
     ADMINISTRATOR = 1 << 3
     MANAGE_CHANNELS = 1 << 4
+    MANAGE_GUILD = 1 << 5
     ADD_REACTIONS = 1 << 6
     VIEW_CHANNEL = 1 << 10
     SEND_MESSAGES = 1 << 11
@@ -81,6 +82,7 @@ class FakeUser:
     name: str
     bot: bool = False
     global_name: Optional[str] = None
+    accepts_dms: bool = True  # False: the bot's direct messages are refused (50007), as Discord does
 
     @property
     def mention(self) -> str:

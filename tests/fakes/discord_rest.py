@@ -263,6 +263,8 @@ class RestHandlers:
 
     def _create_message(self, call, channel_id):
         channel = self._channel(channel_id)
+        if channel.recipient is not None and not channel.recipient.accepts_dms:
+            raise DiscordError(403, 50007, "Cannot send messages to this user")
         body = self._validate(call.json, call.files)
         msg = self._new_message(channel, self.bot_user, body, files=call.files)
         msg["allowed_mentions"] = body.get("allowed_mentions")

@@ -373,14 +373,17 @@ class FakeVoiceServer:
     # ---- fake people speaking ------------------------------------------------------------------
 
     async def speak(self, guild_id: int, user_id: int, pcm: bytes, *, padded_every: int = 0,
-                    ssrc: Optional[int] = None) -> None:
+                    ssrc: Optional[int] = None, speaking_after: int = 0) -> None:
         """`user_id` says `pcm` (48 kHz stereo s16le) to the bot in `guild_id`: SPEAKING, then one Opus
         frame per 20 ms (end-to-end encrypted with DAVE), paced like real time, then 5 silence frames.
         `padded_every`: every n-th packet carries RTP padding (as some Discord clients send). `ssrc`: the
-        stream's SSRC (the bot's own: its audio coming back to it)."""
+        stream's SSRC (the bot's own: its audio coming back to it). `speaking_after`: SPEAKING (which maps
+        the SSRC to the person) comes only after that many frames, as it sometimes does on Discord."""
         session = self.session(guild_id)
         speaker = await self._speaker(session, user_id, ssrc)
-        await self._send(session.ws, session, SPEAKING, {"user_id": str(user_id), "ssrc": speaker.ssrc, "speaking": 1})
+        speaking = {"user_id": str(user_id), "ssrc": speaker.ssrc, "speaking": 1}
+        if not speaking_after:
+            await self._send(session.ws, session, SPEAKING, speaking)
         frame_bytes = FRAME_SAMPLES * 4
         pcm = pcm + bytes(-len(pcm) % frame_bytes)
         frames = [speaker.encoder.encode(pcm[i:i + frame_bytes], FRAME_SAMPLES)
@@ -389,6 +392,8 @@ class FakeVoiceServer:
         loop = asyncio.get_running_loop()
         start = loop.time()
         for i, opus in enumerate(frames):
+            if speaking_after and i == speaking_after:
+                await self._send(session.ws, session, SPEAKING, speaking)
             if speaker.dave is not None:
                 opus = speaker.dave.encrypt_opus(opus)
             padding = 4 if padded_every and i % padded_every == padded_every - 1 else 0

@@ -7,6 +7,8 @@ Speaks the real wire protocol on 127.0.0.1 (ephemeral port), so an unmodified sl
 * Web API under ``fake.api_url`` (``http://127.0.0.1:PORT/api/``), bearer token checked.
 * Socket Mode websocket at the URL that ``apps.connections.open`` returns.
 * ``response_url`` endpoint for slash commands.
+* Private file downloads (``url_private``) of files shared with a message (``add_file``): served
+  only with the bot token, as Slack does; without it, a redirect to the sign-in page.
 * Rate limits per method and workspace like Slack's (``fake.rate_limits``; by default
   ``chat.update``, 50 a minute): past one, HTTP 429 with ``Retry-After`` and
   ``{"ok": false, "error": "ratelimited"}`` (recorded in ``fake.rate_limited``).
@@ -77,6 +79,8 @@ class FakeSlack:
         self.echo_bot_messages = echo_bot_messages  # deliver chat.postMessage back as message events
         self.verification_token = "fake-verification-token"
         self.users: dict[str, dict] = {}  # extra/override users for users.info
+        self.files: dict[str, tuple[dict, bytes]] = {}  # file id -> (file object, content) (add_file)
+        self.file_downloads: list[tuple[str, bool]] = []  # (file id, whether the bot token came with it)
 
         # --- recordings -------------------------------------------------------------------
         self.calls: list[ApiCall] = []  # every Web API call, including failed ones
@@ -115,6 +119,9 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._handle_api)
         app.router.add_get("/link/", self._handle_ws)
         app.router.add_post("/response_url/{rid}", self._handle_response_url)
+        app.router.add_get("/files-pri/{file_id}/{name}", self._handle_file)
+        app.router.add_get("/files-pri/{file_id}/download/{name}", self._handle_file)
+        app.router.add_get("/signin", self._handle_signin)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -224,8 +231,40 @@ class FakeSlack:
         self._event_counter += 1
         return f"Ev{self._event_counter:08d}"
 
+    # ------------------------------------------------------------------ files
+    def add_file(self, name: str, data: bytes, mimetype: str = "text/plain", user: str = "U0USER") -> dict:
+        """A file someone uploaded: its file object (as in an event's ``files``), served at ``url_private``."""
+        file_id = f"F{len(self.files) + 1:08d}"
+        url = f"{self.base_url}/files-pri/{self.team_id}-{file_id}/{name}"
+        extension = name.rpartition(".")[2] if "." in name else "binary"
+        obj = {"id": file_id, "created": int(time.time()), "timestamp": int(time.time()), "name": name,
+               "title": name, "mimetype": mimetype, "filetype": extension, "pretty_type": extension.upper(),
+               "user": user, "user_team": self.team_id, "mode": "hosted", "editable": False, "is_external": False,
+               "external_type": "", "is_public": False, "size": len(data), "url_private": url,
+               "url_private_download": url.rsplit("/", 1)[0] + f"/download/{name}",
+               "permalink": f"{self.base_url}/files/{user}/{file_id}/{name}"}  # fmt: skip
+        self.files[file_id] = (obj, data)
+        return obj
+
+    async def _handle_file(self, request: web.Request) -> web.StreamResponse:
+        file_id = request.match_info["file_id"].rpartition("-")[2]
+        authorized = request.headers.get("Authorization") == f"Bearer {self.bot_token}"
+        self.file_downloads.append((file_id, authorized))
+        await self._changed()
+        if not authorized:  # Slack sends a request without a valid token to its sign-in page
+            raise web.HTTPFound("/signin")
+        if file_id not in self.files:
+            raise web.HTTPNotFound()
+        obj, data = self.files[file_id]
+        return web.Response(body=data, content_type=obj["mimetype"])
+
+    @staticmethod
+    async def _handle_signin(request: web.Request) -> web.Response:
+        return web.Response(text="<html>Sign in to Slack</html>", content_type="text/html")
+
     # ------------------------------------------------------------------ event builders
-    def _user_message(self, channel: str, user: str, text: str, thread_ts: Optional[str]) -> dict:
+    def _user_message(self, channel: str, user: str, text: str, thread_ts: Optional[str],
+                      files: Optional[list] = None) -> dict:
         ts = self.next_ts()
         event = {
             "user": user, "text": text, "ts": ts, "event_ts": ts, "channel": channel, "team": self.team_id,
@@ -235,18 +274,26 @@ class FakeSlack:
         }  # fmt: skip
         if thread_ts:
             event["thread_ts"] = thread_ts
+        if files:
+            event.update(files=list(files), upload=False, display_as_bot=False)
         return event
 
-    def app_mention(self, channel: str, user: str, text: str, thread_ts: Optional[str] = None) -> dict:
-        """An app_mention event; '<@BOT> ' is prefixed to text unless it already mentions the bot."""
+    def app_mention(self, channel: str, user: str, text: str, thread_ts: Optional[str] = None,
+                    files: Optional[list] = None) -> dict:
+        """An app_mention event; '<@BOT> ' is prefixed to text unless it already mentions the bot.
+        ``files``: file objects from ``add_file`` shared with it."""
         mention = f"<@{self.bot_user_id}>"
         if mention not in text:
             text = f"{mention} {text}"
-        return {"type": "app_mention", **self._user_message(channel, user, text, thread_ts)}
+        return {"type": "app_mention", **self._user_message(channel, user, text, thread_ts, files)}
 
-    def dm(self, channel: str, user: str, text: str, thread_ts: Optional[str] = None) -> dict:
-        """A message.im event (channel should look like 'D...')."""
-        return {"type": "message", **self._user_message(channel, user, text, thread_ts), "channel_type": "im"}
+    def dm(self, channel: str, user: str, text: str, thread_ts: Optional[str] = None,
+           files: Optional[list] = None) -> dict:
+        """A message.im event (channel should look like 'D...'); with ``files``, subtype file_share."""
+        event = {"type": "message", **self._user_message(channel, user, text, thread_ts, files), "channel_type": "im"}
+        if files:
+            event["subtype"] = "file_share"
+        return event
 
     def channel_message(self, channel: str, user: str, text: str, thread_ts: Optional[str] = None) -> dict:
         """A message.channels / message.groups event, optionally a thread reply."""
@@ -292,7 +339,7 @@ class FakeSlack:
     async def send_event(self, event: dict, event_id: Optional[str] = None, retry_num: Optional[int] = None,
                          retry_reason: Optional[str] = None) -> str:
         """Deliver an Events API event over socket mode; returns the envelope_id (see wait_for_ack)."""
-        if event.get("type") in ("message", "app_mention") and "subtype" not in event:
+        if event.get("type") in ("message", "app_mention") and event.get("subtype") in (None, "file_share"):
             self._store(event)
         extra = {"retry_attempt": retry_num or 0, "retry_reason": retry_reason or ""}
         return await self.send_envelope("events_api", self.event_payload(event, event_id), extra=extra)

@@ -2,7 +2,8 @@
 
 One PcmStream per spoken reply: a single resampler runs over all its sentences, so there is no
 click at chunk or sentence boundaries. The synthesis worker writes; one reader (Discord's
-player thread, an HTTP response, a file) reads. Discord wants 48 kHz stereo s16le in 20 ms
+player thread, an HTTP response, a file) reads. Audio written after `hold()` is kept from the
+reader until `release()`: a sentence is handed out once it can be played without a gap. Discord wants 48 kHz stereo s16le in 20 ms
 frames (3,840 bytes each).
 """
 
@@ -27,6 +28,7 @@ class PcmStream:
         self.frame_bytes = rate * frame_ms // 1000 * channels * 2 if frame_ms else None
         self._resampler = soxr.ResampleStream(source_rate, rate, 1, dtype="float32") if source_rate != rate else None
         self._pending = bytearray()  # converted PCM not yet handed out
+        self._held_from: int | None = None  # where in _pending the audio kept from the reader begins
         self._cond = threading.Condition()
         self._finished = False
         self._cancelled = False
@@ -49,6 +51,18 @@ class PcmStream:
             samples = self._resampler.resample_chunk(np.asarray(samples, dtype=np.float32))
         self._append(samples)
 
+    def hold(self) -> None:
+        """Keep the audio written from now on from the reader, until `release()`."""
+        with self._cond:
+            if self._held_from is None:
+                self._held_from = len(self._pending)
+
+    def release(self) -> None:
+        """Hand out what `hold()` kept back."""
+        with self._cond:
+            self._held_from = None
+            self._cond.notify_all()
+
     def finish(self) -> None:
         """No more audio: flush the resampler and pad the last frame with silence."""
         with self._cond:
@@ -62,6 +76,7 @@ class PcmStream:
                 self._pending.extend(bytes(padding))
                 self.bytes_written += padding
             self._finished = True
+            self._held_from = None
             self._cond.notify_all()
 
     def cancel(self) -> None:
@@ -76,13 +91,16 @@ class PcmStream:
         `timeout` (an underrun); b"" once the stream has ended."""
         with self._cond:
             size = self.frame_bytes or 2 * self.channels
-            if len(self._pending) < size and not self._finished:
-                self._cond.wait_for(lambda: len(self._pending) >= size or self._finished, timeout)
-            if len(self._pending) < size:
+            if self._readable() < size and not self._finished:
+                self._cond.wait_for(lambda: self._readable() >= size or self._finished, timeout)
+            readable = self._readable()
+            if readable < size:
                 return b"" if self._finished else None
-            take = self.frame_bytes or len(self._pending) - len(self._pending) % size
+            take = self.frame_bytes or readable - readable % size
             piece = bytes(self._pending[:take])
             del self._pending[:take]
+            if self._held_from is not None:
+                self._held_from -= take
         now = time.monotonic()
         if self.first_read_at is None:
             self.first_read_at = now
@@ -91,7 +109,16 @@ class PcmStream:
         self._last_read_at = now
         return piece
 
+    def _readable(self) -> int:
+        return len(self._pending) if self._held_from is None else self._held_from
+
+    def starved(self) -> bool:
+        """The reader has nothing it may read now (all written audio is played, or held)."""
+        with self._cond:
+            return self._readable() < (self.frame_bytes or 2 * self.channels)
+
     def buffered_seconds(self) -> float:
+        """Audio written and not handed out yet (held or not), in seconds."""
         with self._cond:
             return len(self._pending) / (self.rate * self.channels * 2)
 

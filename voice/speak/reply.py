@@ -2,10 +2,12 @@
 
 It listens to the reply's updates (the text so far; `final` once stored), hands each complete
 sentence, made speakable, to the synthesis worker, and the worker writes the audio into
-`output`. Playback may start (`ready`) as soon as what is buffered covers the engine's measured
-pace over the text known so far (voice/speak/pace.py). Sentence n+1 is synthesized while sentence n
-plays; a reply's sentences go to the worker one at a time, so replies of different guilds take
-turns and all keep ahead of playback.
+`output`. A sentence's audio is held back until it can be played without a gap (voice/speak/pace.py):
+playback may start (`ready`) as soon as what is buffered covers the engine's pace, measured now,
+over the text known so far; a later sentence that the engine delivers slower than that is played
+whole, after a pause, never in fragments. Sentence n+1 is synthesized while sentence n plays; a
+reply's sentences go to the worker one at a time, so replies of different guilds take turns and
+all keep ahead of playback.
 Nothing here raises into the caller: a voice failure ends the audio, never the text reply.
 """
 
@@ -57,6 +59,7 @@ class SpokenReply:
         self.synthesis_s = 0.0
         self.error: Exception | None = None
         self.turn_ended_at: float | None = None  # when the spoken turn it answers ended (listening)
+        self.slow = False  # a sentence had to be held whole: the engine ran slower than real time
         self._engine: TextToSpeech = worker.engine
         self._language = language
         self._splitter = SentenceSplitter(self._language)
@@ -67,6 +70,7 @@ class SpokenReply:
         self._final = False
         self._stop = threading.Event()
         self._finished = False
+        self._playing = False  # its audio is being played (set from the worker thread, read there too)
         self._settle: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
@@ -151,14 +155,22 @@ class SpokenReply:
                 started = time.monotonic()
                 arrivals: list[float] = []
                 durations: list[float] = []
+                self.output.hold()  # until this sentence can be played without a gap
+                held = True
                 for chunk in engine.synthesize(state, sentence, self._stop):
                     self.output.write(chunk)
                     arrivals.append(time.monotonic() - started)
                     durations.append(len(chunk) / engine.sample_rate)
-                    if not self.ready.is_set() and self._may_start(
-                            Progress(len(sentence), arrivals[-1], arrivals[0], sum(durations))):
-                        self._loop.call_soon_threadsafe(self.ready.set)
+                    if held and self._may_play(
+                            Progress(len(sentence), arrivals[-1], arrivals[0], sum(durations), durations[0])):
+                        held = False
+                        self._play()
                 took = time.monotonic() - started
+                if held:  # whole now; for a reply playing already, maybe after a pause
+                    paused = self._playing and self.output.starved()
+                    self.output.release()
+                    if paused and durations and took > sum(durations):
+                        self._slower_than_real_time(engine, took / sum(durations))
                 self.synthesis_s += took
                 self.metrics.voice_synthesis.labels(engine.name).observe(took)
                 if arrivals and sum(durations):
@@ -172,13 +184,29 @@ class SpokenReply:
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             pass
 
-    def _may_start(self, current: Progress | None) -> bool:
-        """Whether playback can start now and not run dry before the known text is spoken (voice/speak/pace.py).
-        An engine not measured yet first finishes a sentence."""
+    def _may_play(self, current: Progress | None) -> bool:
+        """Whether what is written can be played from now on and not run dry before the known text is
+        spoken (voice/speak/pace.py). An engine not measured yet first finishes a sentence."""
         pace = self.worker.pace
         if pace is None:
             return current is None
         return shortfall(pace, self.output.buffered_seconds(), current, list(self._upcoming)) <= 0
+
+    def _play(self) -> None:
+        """Hand out the held sentence, and start playing if not yet (worker thread)."""
+        self.output.release()
+        if not self._playing:
+            self._playing = True
+            self._loop.call_soon_threadsafe(self.ready.set)
+
+    def _slower_than_real_time(self, engine: TextToSpeech, rtf: float) -> None:
+        """A sentence had to be held whole while the reply played, as the engine ran slower than real
+        time: said once a reply (worker thread)."""
+        if not self.slow:
+            self.slow = True
+            log.warning("voice: reply %s: the %s engine runs slower than real time here (real-time factor %.2f): "
+                        "its sentences are played whole, with pauses between them", self.label, engine.name, rtf)
+            self.metrics.voice_slow_replies.labels(engine.name).inc()
 
     def _synthesized(self, error: Exception | None) -> None:
         self._in_flight = False
@@ -190,7 +218,8 @@ class SpokenReply:
             self._pending.clear()
         else:
             self.sentences += 1
-            if not self.ready.is_set() and (not self._pending or self._may_start(None)):
+            if not self._playing and (not self._pending or self._may_play(None)):
+                self._playing = True
                 self.ready.set()
         self._next()
 

@@ -26,7 +26,7 @@ from bots.chat.edits import EditBudget
 from bots.chat.ordering import ReplyTasks
 from bots.chat.view import ReplyView, stream_reply, take_message
 from bots.discord.commands import conversation_key
-from bots.discord.reply import EDITS_PER_CHANNEL, NO_PINGS, ReplyMessages, render
+from bots.discord.reply import EDITS_PER_CHANNEL, NO_PINGS, ReplyMessages, render, tell_privately
 from bots.discord.voice.playback import GuildVoice
 from bots.discord.voice.receive import ListeningVoiceClient, TurnSink, untested_versions
 from core.config.loading import Settings
@@ -58,7 +58,6 @@ class DiscordListening:
         self.speak = speak
         self.service = service
         self.config = settings.config.voice.listen
-        self.discord = settings.config.discord
         self.metrics = service.metrics
         self.hearing = Hearing(self.config, service.metrics)
         self.ignored: set[int] = set()  # people who opted out (/listen ignore-me), kept in the store
@@ -164,19 +163,24 @@ class DiscordListening:
         if channel is None:
             log.warning("listen: no text channel to answer a spoken turn in guild %s", listening.guild_voice.guild_id)
             return
-        self.tasks.spawn(self._answer(channel, member, transcript), conversation=conversation_key(channel))
+        key = conversation_key(channel, channel.guild.id)
+        self.tasks.spawn(self._answer(channel, member, transcript), conversation=key)
 
     async def _answer(self, channel: discord.abc.Messageable, member: discord.Member, transcript: Transcript) -> None:
         """Answer one spoken turn in `channel`'s conversation: aloud, and in text unless echo_text is off."""
-        key = conversation_key(channel)
+        key = conversation_key(channel, channel.guild.id)
         author = str(member.id)
         said = None
         if self.config.echo_text:
             with contextlib.suppress(discord.HTTPException):
                 said = await channel.send(f"{MIC} {member.display_name}: {transcript.text}", allowed_mentions=NO_PINGS)
         view = ReplyView(ReplyMessages(channel, said), render, self._edits, channel.id, f"{key} (voice)")
-        taken = await take_message(self.service, view, transcript.text, platform="discord", author_id=author,
-                                   per_minute=self.discord.rate_limit_per_minute, slow_down=_quietly)
+
+        async def tell(text: str) -> None:
+            await tell_privately(member, text, instead=channel)
+
+        taken = await take_message(self.service, view, transcript.text, key=key, author_id=author,
+                                   slow_down=_quietly, tell=tell)
         if taken is None:
             return
         spoken = await self.speak(channel)

@@ -9,13 +9,18 @@ extension: `TurnSink` takes the reader's Opus frames (it asks for Opus, so the e
 nothing), removes RTP padding the extension leaves on, applies the DAVE step, decodes Opus per
 speaker and hands the PCM on. It was written for, and is tested with, the versions in TESTED_WITH.
 
-Frames of the bot itself, of other bots, of people not in the bot's channel and of frames that
-cannot be attributed to a person (no SPEAKING event yet) are dropped before decoding.
+Frames of the bot itself, of other bots and of people not in the bot's channel are dropped before
+decoding. Frames that come before Discord's SPEAKING event maps their SSRC to a person (it can come
+after a person's first packets: the extension hands those on without a user) are held, up to
+HOLD_S, and replayed in order once the person is known, so the first words of a first sentence are
+heard too.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from importlib.metadata import version
 from typing import Callable
 
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 
 TESTED_WITH = {"discord.py": "2.7.1", "discord-ext-voice-recv": "0.5.2a179", "davey": "0.1.7"}
 OPUS_SILENCE = b"\xf8\xff\xfe"
+HOLD_S = 2.0  # frames of a stream whose person is not known yet are kept this long
+HOLD_FRAMES = int(HOLD_S / 0.02)
+HOLD_STREAMS = 16  # unknown streams held at once (a flood of SSRCs must not grow memory)
 
 Hear = Callable[[discord.Member, bytes], None]  # (speaker, 20 ms of 48 kHz stereo s16le)
 Stopped = Callable[[discord.Member], None]  # the speaker's client stopped sending (it sent its silence frames)
@@ -91,15 +99,53 @@ class TurnSink(voice_recv.AudioSink):
         self.stopped = stopped
         self._decrypt: DaveDecrypt | None = None
         self._decoders: dict[int, Decoder] = {}  # per SSRC: Opus decoding carries state
+        self._held: dict[int, deque] = {}  # per SSRC not yet mapped to a person: (arrival, packet)
 
     def wants_opus(self) -> bool:
         return True
 
     def write(self, user, data: voice_recv.VoiceData) -> None:
-        vc = self.voice_client
-        if user is None or vc is None or user.id == vc.client.user.id or user.bot or not self.accepts(user):
+        """A frame from the extension's packet router (its lock held)."""
+        if self.voice_client is None:
             return
         packet = data.packet
+        if user is None:  # Discord has not said whose stream this is yet
+            held = self._held.get(packet.ssrc)
+            if held is None and len(self._held) < HOLD_STREAMS:
+                held = self._held[packet.ssrc] = deque(maxlen=HOLD_FRAMES)
+            if held is not None:
+                held.append((time.monotonic(), packet))
+            return
+        self._replay(user, packet.ssrc)
+        self._take(user, packet)
+
+    @voice_recv.AudioSink.listener()
+    def on_voice_member_speaking_state(self, member, ssrc: int, state) -> None:
+        """SPEAKING mapped `ssrc` to a person (the router's lock held, as in write): their held frames
+        are heard now, not only when their next frame comes."""
+        vc = self.voice_client
+        if vc is None or ssrc not in self._held:
+            return
+        if member is None:
+            ident = vc._get_id_from_ssrc(ssrc)
+            member = ident and (vc.guild.get_member(ident) or vc.client.get_user(ident))
+        if member is not None:
+            self._replay(member, ssrc)
+
+    def _replay(self, user, ssrc: int) -> None:
+        """The frames held for `ssrc` before its person was known, oldest first (DAVE decrypts a
+        sender's frames in order)."""
+        held = self._held.pop(ssrc, None)
+        if held:
+            recent = time.monotonic() - HOLD_S
+            for arrived, packet in held:
+                if arrived >= recent:
+                    self._take(user, packet)
+
+    def _take(self, user, packet) -> None:
+        vc = self.voice_client
+        if user.id == vc.client.user.id or user.bot or not self.accepts(user):
+            return
         decoder = self._decoders.get(packet.ssrc)
         if decoder is None:
             decoder = self._decoders[packet.ssrc] = Decoder()
@@ -122,9 +168,11 @@ class TurnSink(voice_recv.AudioSink):
 
     def forget(self, ssrc: int) -> None:
         self._decoders.pop(ssrc, None)
+        self._held.pop(ssrc, None)
 
     def cleanup(self) -> None:
         self._decoders.clear()
+        self._held.clear()
 
 
 class ListeningVoiceClient(SpeakingVoiceClient, voice_recv.VoiceRecvClient):

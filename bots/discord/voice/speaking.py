@@ -109,7 +109,7 @@ class DiscordSpeaking:
         if guild_voice is None or channel.id not in guild_voice.linked:
             return None
         try:
-            persona = await self.service.persona_for(conversation_key(channel))
+            persona = await self.service.persona_for(conversation_key(channel, guild.id))
             reply = self.speech.reply(persona.config.voice, adapter="discord",
                                        label=f"guild={guild.id} channel={channel.id} persona={persona.name}")
         except VoiceBusy as exc:
