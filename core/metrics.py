@@ -91,7 +91,7 @@ class Metrics:
 
         # ---- listening (voice/listen/, bots/discord/voice/listening.py) ----
         self.voice_turns = Counter(
-            "ttt_voice_turns", "Spoken turns heard, by outcome (answered, empty, ignored, failed)", ["outcome"],
+            "ttt_voice_turns", "Spoken turns heard, by outcome (answered, empty, ignored, failed, backchannel)", ["outcome"],
             registry=r,
         )
         self.voice_transcription = Histogram(

@@ -91,3 +91,35 @@ async def service(tmp_path, word_model_dir, word_chat_model_dir) -> ChatService:
     svc = await open_service(make_config(tmp_path, word_model_dir, word_chat_model_dir))
     yield svc
     await svc.close()
+
+
+@pytest.fixture(scope="session")
+def real_voice():
+    """The bundled Piper voice in the process's synthesis worker, loaded once for the test run."""
+    from voice.speak.worker import acquire_worker
+    from voice_real import PIPER
+
+    worker = acquire_worker(PIPER)
+    yield worker.engine
+    worker.release()
+
+
+@pytest.fixture(scope="session")
+def real_ear():
+    """The bundled Whisper tiny.en (faster-whisper) in the process's transcriber, loaded once for the test run."""
+    from voice.listen.transcriber import acquire_transcriber
+    from voice_real import WHISPER
+
+    transcriber = acquire_transcriber(WHISPER)
+    yield transcriber
+    transcriber.release()
+
+
+@pytest.fixture(scope="session")
+def smart_turn():
+    """Smart Turn v3.2, loaded once for the test run."""
+    from voice.listen.smart_turn import acquire_smart_turn
+
+    model = acquire_smart_turn()
+    yield model
+    model.release()

@@ -32,7 +32,8 @@ def ttt(config: Path, *args: str) -> tuple[int, str, str]:
 
 
 def write_config(root: Path, engine: str = "pocket", model: Path | str | None = None, **voice) -> Path:
-    model = model or (tiny_pocket_config() if engine == "pocket" else tiny_xtts_dir())
+    if model is None and engine != "piper":  # piper: its bundled voice
+        model = tiny_pocket_config() if engine == "pocket" else tiny_xtts_dir()
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump({
         "service": {"default_persona": "talker"},
@@ -40,7 +41,7 @@ def write_config(root: Path, engine: str = "pocket", model: Path | str | None = 
             "talker": {"model": "unused", "voice": "alice"},
             "quiet": {"model": "unused"},
         },
-        "voice": {"engine": engine, "model": str(model), "voices_dir": "voices", **voice},
+        "voice": {"engine": engine, "model": None if model is None else str(model), "voices_dir": "voices", **voice},
     }))
     return path
 
@@ -208,8 +209,29 @@ def test_check_says_what_voice_would_do(tmp_path, monkeypatch):
     assert "persona quiet: the engine's default voice" in out
     code, out, _ = ttt(write_config(tmp_path, "pocket", enabled=True, model="english_18m_2026-10"), "check")
     assert code == 0 and "HF_TOKEN is not set" in out and "licence" not in out
+    assert "voice.engine: piper speaks offline" in out
     code, out, _ = ttt(write_config(tmp_path, "pocket"), "check")
     assert "voice: off" in out
+
+
+def test_piper_speaks_in_its_own_voice_and_registers_none(tmp_path, clips, monkeypatch):
+    from voice.speak.piper_engine import bundled_voice
+
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, "piper", enabled=True)
+    code, out, _ = ttt(config, "check")
+    assert code == 0
+    assert f"voice: piper engine, {bundled_voice()} (the default, bundled en_US-joe-medium), on the CPU" in out
+    assert "persona talker: piper's own voice (piper cannot clone: voice alice is for pocket and xtts)" in out
+    code, out, err = ttt(config, "voice", "add", "alice", str(clips["good"]), "--consent", CONSENT)
+    assert code == 2 and out == "" and "voice.engine is piper" in err and "cannot be cloned" in err
+    assert not (tmp_path / "voices").exists()  # nothing registered
+    code, out, err = ttt(config, "say", "Hello there. How are you today?", "-o", str(tmp_path / "hi.wav"))
+    assert code == 0, err
+    audio, rate = soundfile.read(str(tmp_path / "hi.wav"))
+    assert rate == 22_050 and 1.0 < len(audio) / rate < 5 and np.abs(audio).max() > 0.1  # the voice's own rate
+    code, out, _ = ttt(write_config(tmp_path, "piper", model=str(tmp_path / "missing.onnx"), enabled=True), "check")
+    assert code == 2 and "CANNOT START: voice.model: " in out and "is not a Piper voice" in out
 
 
 def test_voice_config_names_registered_voices(tmp_path, monkeypatch):

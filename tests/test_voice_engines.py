@@ -66,7 +66,7 @@ def test_pocket_refuses_weights_without_voice_cloning(tmp_path):
     config["weights_path_without_voice_cloning"] = config["weights_path"]
     config["weights_path"] = "hf://kyutai/pocket-tts-gated-test/model.safetensors"
     (tmp_path / "no-cloning.yaml").write_text(yaml.safe_dump(config))
-    with pytest.raises(VoiceUnavailable, match="without voice cloning.*HF_TOKEN"):
+    with pytest.raises(VoiceUnavailable, match="without voice cloning.*HF_TOKEN.*offline.*voice.engine: piper"):
         load_tts(section("pocket", str(tmp_path / "no-cloning.yaml")))
 
 

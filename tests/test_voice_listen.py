@@ -123,7 +123,7 @@ def test_turns_end_after_silence_short_noise_is_no_turn_long_ones_are_cut_and_le
     now = feed(listener, "erin", phrase * 4, now + 5)
     listener.tick(now + 1)
     cut = [t for batch in ended[2:] for t in batch]
-    assert cut[0].cut and 2.9 <= cut[0].seconds <= 3.1 and not cut[-1].cut and len(cut) >= 2
+    assert cut[0].ended_by == "cut" and 2.9 <= cut[0].seconds <= 3.1 and cut[-1].ended_by != "cut" and len(cut) >= 2
 
     # Two people who stop together end in one batch.
     ended.clear()
@@ -170,22 +170,39 @@ def test_listen_settings_defaults_overrides_errors_and_what_check_says(tmp_path)
 
     from core.config.loading import ConfigError, load_settings
     from voice.check import check_voice
+    from voice.listen.stt import bundled_whisper
 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"service": {"default_persona": "p"}, "personas": {"p": {"model": "m"}},
                                     "voice": {"enabled": True, "model": "./tts.yaml"}}))
     listen = load_settings(path, {}).config.voice.listen
-    assert (listen.enabled, listen.barge_in, listen.echo_text, listen.engine, listen.model) == (
-        False, True, True, "transformers", None)
+    assert (listen.enabled, listen.barge_in, listen.echo_text, listen.engine, listen.model, listen.turn_model,
+            listen.barge_in_min_ms, listen.silence_ms) == (False, True, True, "faster-whisper", None, None, 400, 800)
     assert "  listening: off (voice.listen.enabled)" in check_voice(load_settings(path, {}).config).lines
+
+    # The defaults work offline: the bundled Whisper tiny.en, turns judged by Smart Turn.
+    check = check_voice(load_settings(path, {"TTT_VOICE__LISTEN__ENABLED": "on"}).config)
+    [line] = [line for line in check.lines if "listening:" in line]
+    assert f"faster-whisper Whisper tiny.en (the default, bundled: {bundled_whisper()})" in line
+    assert "Smart Turn v3.2 hears it complete after a pause, or after 800 ms of silence" in line
+    assert "barge-in on (after 400 ms of speech or two words)" in line and check.problems == []
+
     settings = load_settings(path, {"TTT_VOICE__LISTEN__ENABLED": "true", "TTT_VOICE__LISTEN__SILENCE_MS": "600",
-                                    "TTT_VOICE__LISTEN__ENGINE": "faster-whisper",
-                                    "TTT_VOICE__LISTEN__ECHO_TEXT": "false"})
+                                    "TTT_VOICE__LISTEN__ENGINE": "transformers", "TTT_VOICE__LISTEN__ECHO_TEXT": "false",
+                                    "TTT_VOICE__LISTEN__TURN_MODEL": "silence",
+                                    "TTT_VOICE__LISTEN__BARGE_IN_MIN_MS": "250"})
     listen = settings.config.voice.listen
-    assert (listen.enabled, listen.silence_ms, listen.engine, listen.echo_text) == (True, 600, "faster-whisper", False)
+    assert (listen.enabled, listen.silence_ms, listen.engine, listen.echo_text, listen.turn_model,
+            listen.barge_in_min_ms) == (True, 600, "transformers", False, "silence", 250)
     check = check_voice(settings.config)
     [line] = [line for line in check.lines if "listening:" in line]
-    assert "faster-whisper Whisper base.en" in line and "600 ms of silence" in line and "not echoed" in line
+    assert "transformers Whisper openai/whisper-base.en (the default; from the Hugging Face Hub" in line
+    assert "a turn ends after 600 ms of silence;" in line and "Smart Turn" not in line
+    assert "barge-in on (after 250 ms of speech or two words)" in line and "not echoed" in line
     assert check.problems == []
     with pytest.raises(ConfigError, match="voice.listen.engine: got 'whisper.cpp'"):
         load_settings(path, {"TTT_VOICE__LISTEN__ENGINE": "whisper.cpp"})
+    with pytest.raises(ConfigError, match="voice.listen.turn_model: got 'vad'"):
+        load_settings(path, {"TTT_VOICE__LISTEN__TURN_MODEL": "vad"})
+    with pytest.raises(ConfigError, match="voice.listen.barge_in_min_ms: got '-1'; expected: Input should be greater than or equal to 0"):
+        load_settings(path, {"TTT_VOICE__LISTEN__BARGE_IN_MIN_MS": "-1"})

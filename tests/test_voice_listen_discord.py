@@ -43,7 +43,8 @@ async def fake():
 
 def listening_config(tmp_path, model_dir, voices, fake, g, **listen):
     return voice_config(tmp_path, model_dir, voices, fake, [g], listen={
-        "enabled": True, "model": str(tiny_whisper_dir()), "silence_ms": 500, "min_speech_ms": 250, **listen})
+        "enabled": True, "engine": "transformers", "model": str(tiny_whisper_dir()), "silence_ms": 500,
+        "min_speech_ms": 250, **listen})
 
 
 async def heard_line(fake, channel, name: str, text: str, after: dict | None = None) -> dict:
@@ -174,7 +175,7 @@ async def test_barge_in_and_who_is_not_heard_itself_bots_listening_off_ignore_me
         bob_heard_at = asyncio.get_running_loop().time()
         interrupted = (await wait_spoken(fake, session, 1))[0]
         assert interrupted[-1].received_at < bob_heard_at  # it stopped while Bob spoke, not after its 3 sentences
-        assert frames_logged(caplog, "skipped") and "started speaking" in caplog.text
+        assert frames_logged(caplog, "skipped") and "takes the turn in guild-" in caplog.text
         assert (await answer_to(fake, g.general, line))["content"] == SHORT
         assert_heard((await wait_spoken(fake, session, 2))[1])
         turns = await adapter.service.store.recent_turns(ConversationKey("discord", str(g.general.id)), 10)

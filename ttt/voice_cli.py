@@ -48,6 +48,10 @@ def run_add(settings: Settings, args: argparse.Namespace) -> int:
     from voice.speak.tts import VoiceUnavailable
     from voice.speak.registry import VoiceError, VoiceRegistry
 
+    if settings.config.voice.engine == "piper":
+        from voice.speak.piper_engine import CANNOT_CLONE
+
+        return _fail(CANNOT_CLONE)
     registry = VoiceRegistry(settings.config.voice.voices_dir)
     try:
         registry.validate(args.name, args.clips, args.consent)  # before the engine loads (it may download)

@@ -286,14 +286,22 @@ class ListenSection(Section):
     turns and answers them aloud."""
 
     enabled: bool = False
-    silence_ms: int = Field(800, ge=100, le=10_000, description="silence that ends a turn")
+    silence_ms: int = Field(800, ge=100, le=10_000, description="silence that ends a turn at the latest")
+    turn_model: Literal["smart-turn", "silence"] | None = Field(
+        None, description="smart-turn: after a short pause Smart Turn v3.2 judges whether the turn is complete "
+                          "(silence_ms stays the cap); silence: only silence_ms ends a turn; null: smart-turn when "
+                          "its model is installed, else silence")
     min_speech_ms: int = Field(300, ge=0, le=10_000, description="shorter speech is not a turn (a cough, a click)")
     max_turn_s: float = Field(20.0, gt=0, le=30, description="a longer turn is cut here (Whisper hears 30 s at most)")
-    barge_in: bool = Field(True, description="someone speaking while the bot talks stops it")
-    engine: Literal["transformers", "faster-whisper"] = "transformers"
+    barge_in: bool = Field(True, description="someone taking the turn while the bot talks stops it")
+    barge_in_min_ms: int = Field(400, ge=0, le=10_000,
+                                 description="this much speech over the bot takes the turn (so do two transcribed "
+                                             "words that are not a backchannel such as 'mhm' or 'yeah')")
+    engine: Literal["transformers", "faster-whisper"] = "faster-whisper"
     model: str | None = Field(None, description="transformers: a hub id or a local directory in transformers "
                                                 "format; faster-whisper: a size, hub id or CTranslate2 directory; "
-                                                "null: the engine's default (a small English Whisper, base.en)")
+                                                "null: the engine's default (faster-whisper: the bundled Whisper "
+                                                "tiny.en; transformers: openai/whisper-base.en from the Hub)")
     language: str | None = Field("en", description="the language spoken (null: Whisper detects it)")
     device: Device = "auto"
     echo_text: bool = Field(True, description="post each transcript and its answer in the linked text channel")
@@ -303,10 +311,12 @@ class VoiceSection(Section):
     """Spoken replies: the text-to-speech engine, registered voices, Discord voice channels."""
 
     enabled: bool = False
-    engine: Literal["pocket", "xtts"] = "pocket"
+    engine: Literal["pocket", "xtts", "piper"] = "pocket"
     model: str | None = Field(
         None, description="pocket: a variant name or a pocket-tts YAML config; xtts: a Coqui model name or a "
-                          "checkpoint directory (config.json, model.pth, vocab.json); null: the engine's default",
+                          "checkpoint directory (config.json, model.pth, vocab.json); piper: a Piper voice's .onnx "
+                          "file, its .onnx.json beside it; null: the engine's default (piper: the bundled "
+                          "en_US-joe-medium)",
     )
     language: str = Field("en", description="language of the replies (xtts synthesis, reading numbers)")
     device: Device = "auto"

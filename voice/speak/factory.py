@@ -19,6 +19,10 @@ def load_tts(section: VoiceSection) -> TextToSpeech:
             from voice.speak.pocket_engine import PocketEngine
 
             return PocketEngine.load(section.model, device)
+        if section.engine == "piper":
+            from voice.speak.piper_engine import PiperEngine
+
+            return PiperEngine.load(section.model)  # on the CPU: see piper_engine.py
         from voice.speak.xtts_engine import XttsEngine
 
         return XttsEngine.load(section.model, device, section.language)

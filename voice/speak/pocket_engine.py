@@ -22,7 +22,8 @@ GAP_S = 0.25  # silence between reference clips
 MAX_PROMPT_S = 30.0
 NO_CLONING = (
     "pocket-tts loaded its weights without voice cloning: the cloning weights are gated. Accept the terms at "
-    "https://huggingface.co/kyutai/pocket-tts, then set HF_TOKEN (a token of that account) and start again"
+    "https://huggingface.co/kyutai/pocket-tts, then set HF_TOKEN (a token of that account) and start again; "
+    "or speak offline with the bundled Piper voice (it cannot clone): voice.engine: piper"
 )
 
 

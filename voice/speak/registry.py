@@ -200,9 +200,9 @@ class VoiceStates:
         self._states: dict[str, tuple[Path, VoiceState]] = {}  # voice name -> (cache file, state)
 
     def get(self, voice: str | None, engine: TextToSpeech) -> VoiceState:
-        """The state to synthesize `voice` with (None: the engine's default voice); raises
-        VoiceUnavailable or VoiceError."""
-        if voice is None:
+        """The state to synthesize `voice` with (None, or an engine that cannot clone: the engine's
+        default voice); raises VoiceUnavailable or VoiceError."""
+        if voice is None or not engine.clones:
             state = engine.default_state()
             if state is None:
                 raise VoiceUnavailable(

@@ -1,7 +1,8 @@
-"""Text to speech: the interface every engine offers (pocket, xtts), chosen by `voice.engine`.
+"""Text to speech: the interface every engine offers (pocket, xtts, piper), chosen by `voice.engine`.
 
 An engine clones a voice from reference clips into an opaque voice state, saves and loads
 that state, and streams speech for one sentence as float32 mono chunks at its sample rate.
+An engine that cannot clone (piper) speaks every reply in its own default voice.
 Engines are not thread-safe: the synthesis worker (worker.py) is their only caller; factory.py
 loads the configured one.
 """
@@ -15,8 +16,6 @@ from typing import Any, Iterator
 
 import numpy as np
 
-
-
 VoiceState = Any  # engine-specific; only the engine that made it reads it
 
 
@@ -25,10 +24,11 @@ class VoiceUnavailable(RuntimeError):
 
 
 class TextToSpeech(ABC):
-    name: str  # "pocket" | "xtts"
+    name: str  # "pocket" | "xtts" | "piper"
     sample_rate: int
     model_id: str  # identifies the loaded weights in voice-state cache keys
     reads_numbers: bool  # its own text normalisation reads numbers and abbreviations aloud
+    clones: bool = True  # makes voice states from reference clips (registered voices)
     device: str
 
     @abstractmethod

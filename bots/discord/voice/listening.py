@@ -7,7 +7,8 @@ and writes them down off the event loop; a transcript enters the conversation of
 text=transcript, adapter="discord-voice")`, so it is stored, trimmed, retained and forgotten like a
 typed one. The answer is spoken through the same playback queue as typed replies and, unless
 `voice.listen.echo_text` is off, the transcript ("🎙️ alice: …") and the answer are posted in that
-text channel. Someone who starts speaking while the bot talks stops it (`voice.listen.barge_in`).
+text channel. Someone who takes the turn while the bot talks stops it (`voice.listen.barge_in`; what
+counts, and what is only a "mhm", the listening facade decides).
 
 `/listen off|on` (admins: Manage Server) switches listening per guild; `/listen ignore-me` lets a
 person opt out (kept in the store). Audio lives in memory only, from the UDP socket to the model.
@@ -152,8 +153,8 @@ class DiscordListening:
             outcome = "empty"
         else:
             outcome = "answered"
-        log.info("listen: turn guild=%s speaker=%s speech=%.2fs audio=%.2fs%s transcription=%.2fs batch=%d outcome=%s",
-                 listening.guild_voice.guild_id, member.id, turn.speech_s, turn.seconds, " cut" if turn.cut else "",
+        log.info("listen: turn guild=%s speaker=%s speech=%.2fs audio=%.2fs ended_by=%s transcription=%.2fs batch=%d "
+                 "outcome=%s", listening.guild_voice.guild_id, member.id, turn.speech_s, turn.seconds, turn.ended_by,
                  transcript.transcription_s, transcript.batch, outcome)
         self.metrics.voice_turns.labels(outcome).inc()
         if outcome != "answered":
@@ -208,8 +209,8 @@ class GuildListening:
         self.guild_voice = guild_voice
         self.on = True
         self.room: Room = owner.hearing.room(f"guild-{guild_voice.guild_id}", on_transcript=self._transcribed,
-                                             on_speech=self._barge_in)
-        self.sink = TurnSink(self._hear, self.wants)
+                                             on_barge_in=self._barge_in, talking=lambda: guild_voice.playing)
+        self.sink = TurnSink(self._hear, self.wants, lambda member: self.room.stopped_sending(member.id))
         self._members: dict[int, discord.Member] = {}
 
     def listen(self) -> None:
@@ -246,9 +247,7 @@ class GuildListening:
         self.owner.on_transcript(self, self._members[member_id], transcript)
 
     def _barge_in(self, member_id: int) -> None:
-        if self.owner.config.barge_in and self.on and self.guild_voice.playing:
-            log.info("listen: %s started speaking in guild %s: the bot stops talking", member_id,
-                     self.guild_voice.guild_id)
+        if self.on and self.guild_voice.playing:
             self.guild_voice.skip()
 
 

@@ -40,6 +40,7 @@ HOLD_FRAMES = int(HOLD_S / 0.02)
 HOLD_STREAMS = 16  # unknown streams held at once (a flood of SSRCs must not grow memory)
 
 Hear = Callable[[discord.Member, bytes], None]  # (speaker, 20 ms of 48 kHz stereo s16le)
+Stopped = Callable[[discord.Member], None]  # the speaker's client stopped sending (it sent its silence frames)
 
 
 def untested_versions() -> list[str]:
@@ -87,12 +88,15 @@ def rtp_payload(packet) -> bytes:
 
 class TurnSink(voice_recv.AudioSink):
     """Where the reader's frames go: people's audio, decrypted and decoded, to `hear` (called in the
-    extension's packet-router thread). `accepts(member)` says whose audio is wanted now."""
+    extension's packet-router thread), and `stopped` when a client ends its speech with Opus silence
+    frames (from then on, no audio means a pause, not a late packet). `accepts(member)` says whose
+    audio is wanted now."""
 
-    def __init__(self, hear: Hear, accepts: Callable[[discord.Member], bool]):
+    def __init__(self, hear: Hear, accepts: Callable[[discord.Member], bool], stopped: Stopped):
         super().__init__()
         self.hear = hear
         self.accepts = accepts
+        self.stopped = stopped
         self._decrypt: DaveDecrypt | None = None
         self._decoders: dict[int, Decoder] = {}  # per SSRC: Opus decoding carries state
         self._held: dict[int, deque] = {}  # per SSRC not yet mapped to a person: (arrival, packet)
@@ -159,6 +163,8 @@ class TurnSink(voice_recv.AudioSink):
             log.debug("listen: an undecodable frame from %s: %s", user.id, exc)
             return
         self.hear(user, pcm)
+        if frame == OPUS_SILENCE:
+            self.stopped(user)
 
     def forget(self, ssrc: int) -> None:
         self._decoders.pop(ssrc, None)
