@@ -10,6 +10,7 @@ only hands requests over and receives text pieces.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -27,10 +28,11 @@ from core.engine.request import PreparedPrompt, Request
 from core.engine.generator import (
     Engine, Generation, GenerationCancelled, GenerationFailed, GenerationTimeout, GeneratorBusy, checked_decoding,
 )
+from core.engine.cpu_kernels import KernelMismatch
 from core.engine.kv_cache import BatchCache, Layout
 from core.metrics import Metrics
 from core.engine.runner import BASE_ADAPTER, ModelRunner
-from core.engine.prefix_cache import SPARE_TOKENS, PrefixCache, Reuse
+from core.engine.prefix_cache import SPARE_TOKENS, PrefixCache, Reuse, Stored
 from core.engine.sampling import RowSampler, sample
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class LocalEngine(Engine):
         self._batch: BatchCache | None = None
         self._cv = threading.Condition()
         self._closing = False
+        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
         if metrics:
             metrics.expected_wait.labels(name).set_function(self.expected_wait)
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -151,7 +154,7 @@ class LocalEngine(Engine):
         """Called with the lock held: would this request (and everyone admitted) finish in time?
         An idle engine takes any request: refusing it protects no one, and an estimate far from what
         was measured (a long history after short replies) must not turn a lone user away."""
-        if not self.speed.ready or not self._inflight:
+        if not self._inflight:
             return True
         running = [r.work() for r in self._inflight if r.started]
         waiting = [r.work() for r in self._inflight if not r.started]
@@ -161,8 +164,6 @@ class LocalEngine(Engine):
     def expected_wait(self) -> float:
         """Estimated seconds before a request arriving now would start decoding."""
         with self._cv:
-            if not self.speed.ready:
-                return 0.0
             running = [r.work() for r in self._inflight if r.started]
             waiting = [r.work() for r in self._inflight if not r.started]
         probe = capacity.Work(remaining=1, context=0, prefill=0, deadline=None)
@@ -186,7 +187,8 @@ class LocalEngine(Engine):
 
     def _run(self) -> None:
         with torch.inference_mode():
-            self._calibrate()
+            if not self._start_up():
+                return
             while True:
                 with self._cv:
                     while not self._pending and not self._rows and not self._closing:
@@ -240,11 +242,13 @@ class LocalEngine(Engine):
     def _prefill(self, rows: list[Request]) -> None:
         fresh = []
         for row in rows:
-            row.reuse = self._lookup(row)
-            if row.reuse is None:
+            row.reuse = reuse = self._lookup(row)
+            if reuse is None:
                 fresh.append(row)
+            elif reuse.scores is not None:  # this very prompt again: it starts from its stored scores
+                self._start([row], lambda: (reuse.state.to_batch(reuse.tokens, owned=reuse.owned), reuse.scores[None]))
             else:
-                self._start([row], lambda: self.runner.prefill_after(row.reuse, row.prompt, row.adapter))
+                self._start([row], lambda: self.runner.prefill_after(reuse, row.prompt, row.adapter))
         if fresh:
             self._start(fresh, lambda: self.runner.prefill([r.prompt for r in fresh], [r.adapter for r in fresh]))
 
@@ -269,7 +273,9 @@ class LocalEngine(Engine):
             for row in rows:  # cannot happen for a layout that is known; a safe answer anyway
                 self._fail(row, GenerationFailed("this model's cache cannot join a running batch"))
             return
-        for row in rows:
+        for i, row in enumerate(rows):
+            if self.prefix_cache is not None:
+                row.scores = logits[i].clone()
             stats = row.generation.stats
             stats.prompt_tokens = len(row.prompt)
             stats.cached_tokens = row.reuse.tokens if row.reuse else 0
@@ -282,7 +288,7 @@ class LocalEngine(Engine):
         else:
             self._batch, self._rows = batch, list(rows)
         self._advance(tokens, first=len(self._rows) - len(rows))
-        if not self.runner.trial:
+        if prefilled and not self.runner.trial:
             self.speed.record_prefill(prefilled, time.perf_counter() - started)
         if self.metrics:
             self.metrics.batch_size.labels(self.name).observe(len(self._rows))
@@ -385,12 +391,13 @@ class LocalEngine(Engine):
         return hit
 
     def _remember(self, row: Request, index: int) -> None:
-        """Keep a finished row's keys and values (prompt and reply) for the conversation's next turn."""
+        """Keep a finished row's keys and values (prompt and reply) for the conversation's next turn,
+        and the scores its prompt ended with, for the same prompt again."""
         if self.prefix_cache is None or self._batch.layout is not Layout.JOINABLE:
             return
         tokens = (row.prompt + row.tokens)[: row.position]
         state = self._batch.row_state(index, row.position, spare=SPARE_TOKENS, handover=len(self._rows) == 1)
-        self.prefix_cache.store(row.adapter, tokens, state)
+        self.prefix_cache.store(row.adapter, Stored(tokens, state, len(row.prompt), row.scores))
         if self.metrics:
             self.metrics.prefix_cache_bytes.labels(self.name).set(self.prefix_cache.bytes)
 
@@ -401,13 +408,44 @@ class LocalEngine(Engine):
 
     # ---- speed ------------------------------------------------------------------------------
 
-    def _calibrate(self) -> None:
-        """Time a few passes before serving, so the first burst is admitted at a measured speed."""
+    def _start_up(self) -> bool:
+        """Check the kernels this model's weights run on, then time the passes admission plans with.
+        A kernel that is wrong on this CPU fails the start (and whatever was submitted meanwhile)."""
         try:
-            self.runner.time_passes(1, None)  # warms up
-            self.runner.time_passes(1, self.speed)
-            # One row on a longer context tells what a token of context costs apart from what a row costs.
-            self.runner.time_passes(1, self.speed, length=min(256, (self.max_positions or 256) - 3))
-            self.runner.time_passes(min(self.max_batch_size, 32), self.speed)
-        except Exception:  # noqa: BLE001 - without measurements every request is admitted
-            log.warning("could not time the model; admission will not consider deadlines until it has", exc_info=True)
+            self.runner.check_kernels()
+        except KernelMismatch as exc:
+            log.error("%s", exc)
+            with self._cv:
+                self._closing = True
+                waiting = list(self._pending)
+            for row in waiting:
+                self._fail(row, GenerationFailed(str(exc)))
+            self._started.set_exception(exc)
+            return False
+        self._calibrate()
+        self._started.set_result(None)
+        return True
+
+    def _calibrate(self) -> None:
+        """Time a decode step at every batch size the engine will run (short and long contexts) and
+        prefills of a few sizes, before serving: the first burst is admitted at measured speeds, and
+        each thread count has been tried at these sizes, so no first-time trial slows a served pass."""
+        sizes = sorted({1 << i for i in range(self.max_batch_size.bit_length())} | {self.max_batch_size})
+        tries = len(self.runner.tuner.candidates) if self.runner.tuner else 1
+        steps = tries + 2  # each count tried, then timed
+        context = max(8, min(256, (self.max_positions or 256) - steps - 1))
+        try:
+            self.runner.time_passes(1, None, length=8, steps=1)  # warms up
+            for rows in sizes:
+                self.runner.time_passes(rows, self.speed, length=8, steps=steps, explore=True)
+            for length in (16, context // 2):
+                for _ in range(tries + 1):
+                    self.runner.time_passes(1, self.speed, length=length, steps=0, explore=True)
+            self.runner.time_passes(1, self.speed, length=context, steps=steps)
+        except Exception:  # noqa: BLE001 - sizes left unmeasured are assumed slow
+            log.warning("could not time the model; admission assumes what it has not measured is slow", exc_info=True)
+
+    async def wait_started(self) -> None:
+        """Until the engine has checked its kernels and timed its passes (what admission needs);
+        raises KernelMismatch if a kernel is wrong on this CPU."""
+        await asyncio.wrap_future(self._started)

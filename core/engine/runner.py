@@ -8,11 +8,14 @@ import time
 
 import torch
 
+from core.config.schema import Decoding
 from core.engine.capacity import SpeedModel
+from core.engine.cpu_kernels import check_kernels
 from core.engine.cpu_weights import has_quantized_weights
 from core.engine.generator import GenerationFailed
 from core.engine.kv_cache import BatchCache, new_cache
 from core.engine.prefix_cache import Reuse
+from core.engine.sampling import RowSampler, sample
 from core.engine.threads import ThreadTuner, bucket
 from core.loading import model_loading
 
@@ -49,7 +52,8 @@ class ModelRunner:
             self.model.eval()
             self.adapters[path] = name
 
-    def prefill(self, prompts: list[list[int]], adapters: list[str]) -> tuple[BatchCache, torch.Tensor]:
+    def prefill(self, prompts: list[list[int]], adapters: list[str],
+                explore: bool = False) -> tuple[BatchCache, torch.Tensor]:
         """Whole prompts together, left-padded to the longest: their cache and next-token logits."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -59,7 +63,7 @@ class ModelRunner:
             mask[i, width - len(prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         mask = mask.to(self.device)
-        out = self._forward(adapters, ("prefill", bucket(ids.numel())), input_ids=ids.to(self.device),
+        out = self._forward(adapters, ("prefill", bucket(ids.numel())), explore, input_ids=ids.to(self.device),
                             attention_mask=mask, position_ids=positions.to(self.device), logits_to_keep=1,
                             past_key_values=new_cache(self.model.config))
         return BatchCache(out.past_key_values, mask), out.logits[:, -1, :]
@@ -69,47 +73,56 @@ class ModelRunner:
         batch = reuse.state.to_batch(reuse.tokens, owned=reuse.owned)
         rest = prompt[reuse.tokens:]
         batch.mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
-        out = self._forward([adapter], ("prefill", bucket(len(rest))),
+        out = self._forward([adapter], ("prefill", bucket(len(rest))), False,
                             input_ids=torch.tensor([rest], device=self.device), attention_mask=batch.mask,
                             position_ids=torch.arange(reuse.tokens, len(prompt), device=self.device)[None],
                             past_key_values=batch.cache, logits_to_keep=1)
         return batch, out.logits[:, -1, :]
 
-    def decode(self, batch: BatchCache, tokens: list[int], positions: list[int], adapters: list[str]) -> torch.Tensor:
+    def decode(self, batch: BatchCache, tokens: list[int], positions: list[int], adapters: list[str],
+               explore: bool = False) -> torch.Tensor:
         """One step: feed each row its latest token; the batch's cache grows by a column."""
         batch.grow()
-        out = self._forward(adapters, ("decode", bucket(len(tokens))),
+        out = self._forward(adapters, ("decode", bucket(len(tokens))), explore,
                             input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=batch.mask,
                             position_ids=torch.tensor(positions, device=self.device)[:, None],
                             past_key_values=batch.cache)
         batch.cache = out.past_key_values
         return out.logits[:, -1, :]
 
-    def time_passes(self, rows: int, speed: SpeedModel | None, length: int = 16) -> None:
-        """A prefill of `rows` random prompts of `length` tokens and two decode steps, timed into `speed`."""
-        ids = torch.randint(self.vocab_size, (rows, length), generator=torch.Generator().manual_seed(rows))
-        ids = ids.to(self.device)
+    def check_kernels(self) -> None:
+        """Check the quantized layers' kernels on this CPU, on every thread count the engine may use;
+        raises KernelMismatch."""
+        if self.tuner is not None and has_quantized_weights(self.model):
+            check_kernels(self.model, self.tuner.candidates)
+
+    def time_passes(self, rows: int, speed: SpeedModel | None, length: int, steps: int, explore: bool = False) -> None:
+        """A prefill of `rows` random prompts of `length` tokens, then `steps` decode steps, each
+        sampled as a persona samples and timed into `speed` (unless it tried a thread count out)."""
+        generator = torch.Generator().manual_seed(rows * 7919 + length)
+        prompts = torch.randint(self.vocab_size, (rows, length), generator=generator).tolist()
+        samplers = [RowSampler(Decoding(seed=i), prompt, self.device) for i, prompt in enumerate(prompts)]
         adapters = [BASE_ADAPTER] * rows
         started = time.perf_counter()
-        out = self._forward(adapters, ("prefill", bucket(ids.numel())), input_ids=ids, logits_to_keep=1)
-        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        next_ids.tolist()  # waits for the device, as sampling does
+        batch, logits = self.prefill(prompts, adapters, explore)
+        tokens = sample(samplers, logits)
         if speed and not self.trial:
-            speed.record_prefill(ids.numel(), time.perf_counter() - started)
-        cache, width = out.past_key_values, ids.shape[1]
-        for _ in range(2):
-            width += 1
+            speed.record_prefill(rows * length, time.perf_counter() - started)
+        for step in range(steps):
             started = time.perf_counter()
-            out = self._forward(adapters, ("decode", bucket(rows)), input_ids=next_ids, past_key_values=cache)
-            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-            next_ids.tolist()
+            width = batch.width + 1
+            logits = self.decode(batch, tokens, [length + step] * rows, adapters, explore)
+            tokens = sample(samplers, logits)
+            for sampler, token in zip(samplers, tokens):
+                sampler.append(token)
             if speed and not self.trial:
                 speed.record_step(rows, width, time.perf_counter() - started)
 
-    def _forward(self, adapters: list[str], kind: tuple, **inputs):
-        """One forward pass; `adapters` names each row's LoRA adapter (or the base)."""
+    def _forward(self, adapters: list[str], kind: tuple, explore: bool, **inputs):
+        """One forward pass; `adapters` names each row's LoRA adapter (or the base); `explore` tries
+        every thread count for a kind not yet measured (see ThreadTuner.choose)."""
         if self.tuner is not None:
-            threads = self.tuner.choose(kind)
+            threads = self.tuner.choose(kind, explore)
             self.trial = self.tuner.is_trial(kind, threads)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
