@@ -145,14 +145,15 @@ def _train_replies(out_dir: Path, sessions: list[list[tuple[str, str]]], steps: 
     return out_dir
 
 
-def build_untrained_model(out_dir: Path, n_positions: int = 512, seed: int = 0) -> Path:
+def build_untrained_model(out_dir: Path, n_positions: int = 512, seed: int = 0, n_embd: int = 64,
+                          n_layer: int = 2) -> Path:
     """A randomly initialised tiny GPT-2 with the word-game tokenizer whose greedy decoding never
     picks EOS: it runs to max_new_tokens (a long generation, e.g. to keep the generator busy)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     eos = tokenizer.eos_token_id
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
     )
     model = GPT2LMHeadModel(config)

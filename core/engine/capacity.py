@@ -135,11 +135,13 @@ class SpeedModel:
     @property
     def pace(self) -> float:
         """The recent passes' times over the shape's estimates: the median of the last few, or of the
-        last several where that is higher (a slowdown shows within a few passes, a recovery in more)."""
+        last several where that is higher (a slowdown shows within a few passes, a recovery in more).
+        Never below 1: passes faster than the shape teach the shape itself at their sizes, and must
+        not make the sizes not run lately look faster than measured."""
         if not self._ratios:
             return 1.0
         recent = list(self._ratios)
-        return max(statistics.median(recent), statistics.median(recent[-PACE_PASSES // 4:]))
+        return max(1.0, statistics.median(recent), statistics.median(recent[-PACE_PASSES // 4:]))
 
     def record_step(self, rows: int, width: int, seconds: float) -> None:
         self._record(self._step, rows, _step_x(rows, width), seconds)
@@ -227,10 +229,13 @@ def plan(running: list[Work], waiting: list[Work], slots: int, speed: SpeedModel
 def admits(running: list[Work], waiting: list[Work], new: Work, slots: int, speed: SpeedModel, now: float,
            joinable: bool = True) -> bool:
     """Whether `new` finishes in time without making an admitted request late that would otherwise
-    be in time. "In time" keeps some of the time left in reserve: speed is an estimate."""
+    be in time. "In time" keeps some of the time left in reserve (speed is an estimate), except for a
+    request alone: it is refused only if even the estimate says it cannot finish, since waiting for
+    its deadline would tell its caller no more, later."""
+    share = HEADROOM if running or waiting else 1.0
 
     def late(work: Work) -> bool:
-        return work.deadline is not None and work.finish > now + HEADROOM * (work.deadline - now)
+        return work.deadline is not None and work.finish > now + share * (work.deadline - now)
 
     before = [_copy(w) for w in running + waiting]
     plan(before[:len(running)], before[len(running):], slots, speed, now, joinable)

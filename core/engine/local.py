@@ -68,6 +68,7 @@ class LocalEngine(Engine):
         self.eos_ids = frozenset(t for t in eos + [tokenizer.eos_token_id] if t is not None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.runner = ModelRunner(model, tokenizer, pad_id)
+        self.runner.may_spend = self._can_spend
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.speed = capacity.SpeedModel()
         self.layout: Layout | None = None  # known after the first prefill
@@ -80,6 +81,7 @@ class LocalEngine(Engine):
         self._cv = threading.Condition()
         self._closing = False
         self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._pass_ended: float | None = None  # when the last pass ended, unless the worker waited since
         if metrics:
             metrics.expected_wait.labels(name).set_function(self.expected_wait)
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -152,9 +154,9 @@ class LocalEngine(Engine):
 
     def _in_time(self, row: Request) -> bool:
         """Called with the lock held: would this request (and everyone admitted) finish in time?
-        An idle engine takes any request: refusing it protects no one, and an estimate far from what
-        was measured (a long history after short replies) must not turn a lone user away."""
-        if not self._inflight:
+        Before the engine has timed itself nothing can be judged: a caller that submits before
+        `wait_started` (the service never does) takes its chances with its deadline."""
+        if not self._started.done():
             return True
         running = [r.work() for r in self._inflight if r.started]
         waiting = [r.work() for r in self._inflight if not r.started]
@@ -162,15 +164,28 @@ class LocalEngine(Engine):
                                joinable=self.layout in (None, Layout.JOINABLE))
 
     def expected_wait(self) -> float:
-        """Estimated seconds before a request arriving now would start decoding."""
+        """Estimated seconds before a request arriving now would have its first token: the passes of
+        the requests ahead of it, until a slot is free and it is prefilled."""
         with self._cv:
             running = [r.work() for r in self._inflight if r.started]
             waiting = [r.work() for r in self._inflight if not r.started]
-        probe = capacity.Work(remaining=1, context=0, prefill=0, deadline=None)
+        probe = capacity.Work(remaining=1, context=1, prefill=1, deadline=None)
         now = time.monotonic()
         capacity.plan(running, waiting + [probe], self.max_batch_size, self.speed, now,
                       joinable=self.layout in (None, Layout.JOINABLE))
-        return probe.start - now
+        return probe.finish - now
+
+    def _can_spend(self, seconds: float) -> bool:
+        """Called by the worker: whether a pass `seconds` slower than estimated still leaves every
+        request with a deadline in time, as planned now."""
+        with self._cv:
+            running = [r.work() for r in self._inflight if r.started]
+            waiting = [r.work() for r in self._inflight if not r.started]
+        if all(w.deadline is None for w in running + waiting):
+            return True
+        capacity.plan(running, waiting, self.max_batch_size, self.speed, time.monotonic(),
+                      joinable=self.layout in (None, Layout.JOINABLE))
+        return all(w.deadline is None or w.finish + seconds <= w.deadline for w in running + waiting)
 
     @property
     def active(self) -> int:
@@ -192,6 +207,7 @@ class LocalEngine(Engine):
             while True:
                 with self._cv:
                     while not self._pending and not self._rows and not self._closing:
+                        self._pass_ended = None
                         self._cv.wait()
                     if self._closing and not self._pending and not self._rows:
                         return
@@ -254,7 +270,7 @@ class LocalEngine(Engine):
 
     def _start(self, rows: list[Request], forward) -> None:
         """Run a prefill; on failure retry each request alone, so that only a bad one fails."""
-        started = time.perf_counter()
+        started = self._pass_started()
         try:
             batch, logits = forward()
             tokens = sample([r.sampler for r in rows], logits)
@@ -288,15 +304,16 @@ class LocalEngine(Engine):
         else:
             self._batch, self._rows = batch, list(rows)
         self._advance(tokens, first=len(self._rows) - len(rows))
+        self._pass_ended = time.perf_counter()
         if prefilled and not self.runner.trial:
-            self.speed.record_prefill(prefilled, time.perf_counter() - started)
+            self.speed.record_prefill(prefilled, self._pass_ended - started)
         if self.metrics:
             self.metrics.batch_size.labels(self.name).observe(len(self._rows))
 
     def _step(self) -> None:
         """One decode step for every row; its whole cost (bookkeeping included) teaches the speed model,
         unless the step tried a thread count out."""
-        started = time.perf_counter()
+        started = self._pass_started()
         self._drop_unwanted()
         if not self._rows:
             return
@@ -315,8 +332,15 @@ class LocalEngine(Engine):
         for row in rows:
             row.position += 1
         self._advance(tokens, first=0)
+        self._pass_ended = time.perf_counter()
         if not self.runner.trial:
-            self.speed.record_step(len(rows), width, time.perf_counter() - started)
+            self.speed.record_step(len(rows), width, self._pass_ended - started)
+
+    def _pass_started(self) -> float:
+        """When the pass about to run began: where the worker went on from another pass, when that one
+        ended, so that the time between passes (locking, streaming, the event loop's share of the
+        interpreter) counts too: it is part of what each step costs, a large part for a small model."""
+        return time.perf_counter() if self._pass_ended is None else self._pass_ended
 
     def _advance(self, tokens: list[int | None], first: int) -> None:
         """Record each row's new token, stream its text, and retire finished rows."""

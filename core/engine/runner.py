@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,9 @@ class ModelRunner:
         self._lock = threading.Lock()
         self.tuner = ThreadTuner(torch.get_num_threads()) if self.device.type == "cpu" else None
         self.trial = False  # the last pass tried a thread count out (its time says little about speed)
+        # Whether the requests in flight can afford a pass that many seconds slower than usual (a
+        # thread count tried out); the engine answers from its deadlines.
+        self.may_spend: Callable[[float], bool] = lambda seconds: True
 
     def load_adapter(self, path: str) -> None:
         """Load a LoRA adapter onto the shared base model (blocking: call it off the event loop)."""
@@ -123,6 +127,9 @@ class ModelRunner:
         every thread count for a kind not yet measured (see ThreadTuner.choose)."""
         if self.tuner is not None:
             threads = self.tuner.choose(kind, explore)
+            if (not explore and self.tuner.is_trial(kind, threads)
+                    and not self.may_spend(self.tuner.extra_seconds(kind, threads))):
+                threads = self.tuner.preferred(kind)  # the re-check waits for its next turn
             self.trial = self.tuner.is_trial(kind, threads)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)

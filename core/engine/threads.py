@@ -9,6 +9,7 @@ measured, per kind of pass, and re-checked now and then.
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 from collections import deque
@@ -74,10 +75,23 @@ class ThreadTuner:
 
     def is_trial(self, kind: tuple, threads: int) -> bool:
         """Whether a pass of this kind at `threads` tries a count out (one not yet measured, or the
-        runner-up's re-check) rather than running at the best known count: on a busy machine a trial
+        runner-up's re-check) rather than running at the preferred count: on a busy machine a trial
         can be many times slower than what the engine runs at."""
+        return len(self.candidates) > 1 and threads != self.preferred(kind)
+
+    def preferred(self, kind: tuple) -> int | None:
+        """The count a pass of this kind runs at when it tries nothing out."""
         best = self.best(kind)
-        return len(self.candidates) > 1 and threads != (self._inherited.get(kind) if best is None else best)
+        return self._inherited.get(kind) if best is None else best
+
+    def extra_seconds(self, kind: tuple, threads: int) -> float:
+        """How much longer than at the preferred count a pass of this kind took at `threads` lately
+        (infinite if never measured)."""
+        seconds = self._seconds.get(kind, {})
+        preferred = self.preferred(kind)
+        if threads not in seconds or preferred not in seconds:
+            return math.inf
+        return max(0.0, statistics.median(seconds[threads]) - statistics.median(seconds[preferred]))
 
     def best(self, kind: tuple) -> int | None:
         """The currently preferred count, if this kind has been measured."""
