@@ -16,7 +16,7 @@ from core.metrics import Metrics
 from core.engine.models import ModelSource, choose_placement, load_model
 from core.engine.threads import EXPLORE_EVERY, ThreadTuner
 from test_generator_archs import random_prompt, sequential
-from tiny import build_random_causal_lm, build_tokenizer
+from tiny import TEST_DEVICE, build_random_causal_lm, build_tokenizer
 
 GREEDY = Decoding(do_sample=False, max_new_tokens=8)
 
@@ -171,6 +171,7 @@ def test_thread_tuner_runs_a_size_never_run_at_the_count_of_the_nearest_size_run
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.skipif(TEST_DEVICE != "cpu", reason="the CPU's attention path")
 async def test_cpu_attention_without_key_copies_gives_the_same_replies(tmp_path, tokenizer):
     """Loaded for the CPU, a grouped-query model attends through SDPA's own grouped heads whenever a
     mask is needed (padded rows, a prompt continuing a cached prefix): replies are those of plain SDPA."""

@@ -8,6 +8,7 @@ so a reply shows which context the model saw: a deterministic check for cross-ta
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -166,6 +167,8 @@ def build_untrained_model(out_dir: Path, n_positions: int = 512, seed: int = 0, 
 
 
 ARCHITECTURES = ("gpt2", "llama", "mistral", "gemma3", "qwen2", "phi3", "lfm2")
+# Where build_random_causal_lm puts its models: `make check-gpu` runs the exactness tests with "cuda".
+TEST_DEVICE = os.environ.get("TTT_TEST_DEVICE", "cpu")
 
 
 def build_random_causal_lm(arch: str, vocab_size: int, window: int = 8, seed: int = 0):
@@ -193,7 +196,7 @@ def build_random_causal_lm(arch: str, vocab_size: int, window: int = 8, seed: in
                                      intermediate_size=128),
     }
     config = configs[arch]()
-    model = T.AutoModelForCausalLM.from_config(config).eval()
+    model = T.AutoModelForCausalLM.from_config(config).eval().to(TEST_DEVICE)
     model.generation_config.eos_token_id = None
     return model
 

@@ -15,6 +15,7 @@ each kind of layer against its float product on this CPU when a model loads.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -125,7 +126,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
-        peak = flat.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        peak = torch.linalg.vector_norm(flat, math.inf, dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             flat / peak, 1.0 / INT8_LEVELS, INT8_ZERO, self._packed) * peak
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

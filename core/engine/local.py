@@ -451,21 +451,11 @@ class LocalEngine(Engine):
         return True
 
     def _calibrate(self) -> None:
-        """Time a decode step at every batch size the engine will run (short and long contexts) and
-        prefills of a few sizes, before serving: the first burst is admitted at measured speeds, and
-        each thread count has been tried at these sizes, so no first-time trial slows a served pass."""
-        sizes = sorted({1 << i for i in range(self.max_batch_size.bit_length())} | {self.max_batch_size})
-        tries = len(self.runner.tuner.candidates) if self.runner.tuner else 1
-        steps = tries + 2  # each count tried, then timed
-        context = max(8, min(256, (self.max_positions or 256) - steps - 1))
+        """Time a decode step at every batch size the engine will run, and prefills, before serving:
+        the first burst is admitted at measured speeds (see ModelRunner.calibrate)."""
         try:
-            self.runner.time_passes(1, None, length=8, steps=1)  # warms up
-            for rows in sizes:
-                self.runner.time_passes(rows, self.speed, length=8, steps=steps, explore=True)
-            for length in (16, context // 2):
-                for _ in range(tries + 1):
-                    self.runner.time_passes(1, self.speed, length=length, steps=0, explore=True)
-            self.runner.time_passes(1, self.speed, length=context, steps=steps)
+            context = max(8, min(256, (self.max_positions or 256) - 4))
+            self.runner.calibrate(self.speed, self.max_batch_size, context)
         except Exception:  # noqa: BLE001 - sizes left unmeasured are assumed slow
             log.warning("could not time the model; admission assumes what it has not measured is slow", exc_info=True)
 

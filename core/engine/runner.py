@@ -100,26 +100,50 @@ class ModelRunner:
         if self.tuner is not None and has_quantized_weights(self.model):
             check_kernels(self.model, self.tuner.candidates)
 
-    def time_passes(self, rows: int, speed: SpeedModel | None, length: int, steps: int, explore: bool = False) -> None:
-        """A prefill of `rows` random prompts of `length` tokens, then `steps` decode steps, each
-        sampled as a persona samples and timed into `speed` (unless it tried a thread count out)."""
+    def calibrate(self, speed: SpeedModel, max_rows: int, context: int) -> None:
+        """Time the passes the engine will run into `speed`, sampled as a persona samples: a short
+        prefill, a decode step at every batch size from `max_rows` down to one row (rows leave one
+        cache, as requests leave a batch), and one row on a `context`-token prompt (what a token of
+        context costs). Thread counts are tried where they differ most (a short prompt, the largest
+        batch, one row); the sizes between start at the nearest size's count, as when serving."""
+        tries = len(self.tuner.candidates) if self.tuner else 1
+        for _ in range(tries + 1):
+            self._timed_prefill(1, 16, speed, explore=True)
+        batch, samplers = self._timed_prefill(max_rows, 8, speed, explore=True)
+        sizes = sorted({1 << i for i in range(max_rows.bit_length())} | {max_rows}, reverse=True)
+        for rows in sizes:
+            if rows < batch.rows:
+                batch.keep(list(range(rows)))
+                samplers = samplers[:rows]
+            explore = rows in (max_rows, 1)
+            self._timed_steps(batch, samplers, tries + 1 if explore else 2, speed, explore)
+        batch, samplers = self._timed_prefill(1, context, speed, explore=False)
+        self._timed_steps(batch, samplers, 2, speed, explore=False)
+
+    def _timed_prefill(self, rows: int, length: int, speed: SpeedModel,
+                       explore: bool) -> tuple[BatchCache, list[RowSampler]]:
         generator = torch.Generator().manual_seed(rows * 7919 + length)
         prompts = torch.randint(self.vocab_size, (rows, length), generator=generator).tolist()
         samplers = [RowSampler(Decoding(seed=i), prompt, self.device) for i, prompt in enumerate(prompts)]
-        adapters = [BASE_ADAPTER] * rows
         started = time.perf_counter()
-        batch, logits = self.prefill(prompts, adapters, explore)
-        tokens = sample(samplers, logits)
-        if speed and not self.trial:
+        batch, logits = self.prefill(prompts, [BASE_ADAPTER] * rows, explore)
+        for sampler, token in zip(samplers, sample(samplers, logits)):
+            sampler.append(token)
+        if not self.trial:
             speed.record_prefill(rows * length, time.perf_counter() - started)
-        for step in range(steps):
+        return batch, samplers
+
+    def _timed_steps(self, batch: BatchCache, samplers: list[RowSampler], steps: int, speed: SpeedModel,
+                     explore: bool) -> None:
+        rows = len(samplers)
+        for _ in range(steps):
             started = time.perf_counter()
             width = batch.width + 1
-            logits = self.decode(batch, tokens, [length + step] * rows, adapters, explore)
-            tokens = sample(samplers, logits)
-            for sampler, token in zip(samplers, tokens):
+            positions = [len(s.history) - 1 for s in samplers]
+            logits = self.decode(batch, [s.history[-1] for s in samplers], positions, [BASE_ADAPTER] * rows, explore)
+            for sampler, token in zip(samplers, sample(samplers, logits)):
                 sampler.append(token)
-            if speed and not self.trial:
+            if not self.trial:
                 speed.record_step(rows, width, time.perf_counter() - started)
 
     def _forward(self, adapters: list[str], kind: tuple, explore: bool, **inputs):
