@@ -462,4 +462,5 @@ class LocalEngine(Engine):
     async def wait_started(self) -> None:
         """Until the engine has checked its kernels and timed its passes (what admission needs);
         raises KernelMismatch if a kernel is wrong on this CPU."""
-        await asyncio.wrap_future(self._started)
+        # Shielded: a caller that gives up must not cancel the start itself (the worker sets it).
+        await asyncio.shield(asyncio.wrap_future(self._started))
