@@ -152,21 +152,23 @@ def test_thread_tuner_keeps_the_faster_count_per_kind_and_rechecks_ever_more_rar
 
 
 def test_thread_tuner_runs_a_size_never_run_at_the_count_of_the_nearest_size_run():
-    """Serving never tries a count out on a pass of a new size (such a trial can be many times slower
-    than admission's estimate): it starts where the nearest measured size is best, and tries the
-    other count at its first re-check."""
+    """A pass of a new size is not a trial (which can be many times slower than admission's
+    estimate): it runs where the nearest measured size is best; the other count is tried at its next
+    pass, as a re-check (which the engine runs only when the requests in flight can afford it), and
+    once it loses, after the usual interval."""
     tuner = ThreadTuner(2)
     measured, new = ("prefill", 256), ("prefill", 1024)
     for _ in range(2):
         threads = tuner.choose(measured, explore=True)
         tuner.record(measured, threads, {1: 0.3, 2: 0.2}[threads])
     used = []
-    for _ in range(EXPLORE_EVERY + 1):
+    for _ in range(EXPLORE_EVERY + 2):
         threads = tuner.choose(new)
         used.append((threads, tuner.is_trial(new, threads)))
         tuner.record(new, threads, {1: 1.2, 2: 0.8}[threads])
-    assert used[0] == (2, False)
-    assert used[1:-1] == [(2, False)] * (EXPLORE_EVERY - 1) and used[-1] == (1, True)
+    assert used[:2] == [(2, False), (1, True)]
+    assert used[2:-1] == [(2, False)] * (EXPLORE_EVERY - 1) and used[-1] == (1, True)
+    assert tuner.extra_seconds(new, 1) == pytest.approx(0.4)
     assert ThreadTuner(2).choose(("prefill", 8)) == 1  # nothing measured yet: each count in turn
 
 

@@ -45,10 +45,11 @@ class ThreadTuner:
 
     def choose(self, kind: tuple, explore: bool = False) -> int:
         """The thread count for the next pass of this kind. A kind never run starts at the count
-        preferred for the nearest size of its sort that has run (its other counts wait for its
-        re-checks): a first-time trial while serving can be many times slower than the estimate
-        admission made. With `explore` (the engine timing itself before it serves), or when no
-        size of its sort has run, each count is tried in turn first."""
+        preferred for the nearest size of its sort that has run, and tries its other counts as
+        re-checks, the first at its next pass (the engine lets a re-check run only when the requests
+        in flight can afford it: a trial can be many times slower than admission's estimate). With
+        `explore` (the engine timing itself before it serves), or when no size of its sort has run,
+        each count is tried in turn first."""
         if len(self.candidates) == 1:
             return self.candidates[0]
         seconds = self._seconds.setdefault(kind, {})
@@ -105,8 +106,9 @@ class ThreadTuner:
             measured = [k for k, seconds in self._seconds.items() if seconds and k[0] == kind[0] and k != kind]
             if not measured:
                 return False
-            nearest = min(measured, key=lambda k: abs(k[1].bit_length() - kind[1].bit_length()))
+            nearest = min(measured, key=lambda k: (abs(k[1].bit_length() - kind[1].bit_length()), -k[1]))
             self._inherited[kind] = self.best(nearest)
+            self._interval[kind] = 1  # its other counts are tried at its next pass, when that is affordable
         return True
 
 
