@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from core.engine.cpu_weights import (
-    INT4_MAX_ROWS, INT8_LEVELS, INT8_ZERO, Int4Linear, Int8Linear, quantized_layers,
+    INT4_MAX_ROWS, INT8_LEVELS, INT8_ZERO, TINY, Int4Linear, Int8Linear, quantized_layers,
 )
 
 TOLERANCE = 1e-2
@@ -99,7 +99,7 @@ def _reference(layer, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, Int4Linear):
         inputs, weight = x.bfloat16().double(), layer.weight.double()
     else:
-        peak = x.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+        peak = x.abs().amax(-1, keepdim=True).clamp(min=TINY)
         levels = (torch.round(x / peak * INT8_LEVELS) + INT8_ZERO).clamp(0, 255) - INT8_ZERO
         inputs, weight = (levels / INT8_LEVELS * peak).double(), layer.dequantized().double()
     bias = None if layer.bias is None else layer.bias.double()

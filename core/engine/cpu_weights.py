@@ -33,6 +33,7 @@ SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog. Hello! How are you t
 # would overflow (the reason for torch's `reduce_range`).
 INT8_LEVELS = 63
 INT8_ZERO = 64
+TINY = torch.finfo(torch.float32).tiny
 
 INT4_GROUP = 32
 # Up to this many rows a pass reads int4 weights; beyond, float matrix products are faster (measured
@@ -72,7 +73,7 @@ class Int4Linear(torch.nn.Module):
         padded = F.pad(weight.detach().float(), (0, 0, 0, -self.out_features % 16))
         groups = padded.reshape(padded.shape[0], -1, INT4_GROUP)
         low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        scale = ((high - low) / 15).clamp(min=TINY)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).flatten(1), 1))
         # The kernel computes (q - 8) * scale + zero: zero = low + 8 * scale gives q * scale + low.
@@ -116,7 +117,7 @@ class Int8Linear(torch.nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().float()
-        scale = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        scale = (weight.abs().amax(1) / 127).clamp(min=TINY)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch announces the successor (torchao); this API still works
             qweight = torch.quantize_per_channel(weight, scale.double(), torch.zeros(len(scale), dtype=torch.long),
@@ -126,7 +127,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
-        peak = torch.linalg.vector_norm(flat, math.inf, dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+        peak = torch.linalg.vector_norm(flat, math.inf, dim=-1, keepdim=True).clamp_(min=TINY)
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             flat / peak, 1.0 / INT8_LEVELS, INT8_ZERO, self._packed) * peak
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -158,34 +158,37 @@ class LocalEngine(Engine):
         `wait_started` (the service never does) takes its chances with its deadline."""
         if not self._started.done():
             return True
-        running = [r.work() for r in self._inflight if r.started]
-        waiting = [r.work() for r in self._inflight if not r.started]
+        running, waiting = self._queue()
         return capacity.admits(running, waiting, row.work(), self.max_batch_size, self.speed, time.monotonic(),
-                               joinable=self.layout in (None, Layout.JOINABLE))
+                               joinable=self._joinable)
 
     def expected_wait(self) -> float:
         """Estimated seconds before a request arriving now would have its first token: the passes of
         the requests ahead of it, until a slot is free and it is prefilled."""
-        with self._cv:
-            running = [r.work() for r in self._inflight if r.started]
-            waiting = [r.work() for r in self._inflight if not r.started]
+        running, waiting = self._queue()
         probe = capacity.Work(remaining=1, context=1, prefill=1, deadline=None)
         now = time.monotonic()
-        capacity.plan(running, waiting + [probe], self.max_batch_size, self.speed, now,
-                      joinable=self.layout in (None, Layout.JOINABLE))
+        capacity.plan(running, waiting + [probe], self.max_batch_size, self.speed, now, joinable=self._joinable)
         return probe.finish - now
 
     def _can_spend(self, seconds: float) -> bool:
         """Called by the worker: whether a pass `seconds` slower than estimated still leaves every
         request with a deadline in time, as planned now."""
-        with self._cv:
-            running = [r.work() for r in self._inflight if r.started]
-            waiting = [r.work() for r in self._inflight if not r.started]
+        running, waiting = self._queue()
         if all(w.deadline is None for w in running + waiting):
             return True
-        capacity.plan(running, waiting, self.max_batch_size, self.speed, time.monotonic(),
-                      joinable=self.layout in (None, Layout.JOINABLE))
+        capacity.plan(running, waiting, self.max_batch_size, self.speed, time.monotonic(), joinable=self._joinable)
         return all(w.deadline is None or w.finish + seconds <= w.deadline for w in running + waiting)
+
+    def _queue(self) -> tuple[list[capacity.Work], list[capacity.Work]]:
+        """What is left of the requests decoding and of those waiting, in order, as admission plans them."""
+        with self._cv:
+            rows = list(self._inflight)
+        return [r.work() for r in rows if r.started], [r.work() for r in rows if not r.started]
+
+    @property
+    def _joinable(self) -> bool:
+        return self.layout in (None, Layout.JOINABLE)
 
     @property
     def active(self) -> int:
@@ -403,7 +406,7 @@ class LocalEngine(Engine):
     # ---- prefix cache ----------------------------------------------------------------------
 
     def _lookup(self, row: Request) -> Reuse | None:
-        if self.prefix_cache is None or self.layout not in (None, Layout.JOINABLE):
+        if self.prefix_cache is None or not self._joinable:
             return None
         hit = self.prefix_cache.lookup(row.adapter, row.prompt)
         if self.metrics:
