@@ -10,7 +10,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 TEST_DEBS := chromium chromium-driver libopus0 postgresql espeak-ng
 
-.PHONY: run test setup system-deps bench bench-voice clean
+.PHONY: run test setup system-deps bench bench-voice check-gpu clean
 
 run: setup
 	$(VENV)/bin/ttt serve
@@ -24,6 +24,11 @@ bench: setup
 
 bench-voice: setup system-deps
 	HF_HUB_OFFLINE=1 $(PY) bench/voice.py
+
+# The CUDA paths (tests, benchmarks, speech), on a GPU machine set up with TORCH_SPEC=torch; without
+# a CUDA device it says so and fails.
+check-gpu: setup system-deps
+	HF_HUB_OFFLINE=1 $(PY) bench/check_gpu.py
 
 setup: $(STAMP)
 

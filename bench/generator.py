@@ -6,8 +6,8 @@ sampling on. Then the other cache layouts, each an 8-layer, width-512 model of i
 (Llama: full attention; Mistral and Phi-3: sliding window of 32, shorter than the prompts;
 Gemma-3: sliding and full layers; Qwen2: full, then sliding layers), 16 requests at once, against
 `generate_batch` (transformers' continuous batching with a paged cache).
-Run: python bench/generator.py [--requests 32] [--archs llama,mistral,...]
-The last line is machine-readable.
+Run: python bench/generator.py [--requests 32] [--archs llama,mistral,...] [--device cuda]
+(on CUDA the models run in bfloat16 with SDPA). The last line is machine-readable.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ WINDOW = 32
 SHAPE = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=2048, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 1,
              pad_token_id=VOCAB - 1)
+# Set from --device: the CPU in float32, or a GPU in bfloat16.
+DEVICE, DTYPE = torch.device("cpu"), torch.float32
 ARCHITECTURES = {
     "llama": lambda: transformers.LlamaConfig(**SHAPE),
     "mistral": lambda: transformers.MistralConfig(sliding_window=WINDOW, **SHAPE),
@@ -49,7 +51,7 @@ def build_model() -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
     torch.manual_seed(0)
     config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=VOCAB, eos_token_id=VOCAB - 1,
                         bos_token_id=VOCAB - 1)
-    return GPT2LMHeadModel(config).eval(), build_tokenizer()
+    return GPT2LMHeadModel(config).eval().to(DEVICE, DTYPE), build_tokenizer()
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -91,7 +93,7 @@ def run_sequential(model, work) -> dict:
             delay = start + arrival - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            out = model.generate(torch.tensor([prompt]), generation_config=config)
+            out = model.generate(torch.tensor([prompt], device=DEVICE), generation_config=config)
             tokens += out.shape[1] - len(prompt)
             latencies.append(time.monotonic() - start - arrival)
     return summarize("(a) sequential generate", latencies, tokens, time.monotonic() - start)
@@ -143,7 +145,7 @@ def direct_single(model, prompt: list[int], repeats: int = 3) -> float:
     for _ in range(repeats):
         start = time.monotonic()
         with torch.inference_mode():
-            model.generate(torch.tensor([prompt]), generation_config=config)
+            model.generate(torch.tensor([prompt], device=DEVICE), generation_config=config)
         times.append(time.monotonic() - start)
     return min(times)
 
@@ -161,9 +163,11 @@ async def engine_single(engine: LocalEngine, prompt: list[int], repeats: int = 3
 async def compare_architecture(arch: str, tokenizer, requests: int) -> float:
     """Tokens/s of this generator and of `generate_batch`, every request submitted at once."""
     torch.manual_seed(0)
-    model = in_own_thread(lambda: transformers.AutoModelForCausalLM.from_config(ARCHITECTURES[arch]()).eval())
+    model = in_own_thread(lambda: transformers.AutoModelForCausalLM.from_config(ARCHITECTURES[arch]()).eval()
+                          .to(DEVICE, DTYPE))
     work = [p for _, p in workload(requests, 0.0)]
     engine = LocalEngine(model, tokenizer, name=arch, max_batch_size=requests)
+    await engine.wait_started()
     await engine.submit(work[0], Decoding(max_new_tokens=2)).text()  # warm-up
     decoding = Decoding(max_new_tokens=NEW_TOKENS, **SAMPLING)
     start = time.monotonic()
@@ -179,7 +183,7 @@ async def compare_architecture(arch: str, tokenizer, requests: int) -> float:
         results = model.generate_batch(inputs=work, generation_config=config, progress_bar=False)
         speed = sum(len(r.generated_tokens) for r in results.values()) / (time.monotonic() - start)
         with torch.inference_mode():
-            layers = model(torch.tensor([work[0]]), use_cache=True).past_key_values.layers
+            layers = model(torch.tensor([work[0]], device=DEVICE), use_cache=True).past_key_values.layers
         return speed, sorted({type(layer).__name__ for layer in layers})
 
     speed, layers = in_own_thread(theirs)
@@ -194,14 +198,20 @@ async def main() -> None:
     parser.add_argument("--spread", type=float, default=2.0, help="arrivals spread over this many seconds")
     parser.add_argument("--archs", default=",".join(ARCHITECTURES), help="other architectures to compare")
     parser.add_argument("--arch-requests", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (bfloat16)")
     args = parser.parse_args()
-    print(f"torch threads {torch.get_num_threads()}, building DialoGPT-small-shaped model...", flush=True)
+    global DEVICE, DTYPE
+    DEVICE = torch.device(args.device)
+    DTYPE = torch.float32 if DEVICE.type == "cpu" else torch.bfloat16
+    where = f"torch threads {torch.get_num_threads()}" if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
+    print(f"{where}, {DTYPE}, building DialoGPT-small-shaped model...", flush=True)
     model, tokenizer = in_own_thread(build_model)
     work = workload(args.requests, args.spread)
     direct = in_own_thread(direct_single, model, work[0][1])
     a = in_own_thread(run_sequential, model, work)
     b = in_own_thread(run_generate_batch, model, work)
     engine = LocalEngine(model, tokenizer, name="bench", max_batch_size=args.requests)
+    await engine.wait_started()
     await engine.submit(work[0][1], Decoding(max_new_tokens=2)).text()  # warm-up
     ours = await engine_single(engine, work[0][1])
     print(f"idle single request: direct generate {direct:.3f}s, generator {ours:.3f}s", flush=True)

@@ -143,16 +143,23 @@ class PersonaRegistry:
     async def _build(self, persona: Persona, key: object) -> Engine:
         g = self._config.generator
         if isinstance(key, ModelSource):
+            from core.engine.cpu_kernels import KernelMismatch
             from core.engine.local import LocalEngine
             from core.engine.prefix_cache import default_prefix_cache_mb
 
             placement = await asyncio.to_thread(lambda: self.placement)  # CUDA probing can take a while
             model, tokenizer = await asyncio.to_thread(load_model, key, placement, g.cache_dir)
             cache_mb = default_prefix_cache_mb(placement.device) if g.prefix_cache_mb is None else g.prefix_cache_mb
-            return LocalEngine(
+            engine = LocalEngine(
                 model, tokenizer, name=_label(key), max_batch_size=g.max_batch_size, max_queue=g.max_queue,
                 metrics=self._metrics, prefix_cache_mb=cache_mb,
             )
+            try:  # ready only once its kernels are checked and its passes timed: admission needs them
+                await engine.wait_started()
+            except KernelMismatch as exc:
+                await engine.close()
+                raise ModelUnavailable(str(exc)) from None
+            return engine
         endpoint = persona.config.endpoint
         api_key = self._env.get(endpoint.api_key_env) if endpoint.api_key_env else None
         return OpenAIEngine(endpoint, api_key=api_key, max_queue=g.max_queue, metrics=self._metrics)

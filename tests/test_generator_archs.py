@@ -50,7 +50,8 @@ def sequential(model, tokenizer, prompt: list[int], decoding: Decoding) -> tuple
         kwargs.update(temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p)
         torch.manual_seed(decoding.seed)
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+        out = model.generate(torch.tensor([prompt], device=model.device),
+                             attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=model.device),
                              **kwargs)
     ids = out[0, len(prompt):].tolist()
     return tokenizer.decode(ids, skip_special_tokens=True), ids

@@ -1,5 +1,7 @@
 """Overload: the queue bound is exact, requests that cannot finish in time are refused at once,
-what is admitted finishes, and bad decoding values fail the request cleanly at submit."""
+what is admitted finishes (from the first burst after ready), the estimates follow the speed
+measured now (bench/admission.py runs bursts beside a neighbour that slows the machine down), and
+bad decoding values fail the request cleanly at submit."""
 
 from __future__ import annotations
 
@@ -9,11 +11,16 @@ import time
 
 import pytest
 
+from conftest import make_config
 from core.config.schema import Decoding
-from core.engine.generator import GenerationFailed, GenerationTimeout, GeneratorBusy
+from core.conversation import Turn
+from core.engine.capacity import SpeedModel
+from core.engine.generator import GenerationFailed, GeneratorBusy
 from core.engine.local import LocalEngine
+from core.errors import Busy
 from core.metrics import Metrics
 from core.engine.models import ModelSource, choose_placement, load_model
+from core.service import open_service
 from tiny import build_untrained_model
 
 ENDLESS = Decoding(do_sample=False, max_new_tokens=60)  # the untrained model never says eos
@@ -83,20 +90,24 @@ async def test_requests_that_cannot_finish_by_their_deadline_are_refused_at_once
 
 
 @pytest.mark.timeout(60)
-async def test_an_idle_engine_takes_what_its_estimate_calls_too_slow(slow_model):
-    """Estimates go wrong (a long history after short replies): alone, a request is never refused;
-    it runs to its deadline. Beside a running request, the same one is refused at once."""
+async def test_a_request_alone_is_refused_only_when_it_cannot_finish_at_all(slow_model):
+    """Alone, a request that its estimate says cannot finish even with the engine to itself is refused
+    at once (waiting for its deadline would tell its caller no more, later); one that can finish is
+    taken. Beside a running request, the estimate keeps time in reserve."""
     model, tokenizer = slow_model
     engine = LocalEngine(model, tokenizer, name="idle", max_batch_size=1)
+    await engine.wait_started()
     prompt = list(range(3, 40))
-    await engine.submit(prompt, Decoding(do_sample=False, max_new_tokens=2)).text()  # warm: the speed is known
     too_short = 3 * engine.speed.step_seconds(1, len(prompt))  # 3 steps' time for 60 tokens
-    with pytest.raises(GenerationTimeout):
-        await engine.submit(prompt, ENDLESS, timeout=too_short).text()
-    running = engine.submit(prompt, ENDLESS)
+    started = time.monotonic()
     with pytest.raises(GeneratorBusy):
         engine.submit(prompt, ENDLESS, timeout=too_short)
-    await running.text()
+    assert time.monotonic() - started < 0.25
+    alone = engine.speed.prefill_seconds(len(prompt)) + 59 * engine.speed.step_seconds(1, len(prompt) + 60)
+    admitted = engine.submit(prompt, ENDLESS, timeout=3 * alone + 1)
+    with pytest.raises(GeneratorBusy):
+        engine.submit(prompt, ENDLESS, timeout=alone / 0.9)  # in time with the engine to itself only
+    await admitted.text()
     await engine.close()
 
 
@@ -115,3 +126,106 @@ async def test_bad_decoding_values_fail_at_submit_and_change_nothing(slow_model)
     replies = await asyncio.gather(engine.submit(prompt, good).text(), engine.submit(prompt, good).text())
     await engine.close()
     assert replies[0] == replies[1]
+
+
+def test_the_estimates_follow_the_speed_measured_now_and_assume_unmeasured_sizes_slow():
+    """Calibrated at every size, then a neighbour halves the speed: a few slow steps at one batch
+    size double the estimates at every size. A size never measured is no faster than the next
+    larger one measured, or, above them all, no faster per row than the largest."""
+    speed = SpeedModel()
+    step = {1: 0.010, 2: 0.012, 8: 0.022, 16: 0.035}  # seconds at width 100
+    for rows, seconds in step.items():
+        for _ in range(3):
+            speed.record_step(rows, 100, seconds)
+    speed.record_prefill(16, 0.02)
+    speed.record_prefill(128, 0.1)
+    assert speed.step_seconds(8, 100) == pytest.approx(0.022, rel=0.01)
+    assert speed.step_seconds(4, 100) == pytest.approx(0.022, rel=0.01)  # as slow as 8 rows
+    assert speed.step_seconds(32, 100) == pytest.approx(2 * 0.035, rel=0.01)  # no faster per row than 16
+    assert speed.prefill_seconds(1024) == pytest.approx(8 * 0.1, rel=0.01)
+    assert SpeedModel().step_seconds(1, 10) == float("inf")  # nothing measured: no promise can be kept
+    for _ in range(4):
+        speed.record_step(2, 100, 2 * step[2])
+    for rows, seconds in step.items():
+        assert speed.step_seconds(rows, 100) == pytest.approx(2 * seconds, rel=0.1)
+    assert speed.prefill_seconds(128) == pytest.approx(0.2, rel=0.1)
+    for _ in range(16):  # the neighbour leaves
+        speed.record_step(8, 100, step[8])
+    assert speed.step_seconds(1, 100) == pytest.approx(step[1], rel=0.1)
+
+
+BURST = 48
+
+
+@pytest.fixture(scope="module")
+def heavier_model_dir(tmp_path_factory):
+    """An untrained GPT-2 big enough that a 64-token reply takes a noticeable time."""
+    return build_untrained_model(tmp_path_factory.mktemp("heavier"), n_embd=256, n_layer=4)
+
+
+async def lone_reply_seconds(model_dir) -> float:
+    """How long a lone 64-token reply takes here, on an engine of its own (the one under test gets
+    no warm-up)."""
+    model, tokenizer = load_model(ModelSource(str(model_dir)), choose_placement("cpu"))
+    engine = LocalEngine(model, tokenizer)
+    await engine.wait_started()
+    started = time.monotonic()
+    await engine.submit(list(range(3, 30)), Decoding(do_sample=False, max_new_tokens=64)).text()
+    await engine.close()
+    return time.monotonic() - started
+
+
+async def burst(service, deadline: float) -> tuple[list[float], list[float]]:
+    """BURST concurrent 64-token requests: (seconds each answered one took, seconds each refused one
+    took to hear it); a request that fails after waiting fails the test."""
+    persona = service.personas.get("slow")
+    decoding = persona.config.decoding.model_copy(update={"max_new_tokens": 64})
+    metrics = service.metrics.registry
+
+    async def ask(i: int):
+        started = time.monotonic()
+        try:
+            generation = await service.generate(persona, [Turn("user", "alice", f"message number {i}")],
+                                                decoding=decoding)
+        except Busy:
+            return "refused", time.monotonic() - started
+        await generation.text()  # raises GenerationTimeout if it runs past the deadline
+        assert generation.stats.new_tokens == 64
+        return "answered", time.monotonic() - started
+
+    tasks = [asyncio.create_task(ask(i)) for i in range(BURST)]
+    await asyncio.sleep(0)
+    waits = []
+    while not all(t.done() for t in tasks):
+        waits.append(metrics.get_sample_value("ttt_generator_expected_wait_seconds", {"engine": persona.config.model}))
+        await asyncio.sleep(0.05)
+    outcomes = [t.result() for t in tasks]
+    answered = [s for kind, s in outcomes if kind == "answered"]
+    refused = [s for kind, s in outcomes if kind == "refused"]
+    assert max(answered) < deadline
+    assert max(waits) > 0  # the estimate saw the queue
+    return answered, refused
+
+
+def slow_service_config(tmp_path, model_dir, deadline: float):
+    config = make_config(tmp_path, model_dir, generator={"request_timeout_s": deadline})
+    config.personas["slow"] = config.personas["words"].model_copy(update={"model": str(model_dir)})
+    config.service.default_persona = "slow"
+    return config
+
+
+@pytest.mark.timeout(180)
+async def test_a_burst_right_after_ready_is_answered_in_time_or_refused_at_once(tmp_path, heavier_model_dir):
+    """`ttt serve` just ready (/healthz: the default persona's engine is loaded), then 48 concurrent
+    64-token requests whose deadline is twice a lone reply's time: the engine timed its passes before
+    it was ready, so some are answered in time and the others are refused at once; none fails after
+    waiting, and the first is not held up by timing work."""
+    deadline = 2 * await lone_reply_seconds(heavier_model_dir)
+    service = await open_service(slow_service_config(tmp_path, heavier_model_dir, deadline))
+    persona = service.personas.get("slow")
+    await service.personas.engine(persona)  # what `ttt serve` does at start
+    assert service.personas.is_loaded(persona)  # what /healthz reports as ready
+    answered, refused = await burst(service, deadline)
+    await service.close()
+    assert answered and len(refused) >= BURST // 3
+    assert max(refused) < 0.5

@@ -8,6 +8,7 @@ so a reply shows which context the model saw: a deterministic check for cross-ta
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -145,14 +146,15 @@ def _train_replies(out_dir: Path, sessions: list[list[tuple[str, str]]], steps: 
     return out_dir
 
 
-def build_untrained_model(out_dir: Path, n_positions: int = 512, seed: int = 0) -> Path:
+def build_untrained_model(out_dir: Path, n_positions: int = 512, seed: int = 0, n_embd: int = 64,
+                          n_layer: int = 2) -> Path:
     """A randomly initialised tiny GPT-2 with the word-game tokenizer whose greedy decoding never
     picks EOS: it runs to max_new_tokens (a long generation, e.g. to keep the generator busy)."""
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     eos = tokenizer.eos_token_id
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
+        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
     )
     model = GPT2LMHeadModel(config)
@@ -165,6 +167,8 @@ def build_untrained_model(out_dir: Path, n_positions: int = 512, seed: int = 0) 
 
 
 ARCHITECTURES = ("gpt2", "llama", "mistral", "gemma3", "qwen2", "phi3", "lfm2")
+# Where build_random_causal_lm puts its models: `make check-gpu` runs the exactness tests with "cuda".
+TEST_DEVICE = os.environ.get("TTT_TEST_DEVICE", "cpu")
 
 
 def build_random_causal_lm(arch: str, vocab_size: int, window: int = 8, seed: int = 0):
@@ -192,7 +196,7 @@ def build_random_causal_lm(arch: str, vocab_size: int, window: int = 8, seed: in
                                      intermediate_size=128),
     }
     config = configs[arch]()
-    model = T.AutoModelForCausalLM.from_config(config).eval()
+    model = T.AutoModelForCausalLM.from_config(config).eval().to(TEST_DEVICE)
     model.generation_config.eos_token_id = None
     return model
 

@@ -10,6 +10,7 @@ only hands requests over and receives text pieces.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -27,10 +28,11 @@ from core.engine.request import PreparedPrompt, Request
 from core.engine.generator import (
     Engine, Generation, GenerationCancelled, GenerationFailed, GenerationTimeout, GeneratorBusy, checked_decoding,
 )
+from core.engine.cpu_kernels import KernelMismatch
 from core.engine.kv_cache import BatchCache, Layout
 from core.metrics import Metrics
 from core.engine.runner import BASE_ADAPTER, ModelRunner
-from core.engine.prefix_cache import SPARE_TOKENS, PrefixCache, Reuse
+from core.engine.prefix_cache import SPARE_TOKENS, PrefixCache, Reuse, Stored
 from core.engine.sampling import RowSampler, sample
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class LocalEngine(Engine):
         self.eos_ids = frozenset(t for t in eos + [tokenizer.eos_token_id] if t is not None)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.runner = ModelRunner(model, tokenizer, pad_id)
+        self.runner.may_spend = self._can_spend
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
         self.speed = capacity.SpeedModel()
         self.layout: Layout | None = None  # known after the first prefill
@@ -77,6 +80,8 @@ class LocalEngine(Engine):
         self._batch: BatchCache | None = None
         self._cv = threading.Condition()
         self._closing = False
+        self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._pass_ended: float | None = None  # when the last pass ended, unless the worker waited since
         if metrics:
             metrics.expected_wait.labels(name).set_function(self.expected_wait)
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -149,27 +154,41 @@ class LocalEngine(Engine):
 
     def _in_time(self, row: Request) -> bool:
         """Called with the lock held: would this request (and everyone admitted) finish in time?
-        An idle engine takes any request: refusing it protects no one, and an estimate far from what
-        was measured (a long history after short replies) must not turn a lone user away."""
-        if not self.speed.ready or not self._inflight:
+        Before the engine has timed itself nothing can be judged: a caller that submits before
+        `wait_started` (the service never does) takes its chances with its deadline."""
+        if not self._started.done():
             return True
-        running = [r.work() for r in self._inflight if r.started]
-        waiting = [r.work() for r in self._inflight if not r.started]
+        running, waiting = self._queue()
         return capacity.admits(running, waiting, row.work(), self.max_batch_size, self.speed, time.monotonic(),
-                               joinable=self.layout in (None, Layout.JOINABLE))
+                               joinable=self._joinable)
 
     def expected_wait(self) -> float:
-        """Estimated seconds before a request arriving now would start decoding."""
-        with self._cv:
-            if not self.speed.ready:
-                return 0.0
-            running = [r.work() for r in self._inflight if r.started]
-            waiting = [r.work() for r in self._inflight if not r.started]
-        probe = capacity.Work(remaining=1, context=0, prefill=0, deadline=None)
+        """Estimated seconds before a request arriving now would have its first token: the passes of
+        the requests ahead of it, until a slot is free and it is prefilled."""
+        running, waiting = self._queue()
+        probe = capacity.Work(remaining=1, context=1, prefill=1, deadline=None)
         now = time.monotonic()
-        capacity.plan(running, waiting + [probe], self.max_batch_size, self.speed, now,
-                      joinable=self.layout in (None, Layout.JOINABLE))
-        return probe.start - now
+        capacity.plan(running, waiting + [probe], self.max_batch_size, self.speed, now, joinable=self._joinable)
+        return probe.finish - now
+
+    def _can_spend(self, seconds: float) -> bool:
+        """Called by the worker: whether a pass `seconds` slower than estimated still leaves every
+        request with a deadline in time, as planned now."""
+        running, waiting = self._queue()
+        if all(w.deadline is None for w in running + waiting):
+            return True
+        capacity.plan(running, waiting, self.max_batch_size, self.speed, time.monotonic(), joinable=self._joinable)
+        return all(w.deadline is None or w.finish + seconds <= w.deadline for w in running + waiting)
+
+    def _queue(self) -> tuple[list[capacity.Work], list[capacity.Work]]:
+        """What is left of the requests decoding and of those waiting, in order, as admission plans them."""
+        with self._cv:
+            rows = list(self._inflight)
+        return [r.work() for r in rows if r.started], [r.work() for r in rows if not r.started]
+
+    @property
+    def _joinable(self) -> bool:
+        return self.layout in (None, Layout.JOINABLE)
 
     @property
     def active(self) -> int:
@@ -186,10 +205,12 @@ class LocalEngine(Engine):
 
     def _run(self) -> None:
         with torch.inference_mode():
-            self._calibrate()
+            if not self._start_up():
+                return
             while True:
                 with self._cv:
                     while not self._pending and not self._rows and not self._closing:
+                        self._pass_ended = None
                         self._cv.wait()
                     if self._closing and not self._pending and not self._rows:
                         return
@@ -240,17 +261,19 @@ class LocalEngine(Engine):
     def _prefill(self, rows: list[Request]) -> None:
         fresh = []
         for row in rows:
-            row.reuse = self._lookup(row)
-            if row.reuse is None:
+            row.reuse = reuse = self._lookup(row)
+            if reuse is None:
                 fresh.append(row)
+            elif reuse.scores is not None:  # this very prompt again: it starts from its stored scores
+                self._start([row], lambda: (reuse.state.to_batch(reuse.tokens, owned=reuse.owned), reuse.scores[None]))
             else:
-                self._start([row], lambda: self.runner.prefill_after(row.reuse, row.prompt, row.adapter))
+                self._start([row], lambda: self.runner.prefill_after(reuse, row.prompt, row.adapter))
         if fresh:
             self._start(fresh, lambda: self.runner.prefill([r.prompt for r in fresh], [r.adapter for r in fresh]))
 
     def _start(self, rows: list[Request], forward) -> None:
         """Run a prefill; on failure retry each request alone, so that only a bad one fails."""
-        started = time.perf_counter()
+        started = self._pass_started()
         try:
             batch, logits = forward()
             tokens = sample([r.sampler for r in rows], logits)
@@ -269,7 +292,9 @@ class LocalEngine(Engine):
             for row in rows:  # cannot happen for a layout that is known; a safe answer anyway
                 self._fail(row, GenerationFailed("this model's cache cannot join a running batch"))
             return
-        for row in rows:
+        for i, row in enumerate(rows):
+            if self.prefix_cache is not None:
+                row.scores = logits[i].clone()
             stats = row.generation.stats
             stats.prompt_tokens = len(row.prompt)
             stats.cached_tokens = row.reuse.tokens if row.reuse else 0
@@ -282,15 +307,16 @@ class LocalEngine(Engine):
         else:
             self._batch, self._rows = batch, list(rows)
         self._advance(tokens, first=len(self._rows) - len(rows))
-        if not self.runner.trial:
-            self.speed.record_prefill(prefilled, time.perf_counter() - started)
+        self._pass_ended = time.perf_counter()
+        if prefilled and not self.runner.trial:
+            self.speed.record_prefill(prefilled, self._pass_ended - started)
         if self.metrics:
             self.metrics.batch_size.labels(self.name).observe(len(self._rows))
 
     def _step(self) -> None:
         """One decode step for every row; its whole cost (bookkeeping included) teaches the speed model,
         unless the step tried a thread count out."""
-        started = time.perf_counter()
+        started = self._pass_started()
         self._drop_unwanted()
         if not self._rows:
             return
@@ -309,8 +335,15 @@ class LocalEngine(Engine):
         for row in rows:
             row.position += 1
         self._advance(tokens, first=0)
+        self._pass_ended = time.perf_counter()
         if not self.runner.trial:
-            self.speed.record_step(len(rows), width, time.perf_counter() - started)
+            self.speed.record_step(len(rows), width, self._pass_ended - started)
+
+    def _pass_started(self) -> float:
+        """When the pass about to run began: where the worker went on from another pass, when that one
+        ended, so that the time between passes (locking, streaming, the event loop's share of the
+        interpreter) counts too: it is part of what each step costs, a large part for a small model."""
+        return time.perf_counter() if self._pass_ended is None else self._pass_ended
 
     def _advance(self, tokens: list[int | None], first: int) -> None:
         """Record each row's new token, stream its text, and retire finished rows."""
@@ -373,7 +406,7 @@ class LocalEngine(Engine):
     # ---- prefix cache ----------------------------------------------------------------------
 
     def _lookup(self, row: Request) -> Reuse | None:
-        if self.prefix_cache is None or self.layout not in (None, Layout.JOINABLE):
+        if self.prefix_cache is None or not self._joinable:
             return None
         hit = self.prefix_cache.lookup(row.adapter, row.prompt)
         if self.metrics:
@@ -385,12 +418,13 @@ class LocalEngine(Engine):
         return hit
 
     def _remember(self, row: Request, index: int) -> None:
-        """Keep a finished row's keys and values (prompt and reply) for the conversation's next turn."""
+        """Keep a finished row's keys and values (prompt and reply) for the conversation's next turn,
+        and the scores its prompt ended with, for the same prompt again."""
         if self.prefix_cache is None or self._batch.layout is not Layout.JOINABLE:
             return
         tokens = (row.prompt + row.tokens)[: row.position]
         state = self._batch.row_state(index, row.position, spare=SPARE_TOKENS, handover=len(self._rows) == 1)
-        self.prefix_cache.store(row.adapter, tokens, state)
+        self.prefix_cache.store(row.adapter, Stored(tokens, state, len(row.prompt), row.scores))
         if self.metrics:
             self.metrics.prefix_cache_bytes.labels(self.name).set(self.prefix_cache.bytes)
 
@@ -401,13 +435,35 @@ class LocalEngine(Engine):
 
     # ---- speed ------------------------------------------------------------------------------
 
-    def _calibrate(self) -> None:
-        """Time a few passes before serving, so the first burst is admitted at a measured speed."""
+    def _start_up(self) -> bool:
+        """Check the kernels this model's weights run on, then time the passes admission plans with.
+        A kernel that is wrong on this CPU fails the start (and whatever was submitted meanwhile)."""
         try:
-            self.runner.time_passes(1, None)  # warms up
-            self.runner.time_passes(1, self.speed)
-            # One row on a longer context tells what a token of context costs apart from what a row costs.
-            self.runner.time_passes(1, self.speed, length=min(256, (self.max_positions or 256) - 3))
-            self.runner.time_passes(min(self.max_batch_size, 32), self.speed)
-        except Exception:  # noqa: BLE001 - without measurements every request is admitted
-            log.warning("could not time the model; admission will not consider deadlines until it has", exc_info=True)
+            self.runner.check_kernels()
+        except KernelMismatch as exc:
+            log.error("%s", exc)
+            with self._cv:
+                self._closing = True
+                waiting = list(self._pending)
+            for row in waiting:
+                self._fail(row, GenerationFailed(str(exc)))
+            self._started.set_exception(exc)
+            return False
+        self._calibrate()
+        self._started.set_result(None)
+        return True
+
+    def _calibrate(self) -> None:
+        """Time a decode step at every batch size the engine will run, and prefills, before serving:
+        the first burst is admitted at measured speeds (see ModelRunner.calibrate)."""
+        try:
+            context = max(8, min(256, (self.max_positions or 256) - 4))
+            self.runner.calibrate(self.speed, self.max_batch_size, context)
+        except Exception:  # noqa: BLE001 - sizes left unmeasured are assumed slow
+            log.warning("could not time the model; admission assumes what it has not measured is slow", exc_info=True)
+
+    async def wait_started(self) -> None:
+        """Until the engine has checked its kernels and timed its passes (what admission needs);
+        raises KernelMismatch if a kernel is wrong on this CPU."""
+        # Shielded: a caller that gives up must not cancel the start itself (the worker sets it).
+        await asyncio.shield(asyncio.wrap_future(self._started))

@@ -5,6 +5,10 @@ conversation, `ttt chat` and a stateless /v1 client that resends its history all
 the cache. Each finished request leaves its prompt plus reply; the next turn's prompt starts with
 them, so only the new message is prefilled. A reset, a persona switch or trimmed history simply
 shares fewer tokens. Memory is bounded; the least recently used entries go first.
+
+The same prompt again (a retry, a stateless client asking twice) starts from the scores that
+chose the first reply's first token, kept with its entry: its prompt is not computed again, so
+a greedy reply is the first one, whatever rounding a pass of another size would have brought.
 """
 
 from __future__ import annotations
@@ -32,18 +36,34 @@ def default_prefix_cache_mb(device: str) -> int:
 @dataclass(frozen=True)
 class Reuse:
     """A prefix-cache hit: the stored state, how many tokens of it the prompt reuses, and whether the
-    request now owns it (may append to it in place)."""
+    request now owns it (may append to it in place); for the very prompt stored, its next-token scores."""
 
     state: RowState
     tokens: int
     owned: bool
+    scores: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What a finished request leaves: the keys/values of its prompt and reply, and the scores its
+    prompt ended with."""
+
+    tokens: list[int]
+    state: RowState
+    prompt_length: int
+    scores: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.state.nbytes + self.scores.numel() * self.scores.element_size()
 
 
 @dataclass
 class _Entry:
     adapter: str
     tokens: torch.Tensor  # int64, on the CPU
-    state: RowState
+    stored: Stored
 
 
 class PrefixCache:
@@ -63,14 +83,21 @@ class PrefixCache:
 
     def lookup(self, adapter: str, prompt: list[int]) -> Reuse | None:
         """The stored state sharing the longest usable prefix with `prompt`; at least one prompt token
-        is always left to prefill (its logits start the reply). A state reused whole is taken out of
-        the cache: the request continues it in place, and stores its own when it ends."""
+        is left to prefill (its logits start the reply), unless `prompt` is a stored prompt, whose
+        scores are reused. A state reused whole is taken out of the cache: the request continues it
+        in place, and stores its own when it ends."""
         query = torch.tensor(prompt, dtype=torch.long)
-        best, best_length = None, 0
+        best, best_length, scores = None, 0, None
         for key, entry in self._entries.items():
             if entry.adapter != adapter:
                 continue
-            usable = entry.state.reusable(min(_common(entry.tokens, query), len(prompt) - 1))
+            common = _common(entry.tokens, query)
+            stored = entry.stored
+            if (common == len(prompt) == stored.prompt_length
+                    and stored.state.reusable(len(prompt)) == len(prompt)):
+                best, best_length, scores = key, len(prompt), stored.scores
+                break
+            usable = stored.state.reusable(min(common, len(prompt) - 1))
             if usable > best_length:
                 best, best_length = key, usable
         if best is None or best_length < MIN_REUSE_TOKENS:
@@ -78,32 +105,33 @@ class PrefixCache:
             return None
         self.hits += 1
         self.reused_tokens += best_length
-        state = self._entries[best].state
+        state = self._entries[best].stored.state
         if best_length == state.length:
             self._drop(best)
-            return Reuse(state, best_length, owned=True)
+            return Reuse(state, best_length, owned=True, scores=scores)
         self._entries.move_to_end(best)
-        return Reuse(state, best_length, owned=False)
+        return Reuse(state, best_length, owned=False, scores=scores)
 
-    def store(self, adapter: str, tokens: list[int], state: RowState) -> None:
-        """Keep `state` (the keys/values of `tokens`), evicting the least recently used to fit."""
-        size = state.nbytes
-        if size > self.budget_bytes or len(tokens) < MIN_REUSE_TOKENS:
+    def store(self, adapter: str, stored: Stored) -> None:
+        """Keep what a finished request left, evicting the least recently used to fit."""
+        size = stored.nbytes
+        if size > self.budget_bytes or len(stored.tokens) < MIN_REUSE_TOKENS:
             return
-        stored = torch.tensor(tokens, dtype=torch.long)
-        if all(w is None for w in state.windows):
-            # An entry this one extends serves no prompt better than this one does.
+        tokens = torch.tensor(stored.tokens, dtype=torch.long)
+        if all(w is None for w in stored.state.windows):
+            # An entry this one extends serves no prompt better than this one does (the same prompt
+            # again excepted: it is recomputed from this entry, rounding and all).
             for key in [k for k, e in self._entries.items()
-                        if e.adapter == adapter and _common(e.tokens, stored) == len(e.tokens)]:
+                        if e.adapter == adapter and _common(e.tokens, tokens) == len(e.tokens)]:
                 self._drop(key)
-        self._entries[self._next_id] = _Entry(adapter, stored, state)
+        self._entries[self._next_id] = _Entry(adapter, tokens, stored)
         self._next_id += 1
         self.bytes += size
         while self.bytes > self.budget_bytes:
             self._drop(next(iter(self._entries)))
 
     def _drop(self, key: int) -> None:
-        self.bytes -= self._entries.pop(key).state.nbytes
+        self.bytes -= self._entries.pop(key).stored.nbytes
 
 
 def _common(a: torch.Tensor, b: torch.Tensor) -> int:

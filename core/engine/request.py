@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from core.engine import capacity
 from core.engine.detokenize import ReplyText
 from core.engine.generator import Generation
@@ -34,6 +36,7 @@ class Request:
     started: bool = False  # prefilled and decoding
     ended: bool = False
     reuse: Reuse | None = None  # a prefix-cache hit, until prefilled
+    scores: torch.Tensor | None = None  # the next-token scores its prompt ended with (for the prefix cache)
 
     def consume(self, token: int) -> str | None:
         """Take the next generated token and stream what it shows; the finish reason once it ends."""

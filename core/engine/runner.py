@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import torch
 
+from core.config.schema import Decoding
 from core.engine.capacity import SpeedModel
+from core.engine.cpu_kernels import check_kernels
 from core.engine.cpu_weights import has_quantized_weights
 from core.engine.generator import GenerationFailed
 from core.engine.kv_cache import BatchCache, new_cache
 from core.engine.prefix_cache import Reuse
+from core.engine.sampling import RowSampler, sample
 from core.engine.threads import ThreadTuner, bucket
 from core.loading import model_loading
 
@@ -30,6 +34,9 @@ class ModelRunner:
         self._lock = threading.Lock()
         self.tuner = ThreadTuner(torch.get_num_threads()) if self.device.type == "cpu" else None
         self.trial = False  # the last pass tried a thread count out (its time says little about speed)
+        # Whether the requests in flight can afford a pass that many seconds slower than usual (a
+        # thread count tried out); the engine answers from its deadlines.
+        self.may_spend: Callable[[float], bool] = lambda seconds: True
 
     def load_adapter(self, path: str) -> None:
         """Load a LoRA adapter onto the shared base model (blocking: call it off the event loop)."""
@@ -49,7 +56,8 @@ class ModelRunner:
             self.model.eval()
             self.adapters[path] = name
 
-    def prefill(self, prompts: list[list[int]], adapters: list[str]) -> tuple[BatchCache, torch.Tensor]:
+    def prefill(self, prompts: list[list[int]], adapters: list[str],
+                explore: bool = False) -> tuple[BatchCache, torch.Tensor]:
         """Whole prompts together, left-padded to the longest: their cache and next-token logits."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -59,7 +67,7 @@ class ModelRunner:
             mask[i, width - len(prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         mask = mask.to(self.device)
-        out = self._forward(adapters, ("prefill", bucket(ids.numel())), input_ids=ids.to(self.device),
+        out = self._forward(adapters, ("prefill", bucket(ids.numel())), explore, input_ids=ids.to(self.device),
                             attention_mask=mask, position_ids=positions.to(self.device), logits_to_keep=1,
                             past_key_values=new_cache(self.model.config))
         return BatchCache(out.past_key_values, mask), out.logits[:, -1, :]
@@ -69,47 +77,83 @@ class ModelRunner:
         batch = reuse.state.to_batch(reuse.tokens, owned=reuse.owned)
         rest = prompt[reuse.tokens:]
         batch.mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
-        out = self._forward([adapter], ("prefill", bucket(len(rest))),
+        out = self._forward([adapter], ("prefill", bucket(len(rest))), False,
                             input_ids=torch.tensor([rest], device=self.device), attention_mask=batch.mask,
                             position_ids=torch.arange(reuse.tokens, len(prompt), device=self.device)[None],
                             past_key_values=batch.cache, logits_to_keep=1)
         return batch, out.logits[:, -1, :]
 
-    def decode(self, batch: BatchCache, tokens: list[int], positions: list[int], adapters: list[str]) -> torch.Tensor:
+    def decode(self, batch: BatchCache, tokens: list[int], positions: list[int], adapters: list[str],
+               explore: bool = False) -> torch.Tensor:
         """One step: feed each row its latest token; the batch's cache grows by a column."""
         batch.grow()
-        out = self._forward(adapters, ("decode", bucket(len(tokens))),
+        out = self._forward(adapters, ("decode", bucket(len(tokens))), explore,
                             input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=batch.mask,
                             position_ids=torch.tensor(positions, device=self.device)[:, None],
                             past_key_values=batch.cache)
         batch.cache = out.past_key_values
         return out.logits[:, -1, :]
 
-    def time_passes(self, rows: int, speed: SpeedModel | None, length: int = 16) -> None:
-        """A prefill of `rows` random prompts of `length` tokens and two decode steps, timed into `speed`."""
-        ids = torch.randint(self.vocab_size, (rows, length), generator=torch.Generator().manual_seed(rows))
-        ids = ids.to(self.device)
-        adapters = [BASE_ADAPTER] * rows
+    def check_kernels(self) -> None:
+        """Check the quantized layers' kernels on this CPU, on every thread count the engine may use;
+        raises KernelMismatch."""
+        if self.tuner is not None and has_quantized_weights(self.model):
+            check_kernels(self.model, self.tuner.candidates)
+
+    def calibrate(self, speed: SpeedModel, max_rows: int, context: int) -> None:
+        """Time the passes the engine will run into `speed`, sampled as a persona samples: a short
+        prefill, a decode step at every batch size from `max_rows` down to one row (rows leave one
+        cache, as requests leave a batch), and one row on a `context`-token prompt (what a token of
+        context costs). Thread counts are tried where they differ most (a short prompt, the largest
+        batch, one row); the sizes between start at the nearest size's count, as when serving."""
+        tries = len(self.tuner.candidates) if self.tuner else 1
+        for _ in range(tries + 1):
+            self._timed_prefill(1, 16, speed, explore=True)
+        batch, samplers = self._timed_prefill(max_rows, 8, speed, explore=True)
+        sizes = sorted({1 << i for i in range(max_rows.bit_length())} | {max_rows}, reverse=True)
+        for rows in sizes:
+            if rows < batch.rows:
+                batch.keep(list(range(rows)))
+                samplers = samplers[:rows]
+            explore = rows in (max_rows, 1)
+            self._timed_steps(batch, samplers, tries + 1 if explore else 2, speed, explore)
+        batch, samplers = self._timed_prefill(1, context, speed, explore=False)
+        self._timed_steps(batch, samplers, 2, speed, explore=False)
+
+    def _timed_prefill(self, rows: int, length: int, speed: SpeedModel,
+                       explore: bool) -> tuple[BatchCache, list[RowSampler]]:
+        generator = torch.Generator().manual_seed(rows * 7919 + length)
+        prompts = torch.randint(self.vocab_size, (rows, length), generator=generator).tolist()
+        samplers = [RowSampler(Decoding(seed=i), prompt, self.device) for i, prompt in enumerate(prompts)]
         started = time.perf_counter()
-        out = self._forward(adapters, ("prefill", bucket(ids.numel())), input_ids=ids, logits_to_keep=1)
-        next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-        next_ids.tolist()  # waits for the device, as sampling does
-        if speed and not self.trial:
-            speed.record_prefill(ids.numel(), time.perf_counter() - started)
-        cache, width = out.past_key_values, ids.shape[1]
-        for _ in range(2):
-            width += 1
+        batch, logits = self.prefill(prompts, [BASE_ADAPTER] * rows, explore)
+        for sampler, token in zip(samplers, sample(samplers, logits)):
+            sampler.append(token)
+        if not self.trial:
+            speed.record_prefill(rows * length, time.perf_counter() - started)
+        return batch, samplers
+
+    def _timed_steps(self, batch: BatchCache, samplers: list[RowSampler], steps: int, speed: SpeedModel,
+                     explore: bool) -> None:
+        rows = len(samplers)
+        for _ in range(steps):
             started = time.perf_counter()
-            out = self._forward(adapters, ("decode", bucket(rows)), input_ids=next_ids, past_key_values=cache)
-            next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
-            next_ids.tolist()
-            if speed and not self.trial:
+            width = batch.width + 1
+            positions = [len(s.history) - 1 for s in samplers]
+            logits = self.decode(batch, [s.history[-1] for s in samplers], positions, [BASE_ADAPTER] * rows, explore)
+            for sampler, token in zip(samplers, sample(samplers, logits)):
+                sampler.append(token)
+            if not self.trial:
                 speed.record_step(rows, width, time.perf_counter() - started)
 
-    def _forward(self, adapters: list[str], kind: tuple, **inputs):
-        """One forward pass; `adapters` names each row's LoRA adapter (or the base)."""
+    def _forward(self, adapters: list[str], kind: tuple, explore: bool, **inputs):
+        """One forward pass; `adapters` names each row's LoRA adapter (or the base); `explore` tries
+        every thread count for a kind not yet measured (see ThreadTuner.choose)."""
         if self.tuner is not None:
-            threads = self.tuner.choose(kind)
+            threads = self.tuner.choose(kind, explore)
+            if (not explore and self.tuner.is_trial(kind, threads)
+                    and not self.may_spend(self.tuner.extra_seconds(kind, threads))):
+                threads = self.tuner.preferred(kind)  # the re-check waits for its next turn
             self.trial = self.tuner.is_trial(kind, threads)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)

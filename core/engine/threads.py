@@ -9,6 +9,7 @@ measured, per kind of pass, and re-checked now and then.
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 from collections import deque
@@ -40,16 +41,24 @@ class ThreadTuner:
         self._seconds: dict[tuple, dict[int, deque[float]]] = {}
         self._since: dict[tuple, int] = {}  # passes since the last re-check
         self._interval: dict[tuple, int] = {}
+        self._inherited: dict[tuple, int] = {}  # kinds that started at a neighbouring size's count
 
-    def choose(self, kind: tuple) -> int:
-        """The thread count for the next pass of this kind."""
+    def choose(self, kind: tuple, explore: bool = False) -> int:
+        """The thread count for the next pass of this kind. A kind never run starts at the count
+        preferred for the nearest size of its sort that has run, and tries its other counts as
+        re-checks, the first at its next pass (the engine lets a re-check run only when the requests
+        in flight can afford it: a trial can be many times slower than admission's estimate). With
+        `explore` (the engine timing itself before it serves), or when no size of its sort has run,
+        each count is tried in turn first."""
         if len(self.candidates) == 1:
             return self.candidates[0]
         seconds = self._seconds.setdefault(kind, {})
         untried = [n for n in self.candidates if n not in seconds]
-        if untried:
+        if untried and (explore or not self._inherits(kind)):
             return untried[0]
-        ranked = sorted(self.candidates, key=lambda n: statistics.median(seconds[n]))
+        if not seconds:
+            return self._inherited[kind]
+        ranked = sorted(seconds, key=lambda n: statistics.median(seconds[n])) + untried
         since = self._since[kind] = self._since.get(kind, 0) + 1
         if since >= self._interval.setdefault(kind, EXPLORE_EVERY):
             self._since[kind] = 0
@@ -67,14 +76,40 @@ class ThreadTuner:
 
     def is_trial(self, kind: tuple, threads: int) -> bool:
         """Whether a pass of this kind at `threads` tries a count out (one not yet measured, or the
-        runner-up's re-check) rather than running at the best known count: on a busy machine a trial
+        runner-up's re-check) rather than running at the preferred count: on a busy machine a trial
         can be many times slower than what the engine runs at."""
-        return len(self.candidates) > 1 and threads != self.best(kind)
+        return len(self.candidates) > 1 and threads != self.preferred(kind)
+
+    def preferred(self, kind: tuple) -> int | None:
+        """The count a pass of this kind runs at when it tries nothing out."""
+        best = self.best(kind)
+        return self._inherited.get(kind) if best is None else best
+
+    def extra_seconds(self, kind: tuple, threads: int) -> float:
+        """How much longer than at the preferred count a pass of this kind took at `threads` lately
+        (infinite if never measured)."""
+        seconds = self._seconds.get(kind, {})
+        preferred = self.preferred(kind)
+        if threads not in seconds or preferred not in seconds:
+            return math.inf
+        return max(0.0, statistics.median(seconds[threads]) - statistics.median(seconds[preferred]))
 
     def best(self, kind: tuple) -> int | None:
         """The currently preferred count, if this kind has been measured."""
         seconds = self._seconds.get(kind)
         return min(seconds, key=lambda n: statistics.median(seconds[n])) if seconds else None
+
+    def _inherits(self, kind: tuple) -> bool:
+        """Whether this kind takes its count from the measured kind of its sort (decode, prefill) whose
+        size is nearest (sizes are powers of two)."""
+        if kind not in self._inherited:
+            measured = [k for k, seconds in self._seconds.items() if seconds and k[0] == kind[0] and k != kind]
+            if not measured:
+                return False
+            nearest = min(measured, key=lambda k: (abs(k[1].bit_length() - kind[1].bit_length()), -k[1]))
+            self._inherited[kind] = self.best(nearest)
+            self._interval[kind] = 1  # its other counts are tried at its next pass, when that is affordable
+        return True
 
 
 def in_own_thread(fn, *args):
