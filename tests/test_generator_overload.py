@@ -6,10 +6,12 @@ bad decoding values fail the request cleanly at submit."""
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 
 import pytest
+import torch
 
 from conftest import make_config
 from core.config.schema import Decoding
@@ -20,6 +22,7 @@ from core.engine.local import LocalEngine
 from core.errors import Busy
 from core.metrics import Metrics
 from core.engine.models import ModelSource, choose_placement, load_model
+from core.engine.runner import ModelRunner
 from core.service import open_service
 from tiny import build_untrained_model
 
@@ -126,6 +129,30 @@ async def test_bad_decoding_values_fail_at_submit_and_change_nothing(slow_model)
     replies = await asyncio.gather(engine.submit(prompt, good).text(), engine.submit(prompt, good).text())
     await engine.close()
     assert replies[0] == replies[1]
+
+
+@pytest.mark.timeout(60)
+def test_calibration_times_every_size_at_the_count_it_will_run_whichever_count_won(slow_model):
+    """Before serving, the engine times each batch size and prefills at the thread count it will run
+    them at. When a count has just won its re-check, the tuner re-checks the loser at the next pass
+    (a trial, whose time admission must not plan with): calibration still ends each size with a
+    pass at the preferred count, so nothing is left unmeasured (unmeasured: every request refused)."""
+    model, tokenizer = slow_model
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runner = ModelRunner(model, tokenizer, tokenizer.pad_token_id)
+        for sort, sizes in (("prefill", range(13)), ("decode", range(6))):
+            for kind in ((sort, 1 << i) for i in sizes):
+                runner.tuner.record(kind, 1, 1.0)
+                runner.tuner.record(kind, 2, 0.5)  # two threads won: one thread is re-checked next
+        speed = SpeedModel()
+        with torch.inference_mode():
+            runner.calibrate(speed, max_rows=4, context=32)
+    finally:
+        torch.set_num_threads(previous)
+    assert all(math.isfinite(speed.step_seconds(rows, 40)) for rows in (1, 2, 3, 4))
+    assert all(math.isfinite(speed.prefill_seconds(tokens)) for tokens in (8, 16, 40, 300))
 
 
 def test_the_estimates_follow_the_speed_measured_now_and_assume_unmeasured_sizes_slow():

@@ -17,7 +17,7 @@ from core.engine.generator import GenerationFailed
 from core.engine.kv_cache import BatchCache, new_cache
 from core.engine.prefix_cache import Reuse
 from core.engine.sampling import RowSampler, sample
-from core.engine.threads import ThreadTuner, bucket
+from core.engine.threads import EXPLORE, SERVE, SETTLED, ThreadTuner, bucket
 from core.loading import model_loading
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
@@ -57,7 +57,7 @@ class ModelRunner:
             self.adapters[path] = name
 
     def prefill(self, prompts: list[list[int]], adapters: list[str],
-                explore: bool = False) -> tuple[BatchCache, torch.Tensor]:
+                threads: str = SERVE) -> tuple[BatchCache, torch.Tensor]:
         """Whole prompts together, left-padded to the longest: their cache and next-token logits."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -67,7 +67,7 @@ class ModelRunner:
             mask[i, width - len(prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         mask = mask.to(self.device)
-        out = self._forward(adapters, ("prefill", bucket(ids.numel())), explore, input_ids=ids.to(self.device),
+        out = self._forward(adapters, ("prefill", bucket(ids.numel())), threads, input_ids=ids.to(self.device),
                             attention_mask=mask, position_ids=positions.to(self.device), logits_to_keep=1,
                             past_key_values=new_cache(self.model.config))
         return BatchCache(out.past_key_values, mask), out.logits[:, -1, :]
@@ -77,17 +77,17 @@ class ModelRunner:
         batch = reuse.state.to_batch(reuse.tokens, owned=reuse.owned)
         rest = prompt[reuse.tokens:]
         batch.mask = torch.ones((1, len(prompt)), dtype=torch.long, device=self.device)
-        out = self._forward([adapter], ("prefill", bucket(len(rest))), False,
+        out = self._forward([adapter], ("prefill", bucket(len(rest))), SERVE,
                             input_ids=torch.tensor([rest], device=self.device), attention_mask=batch.mask,
                             position_ids=torch.arange(reuse.tokens, len(prompt), device=self.device)[None],
                             past_key_values=batch.cache, logits_to_keep=1)
         return batch, out.logits[:, -1, :]
 
     def decode(self, batch: BatchCache, tokens: list[int], positions: list[int], adapters: list[str],
-               explore: bool = False) -> torch.Tensor:
+               threads: str = SERVE) -> torch.Tensor:
         """One step: feed each row its latest token; the batch's cache grows by a column."""
         batch.grow()
-        out = self._forward(adapters, ("decode", bucket(len(tokens))), explore,
+        out = self._forward(adapters, ("decode", bucket(len(tokens))), threads,
                             input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=batch.mask,
                             position_ids=torch.tensor(positions, device=self.device)[:, None],
                             past_key_values=batch.cache)
@@ -105,28 +105,32 @@ class ModelRunner:
         prefill, a decode step at every batch size from `max_rows` down to one row (rows leave one
         cache, as requests leave a batch), and one row on a `context`-token prompt (what a token of
         context costs). Thread counts are tried where they differ most (a short prompt, the largest
-        batch, one row); the sizes between start at the nearest size's count, as when serving."""
+        batch, one row); the sizes between start at the nearest size's count, as when serving.
+        Each size ends with a pass at its preferred count, the one admission's estimates are made of
+        (trials are not recorded: a re-check can be many times slower than what the engine runs)."""
         tries = len(self.tuner.candidates) if self.tuner else 1
-        for _ in range(tries + 1):
-            self._timed_prefill(1, 16, speed, explore=True)
-        batch, samplers = self._timed_prefill(max_rows, 8, speed, explore=True)
+        for _ in range(tries):
+            self._timed_prefill(1, 16, speed, EXPLORE)
+        self._timed_prefill(1, 16, speed, SETTLED)
+        batch, samplers = self._timed_prefill(max_rows, 8, speed, EXPLORE)
         sizes = sorted({1 << i for i in range(max_rows.bit_length())} | {max_rows}, reverse=True)
         for rows in sizes:
             if rows < batch.rows:
                 batch.keep(list(range(rows)))
                 samplers = samplers[:rows]
-            explore = rows in (max_rows, 1)
-            self._timed_steps(batch, samplers, tries + 1 if explore else 2, speed, explore)
-        batch, samplers = self._timed_prefill(1, context, speed, explore=False)
-        self._timed_steps(batch, samplers, 2, speed, explore=False)
+            if rows in (max_rows, 1):
+                self._timed_steps(batch, samplers, tries, speed, EXPLORE)
+            self._timed_steps(batch, samplers, 1, speed, SETTLED)
+        batch, samplers = self._timed_prefill(1, context, speed, SETTLED)
+        self._timed_steps(batch, samplers, 2, speed, SETTLED)
 
     def _timed_prefill(self, rows: int, length: int, speed: SpeedModel,
-                       explore: bool) -> tuple[BatchCache, list[RowSampler]]:
+                       threads: str) -> tuple[BatchCache, list[RowSampler]]:
         generator = torch.Generator().manual_seed(rows * 7919 + length)
         prompts = torch.randint(self.vocab_size, (rows, length), generator=generator).tolist()
         samplers = [RowSampler(Decoding(seed=i), prompt, self.device) for i, prompt in enumerate(prompts)]
         started = time.perf_counter()
-        batch, logits = self.prefill(prompts, [BASE_ADAPTER] * rows, explore)
+        batch, logits = self.prefill(prompts, [BASE_ADAPTER] * rows, threads)
         for sampler, token in zip(samplers, sample(samplers, logits)):
             sampler.append(token)
         if not self.trial:
@@ -134,26 +138,31 @@ class ModelRunner:
         return batch, samplers
 
     def _timed_steps(self, batch: BatchCache, samplers: list[RowSampler], steps: int, speed: SpeedModel,
-                     explore: bool) -> None:
+                     threads: str) -> None:
         rows = len(samplers)
         for _ in range(steps):
             started = time.perf_counter()
             width = batch.width + 1
             positions = [len(s.history) - 1 for s in samplers]
-            logits = self.decode(batch, [s.history[-1] for s in samplers], positions, [BASE_ADAPTER] * rows, explore)
+            logits = self.decode(batch, [s.history[-1] for s in samplers], positions, [BASE_ADAPTER] * rows, threads)
             for sampler, token in zip(samplers, sample(samplers, logits)):
                 sampler.append(token)
             if not self.trial:
                 speed.record_step(rows, width, time.perf_counter() - started)
 
-    def _forward(self, adapters: list[str], kind: tuple, explore: bool, **inputs):
-        """One forward pass; `adapters` names each row's LoRA adapter (or the base); `explore` tries
-        every thread count for a kind not yet measured (see ThreadTuner.choose)."""
+    def _forward(self, adapters: list[str], kind: tuple, mode: str, **inputs):
+        """One forward pass; `adapters` names each row's LoRA adapter (or the base); `mode` says how
+        its thread count is chosen: EXPLORE tries every count for a kind not yet measured, SERVE
+        takes the tuner's choice (a re-check only when the requests in flight can afford it),
+        SETTLED the preferred count (see ThreadTuner)."""
         if self.tuner is not None:
-            threads = self.tuner.choose(kind, explore)
-            if (not explore and self.tuner.is_trial(kind, threads)
+            threads = self.tuner.choose(kind, mode == EXPLORE)
+            preferred = self.tuner.preferred(kind)
+            if mode == SETTLED and preferred is not None:
+                threads = preferred
+            elif (mode == SERVE and self.tuner.is_trial(kind, threads)
                     and not self.may_spend(self.tuner.extra_seconds(kind, threads))):
-                threads = self.tuner.preferred(kind)  # the re-check waits for its next turn
+                threads = preferred  # the re-check waits for its next turn
             self.trial = self.tuner.is_trial(kind, threads)
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)

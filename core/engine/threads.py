@@ -18,6 +18,10 @@ EXPLORE_EVERY = 64  # passes of one kind between re-checks of the runner-up, at 
 EXPLORE_AT_MOST_EVERY = 4096  # a runner-up that keeps losing is re-checked ever more rarely, down to this
 RECENT = 5  # a count's time is the median of its last passes: one pass the scheduler delayed moves nothing
 
+# How a pass's count is chosen: each count in turn (the engine timing itself before it serves), the
+# tuner's choice (re-checks included), or the preferred count (a pass whose time admission plans with).
+EXPLORE, SERVE, SETTLED = "explore", "serve", "settled"
+
 
 def bucket(size: int) -> int:
     """Sizes are grouped by powers of two: 1, 2, 4, 8, ..."""
