@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -97,6 +98,7 @@ class Gateway:
         self.connection_count = 0
         self.identifies: list[dict] = []  # IDENTIFY payloads ("d"), token included
         self.resumes: list[dict] = []  # RESUME payloads ("d")
+        self.replays: list[dict] = []  # per accepted RESUME: {"at": time.monotonic(), "events": how many replayed}
         self.heartbeats = 0
         self.member_requests: list[dict] = []  # REQUEST_GUILD_MEMBERS payloads (discord.py chunking)
         self.other_ops: list[dict] = []  # presence/voice-state updates etc.
@@ -192,10 +194,10 @@ class Gateway:
             session.conn.session = None
         session.conn = conn
         conn.session = session
-        last_seen = d.get("seq") or 0
-        for seq, frame in session.backlog:
-            if seq > last_seen:
-                conn.send(frame)
+        missed = [frame for seq, frame in session.backlog if seq > (d.get("seq") or 0)]
+        for frame in missed:
+            conn.send(frame)
+        self.replays.append({"at": time.monotonic(), "events": len(missed)})
         session.push("RESUMED", {})
 
     # -- dispatch ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from .discord_models import (
 
 EPHEMERAL, LOADING, HAS_THREAD = 1 << 6, 1 << 7, 1 << 5
 MESSAGE_DEFAULT, MESSAGE_REPLY, MESSAGE_CHAT_INPUT_COMMAND = 0, 19, 20
-_NOT_ON_WIRE = ("allowed_mentions",)  # kept on stored messages for assertions only
+_NOT_ON_WIRE = ("allowed_mentions", "at")  # kept on stored messages for assertions only ("at": time.monotonic())
 
 
 class WaitTimeout(AssertionError):
@@ -174,6 +174,7 @@ class RestHandlers:
             "pinned": False,
             "type": msg_type if msg_type is not None else MESSAGE_DEFAULT,
             "flags": body.get("flags") or 0,
+            "at": time.monotonic(),
         }
         if body.get("nonce") is not None:
             msg["nonce"] = body["nonce"]

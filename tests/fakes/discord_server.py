@@ -17,8 +17,9 @@ itself via ``GET /gateway/bot``.
 * Voice: the bot's voice state updates (gateway op 4) are answered with VOICE_STATE_UPDATE and,
   when it joins, VOICE_SERVER_UPDATE pointing at ``fake.voice_server`` (a FakeVoiceServer from
   discord_voice_server.py); ``user_joins_voice``/``user_leaves_voice`` move people around.
-* Messages the bot creates are stored per channel (``fake.messages``) and echoed back over the
-  gateway as MESSAGE_CREATE, as Discord does. Validation like Discord: empty message (50006),
+* Messages the bot creates are stored per channel (``fake.messages``, each with ``at``: when it was
+  created, by ``time.monotonic()``; not on the wire) and echoed back over the gateway as
+  MESSAGE_CREATE, as Discord does. Validation like Discord: empty message (50006),
   content over 2000 characters (50035), reply to an unknown message (50035), double interaction
   acknowledgement (40060).
 
