@@ -16,7 +16,7 @@ import torch
 from conftest import make_config
 from core.config.schema import Decoding
 from core.conversation import Turn
-from core.engine.capacity import SpeedModel
+from core.engine.capacity import PACE_PASSES, SpeedModel
 from core.engine.generator import GenerationFailed, GeneratorBusy
 from core.engine.local import LocalEngine
 from core.errors import Busy
@@ -111,6 +111,30 @@ async def test_a_request_alone_is_refused_only_when_it_cannot_finish_at_all(slow
     with pytest.raises(GeneratorBusy):
         engine.submit(prompt, ENDLESS, timeout=alone / 0.9)  # in time with the engine to itself only
     await admitted.text()
+    await engine.close()
+
+
+@pytest.mark.timeout(60)
+async def test_an_idle_engine_finds_out_that_a_slowdown_has_passed(slow_model):
+    """Passes that ran many times slower than measured (a neighbour's load) raise the pace, and then
+    every request is refused: no pass runs that could show the load has gone. Idle, the engine times
+    a few passes itself, and a lone request is admitted again, with no request needed first."""
+    model, tokenizer = slow_model
+    engine = LocalEngine(model, tokenizer, name="slowed", max_batch_size=2)
+    await engine.wait_started()
+    prompt = list(range(3, 40))
+    alone = engine.speed.prefill_seconds(len(prompt)) + 59 * engine.speed.step_seconds(1, len(prompt) + 60)
+    step = engine.speed.step_seconds(1, len(prompt))
+    for _ in range(PACE_PASSES):  # what a neighbour's load did to the last passes
+        engine.speed.record_step(1, len(prompt), 50 * step)
+    assert engine.speed.pace > 10
+    with pytest.raises(GeneratorBusy):
+        engine.submit(prompt, ENDLESS, timeout=3 * alone)
+    started = time.monotonic()
+    while engine.speed.pace > 2 and time.monotonic() - started < 20:
+        await asyncio.sleep(0.05)
+    assert engine.speed.pace <= 2
+    await engine.submit(prompt, ENDLESS, timeout=3 * alone + 1).text()
     await engine.close()
 
 

@@ -4,6 +4,7 @@ tests/test_generator_weights.py)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -170,6 +171,23 @@ def test_thread_tuner_runs_a_size_never_run_at_the_count_of_the_nearest_size_run
     assert used[2:-1] == [(2, False)] * (EXPLORE_EVERY - 1) and used[-1] == (1, True)
     assert tuner.extra_seconds(new, 1) == pytest.approx(0.4)
     assert ThreadTuner(2).choose(("prefill", 8)) == 1  # nothing measured yet: each count in turn
+
+
+def test_a_count_a_size_never_ran_at_is_judged_by_the_nearest_size_that_ran_at_both():
+    """A size that only ran at two threads re-checks one thread only when the requests in flight can
+    afford it: what that costs is judged by the nearest size of its sort timed at both counts. When a
+    neighbour makes two threads slow there, trying one thread costs nothing, so the re-check runs."""
+    tuner = ThreadTuner(2)
+    lone, batch, other = ("decode", 1), ("decode", 4), ("prefill", 4)
+    for threads, seconds in ((1, 0.075), (2, 0.045)):
+        tuner.record(lone, threads, seconds)
+    tuner.record(batch, 2, 0.06)
+    tuner.record(other, 2, 0.1)
+    assert tuner.extra_seconds(batch, 1) == pytest.approx(0.06 * (0.075 / 0.045 - 1))
+    assert tuner.extra_seconds(other, 1) == math.inf  # nothing of its sort ran at both
+    for _ in range(3):  # a neighbour: two threads are slow now
+        tuner.record(lone, 2, 1.5)
+    assert tuner.extra_seconds(batch, 1) == 0.0
 
 
 @pytest.mark.timeout(60)

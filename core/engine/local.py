@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 # Prompt tokens prefilled per round at most (one long prompt still goes alone): the running batch
 # gets a decode step between rounds, so a burst of arrivals does not stall everyone's stream.
 PREFILL_TOKENS_PER_ROUND = 1024
+# Idle with a pace above 1 (passes ran slower than measured before: a neighbour's load), the engine
+# times a few passes this often, so that admission does not keep planning with a load that has gone.
+PROBE_IDLE_S = 2.0
+PROBE_ABOVE_PACE = 1.25
 
 
 class LocalEngine(Engine):
@@ -82,6 +86,7 @@ class LocalEngine(Engine):
         self._closing = False
         self._started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._pass_ended: float | None = None  # when the last pass ended, unless the worker waited since
+        self._probing = True  # idle after a slowdown, time a few passes (see _probe)
         if metrics:
             metrics.expected_wait.labels(name).set_function(self.expected_wait)
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
@@ -209,12 +214,23 @@ class LocalEngine(Engine):
                 return
             while True:
                 with self._cv:
+                    stale = False
                     while not self._pending and not self._rows and not self._closing:
                         self._pass_ended = None
-                        self._cv.wait()
-                    if self._closing and not self._pending and not self._rows:
+                        if (not self._cv.wait(PROBE_IDLE_S) and self._probing
+                                and self.speed.pace > PROBE_ABOVE_PACE):
+                            stale = True
+                            break
+                    if stale:
+                        admitted = None
+                    elif self._closing and not self._pending and not self._rows:
                         return
-                    admitted = self._take()
+                    else:
+                        admitted = self._take()
+                        self._probing = True
+                if admitted is None:
+                    self._probe()
+                    continue
                 try:
                     self._round(admitted)
                 except Exception as exc:  # noqa: BLE001 - the worker must outlive any one failure
@@ -452,6 +468,19 @@ class LocalEngine(Engine):
         self._calibrate()
         self._started.set_result(None)
         return True
+
+    def _probe(self) -> None:
+        """Idle after a slowdown: time a few passes, so that the pace follows the speed now. Without
+        them a pace measured under a neighbour's load would outlive the load: every request refused,
+        no pass run, nothing measured again."""
+        before = self.speed.pace
+        try:
+            self.runner.probe(self.speed)
+        except Exception:  # noqa: BLE001 - the next real passes will measure it
+            log.warning("could not time the model while idle", exc_info=True)
+        # Probing goes on while it finds the machine faster than the pace said; a pace it confirms
+        # stays until the next request (an idle engine does not keep timing a busy machine).
+        self._probing = self.speed.pace < 0.95 * before
 
     def _calibrate(self) -> None:
         """Time a decode step at every batch size the engine will run, and prefills, before serving:

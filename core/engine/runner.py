@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from core.config.schema import Decoding
-from core.engine.capacity import SpeedModel
+from core.engine.capacity import PACE_PASSES, SpeedModel
 from core.engine.cpu_kernels import check_kernels
 from core.engine.cpu_weights import has_quantized_weights
 from core.engine.generator import GenerationFailed
@@ -123,6 +123,12 @@ class ModelRunner:
             self._timed_steps(batch, samplers, 1, speed, SETTLED)
         batch, samplers = self._timed_prefill(1, context, speed, SETTLED)
         self._timed_steps(batch, samplers, 2, speed, SETTLED)
+
+    def probe(self, speed: SpeedModel) -> None:
+        """A short prefill and a few decode steps of one row at their preferred thread counts, timed
+        into `speed`: what the passes cost now."""
+        batch, samplers = self._timed_prefill(1, 16, speed, SETTLED)
+        self._timed_steps(batch, samplers, PACE_PASSES // 2 + 1, speed, SETTLED)  # enough to move the pace's median
 
     def _timed_prefill(self, rows: int, length: int, speed: SpeedModel,
                        threads: str) -> tuple[BatchCache, list[RowSampler]]:

@@ -90,13 +90,24 @@ class ThreadTuner:
         return self._inherited.get(kind) if best is None else best
 
     def extra_seconds(self, kind: tuple, threads: int) -> float:
-        """How much longer than at the preferred count a pass of this kind took at `threads` lately
-        (infinite if never measured)."""
+        """How much longer than at the preferred count a pass of this kind took at `threads` lately.
+        A count this kind never ran at is judged by the nearest size of its sort that ran at both,
+        as a ratio (a neighbour's load that makes two threads slow makes them slow at every size);
+        infinite when no size did."""
         seconds = self._seconds.get(kind, {})
         preferred = self.preferred(kind)
-        if threads not in seconds or preferred not in seconds:
+        if preferred not in seconds:
             return math.inf
-        return max(0.0, statistics.median(seconds[threads]) - statistics.median(seconds[preferred]))
+        usual = statistics.median(seconds[preferred])
+        if threads in seconds:
+            return max(0.0, statistics.median(seconds[threads]) - usual)
+        both = [k for k, times in self._seconds.items()
+                if k[0] == kind[0] and k != kind and threads in times and preferred in times]
+        if not both:
+            return math.inf
+        nearest = min(both, key=lambda k: (abs(k[1].bit_length() - kind[1].bit_length()), -k[1]))
+        times = self._seconds[nearest]
+        return max(0.0, usual * (statistics.median(times[threads]) / statistics.median(times[preferred]) - 1))
 
     def best(self, kind: tuple) -> int | None:
         """The currently preferred count, if this kind has been measured."""
