@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training.dataset import DatasetConfig, FilterConfig, Report, build_dataset, threads_to_sessions
+from training.dataset import PRESETS, DatasetConfig, FilterConfig, Report, build_dataset, threads_to_sessions
 
 TITLE = "What do you think about the new park"
 GOOD = "I think it is a good place for the kids"
@@ -100,6 +100,21 @@ def test_session_word_budget_cuts_the_turn_that_exceeds_it():
     assert texts(threads_to_sessions(raw, FilterConfig(max_session_words=25), report=report)) == [[TITLE, GOOD]]
     assert report.turns_dropped == {"session_too_long": 1}
     assert texts(threads_to_sessions(raw, FilterConfig(max_session_words=26))) == [[TITLE, GOOD, reply]]
+
+
+@pytest.mark.timeout(30)
+def test_chat_filters_screen_what_answered_a_dropped_turn_too():
+    """The chat preset keeps the replies to a dropped turn (they start afresh): an offensive one among
+    them is dropped as offensive like any other turn."""
+    chat = PRESETS["chat"]
+    raw = thread([comment("see https://example.com for the park map", replies=[
+        comment("you are a stupid idiot and I hate you", replies=[comment("the swings are new this year")]),
+    ])], title="")
+    report = Report()
+    sessions = threads_to_sessions(raw, chat.filters, include_title=False, windows=True,
+                                   skip_dropped_turns=True, report=report)
+    assert report.turns_dropped == {"url": 1, "offensive": 1}
+    assert all("idiot" not in text for s in texts(sessions) for text in s)
 
 
 @pytest.mark.timeout(30)

@@ -201,7 +201,9 @@ def threads_to_sessions(
     for node in candidates:
         node.rule = _turn_rule(node, filters)
     if filters.offensive:
-        reachable = ([title] if title and title.rule is None else []) + _unpruned(comments)
+        # Chat filters keep what answered a dropped turn, so every passing turn is screened there.
+        reachable = ([n for n in candidates if n.rule is None] if skip_dropped_turns
+                     else ([title] if title and title.rule is None else []) + _unpruned(comments))
         for node, bad in zip(reachable, is_offensive([n.text for n in reachable]) if reachable else []):
             if bad:
                 node.rule = "offensive"
