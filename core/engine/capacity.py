@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -131,6 +132,8 @@ class SpeedModel:
         self._fastest_step = math.inf
         self._fastest_token = math.inf
         self._ratios: deque[float] = deque(maxlen=PACE_PASSES)
+        # The worker records passes while the event loop (admission) and /metrics read the estimates.
+        self._lock = threading.RLock()
 
     @property
     def pace(self) -> float:
@@ -138,18 +141,21 @@ class SpeedModel:
         last several where that is higher (a slowdown shows within a few passes, a recovery in more).
         Never below 1: passes faster than the shape teach the shape itself at their sizes, and must
         not make the sizes not run lately look faster than measured."""
-        if not self._ratios:
+        with self._lock:
+            recent = list(self._ratios)
+        if not recent:
             return 1.0
-        recent = list(self._ratios)
         return max(1.0, statistics.median(recent), statistics.median(recent[-PACE_PASSES // 4:]))
 
     def record_step(self, rows: int, width: int, seconds: float) -> None:
-        self._record(self._step, rows, _step_x(rows, width), seconds)
-        self._fastest_step = min(self._fastest_step, seconds)
+        with self._lock:
+            self._record(self._step, rows, _step_x(rows, width), seconds)
+            self._fastest_step = min(self._fastest_step, seconds)
 
     def record_prefill(self, tokens: int, seconds: float) -> None:
-        self._record(self._prefill, tokens, _prefill_x(tokens), seconds)
-        self._fastest_token = min(self._fastest_token, seconds / max(tokens, 1))
+        with self._lock:
+            self._record(self._prefill, tokens, _prefill_x(tokens), seconds)
+            self._fastest_token = min(self._fastest_token, seconds / max(tokens, 1))
 
     def _record(self, fit: _Fit, size: int, x: list[float], seconds: float) -> None:
         if fit.measured(size):  # the shape is known at this size: how fast it ran says how busy we are
@@ -157,13 +163,15 @@ class SpeedModel:
         fit.add(size, x, seconds / self.pace)
 
     def step_seconds(self, rows: int, width: int) -> float:
-        shape = self._shape(self._step, rows, lambda r: _step_x(r, width))
-        # A fit is never trusted below the fastest step ever seen.
-        return max(shape * self.pace, self._fastest_step)
+        with self._lock:
+            shape = self._shape(self._step, rows, lambda r: _step_x(r, width))
+            # A fit is never trusted below the fastest step ever seen.
+            return max(shape * self.pace, self._fastest_step)
 
     def prefill_seconds(self, tokens: int) -> float:
-        shape = self._shape(self._prefill, tokens, _prefill_x)
-        return max(shape * self.pace, self._fastest_token * tokens)
+        with self._lock:
+            shape = self._shape(self._prefill, tokens, _prefill_x)
+            return max(shape * self.pace, self._fastest_token * tokens)
 
     @staticmethod
     def _shape(fit: _Fit, size: int, x) -> float:

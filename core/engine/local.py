@@ -214,21 +214,17 @@ class LocalEngine(Engine):
                 return
             while True:
                 with self._cv:
-                    stale = False
-                    while not self._pending and not self._rows and not self._closing:
+                    probe = False
+                    while not (self._pending or self._rows or self._closing or probe):
                         self._pass_ended = None
-                        if (not self._cv.wait(PROBE_IDLE_S) and self._probing
-                                and self.speed.pace > PROBE_ABOVE_PACE):
-                            stale = True
-                            break
-                    if stale:
-                        admitted = None
-                    elif self._closing and not self._pending and not self._rows:
-                        return
-                    else:
+                        probe = (not self._cv.wait(PROBE_IDLE_S) and self._probing
+                                 and self.speed.pace > PROBE_ABOVE_PACE)
+                    if not probe:
+                        if self._closing and not self._pending and not self._rows:
+                            return
                         admitted = self._take()
                         self._probing = True
-                if admitted is None:
+                if probe:
                     self._probe()
                     continue
                 try:
