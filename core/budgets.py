@@ -11,9 +11,12 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from core.config.schema import Decoding
-from core.engine.generator import Generation
+
+if TYPE_CHECKING:  # the stores use this module's days; they stay below the engine
+    from core.engine.generator import Generation
 
 RESETS = "it resets at 00:00 UTC"
 

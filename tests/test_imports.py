@@ -5,14 +5,17 @@ and writes nothing."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 
 from exports import DiscordExport, SlackExport, discord_user, write_jsonl
 from test_training_cli import ttt
+from ttt.cli import main
 
 CONSENT = "Everyone in #general agreed in March 2024 that the bot may learn from the channel"
 ALICE = discord_user("111111111111111111", "alice_w", "Alice")
@@ -323,3 +326,14 @@ def test_readme_documents_the_import_commands_the_terms_and_the_bench_line():
         assert words in training, words
     assert "Discord's and Slack's terms restrict training on people's messages without" in training
     assert "`training/imports/`" in readme and "`bench/persona.py`" in readme
+
+
+def test_the_help_gives_the_importers_own_silence_default(workdir):
+    """`ttt` does not load the importers to build its parser: the help's default is checked here."""
+    from training.imports import DEFAULT_SILENCE_MINUTES
+
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit) as exited:
+        main(["--config", str(workdir / "config.yaml"), "import", "discord", "--help"])
+    assert exited.value.code == 0
+    assert f"(default: {DEFAULT_SILENCE_MINUTES:g})" in " ".join(out.getvalue().split())

@@ -25,7 +25,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from core.config.loading import Settings
-from training.imports.importer import DEFAULT_SILENCE_MINUTES
 
 STATE_FILE = "latest.json"
 NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -79,8 +78,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         q.add_argument("--exclude-users", nargs="+", action="extend", default=[], metavar="ID_OR_NAME",
                        help="leave these people out (platform ids or any name they go by); after the files")
         if source != "jsonl":
-            q.add_argument("--silence-minutes", type=float, default=DEFAULT_SILENCE_MINUTES,
-                           help=f"a longer silence starts a new conversation (default: {DEFAULT_SILENCE_MINUTES:g})")
+            q.add_argument("--silence-minutes", type=float,  # default: the importer's (not imported by every ttt)
+                           help="a longer silence starts a new conversation (default: 30)")
         q.set_defaults(run=run_import)
 
     p = commands.add_parser(
@@ -199,8 +198,9 @@ def run_import(settings: Settings, args: argparse.Namespace) -> int:
         name = args.name or dataset_name(export.suggested_name)
         if not NAME.fullmatch(name):
             raise RecipeError(f"name {name!r} must be letters, digits, '-' or '_': pass --name")
+        silence = getattr(args, "silence_minutes", None)
         summary = save_import(export, name, raw_dir, args.consent, args.exclude_users,
-                              getattr(args, "silence_minutes", DEFAULT_SILENCE_MINUTES), progress=sys.stderr.isatty())
+                              **({} if silence is None else {"silence_minutes": silence}), progress=sys.stderr.isatty())
     except (ExportError, RecipeError) as exc:
         return _fail("import", exc)
     _remember(settings, name=name, raw=str(summary.raw))

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import aiohttp
 
-from core.files import decode, not_text, quoted, too_large, unread_because
+from core.files import AttachedFile, decode, not_text, quoted, too_large, unread_because
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ class Hearing:
             await self._turn_model.get()
         transcriber = await self._transcriber.get()
         log.info("listen: %s speech to text ready (%s on %s); turns end by %s", transcriber.stt.name,
-                 describe_model(self.section), transcriber.stt.device, turn_model_in_use(self.section))
+                 describe_model(self.section), transcriber.stt.device, "smart-turn" if self._turn_model is not None else "silence")
 
     async def close(self) -> None:
         await self._transcriber.close()
