@@ -100,13 +100,17 @@ class Servers:
         return ServerSettings.from_preferences(await self.store.preferences(namespace(key.server_id)))
 
     async def budget(self, key: ConversationKey, author_id: str | None,
-                     settings: ServerSettings | None = None) -> Budget:
+                     settings: ServerSettings | None = None, *, counted: bool = False) -> Budget:
         """Today's tokens of this person in the conversation's server, against the limits in force
-        (nobody's own budget without an `author_id`)."""
+        (nobody's own budget without an `author_id`). Where no limit applies the counts are read only
+        when `counted` (/usage): admission needs no store round trip then."""
         settings = settings or await self.settings(key)
         limits = settings.limits(self.host_limits(key.platform))
+        person_limit = limits.person_budget if author_id else 0
+        if not (counted or person_limit or limits.server_budget):
+            return Budget(0, 0, 0, 0)
         mine, everyone = await self.store.tokens_used(key.server_id, author_id or "", utc_day())
-        return Budget(mine, limits.person_budget if author_id else 0, everyone, limits.server_budget)
+        return Budget(mine, person_limit, everyone, limits.server_budget)
 
     async def first_refusal_today(self, key: ConversationKey, author_id: str) -> bool:
         """True the first time today (on any replica) this person is refused here for a spent budget."""

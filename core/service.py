@@ -425,7 +425,7 @@ class ChatService:
         if command == commands.USAGE:
             if not author_id:
                 return NOT_KNOWN + "no usage of yours to show."
-            return (await self.servers.budget(key, author_id)).report()
+            return (await self.servers.budget(key, author_id, counted=True)).report()
         if command == commands.SERVER:
             return await self.servers.command(key, argument, admin=admin, author_id=author_id,
                                               persona_named=lambda name: self._available(name).name,
