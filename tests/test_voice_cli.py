@@ -232,6 +232,9 @@ def test_piper_speaks_in_its_own_voice_and_registers_none(tmp_path, clips, monke
     assert rate == 22_050 and 1.0 < len(audio) / rate < 5 and np.abs(audio).max() > 0.1  # the voice's own rate
     code, out, _ = ttt(write_config(tmp_path, "piper", model=str(tmp_path / "missing.onnx"), enabled=True), "check")
     assert code == 2 and "CANNOT START: voice.model: " in out and "is not a Piper voice" in out
+    (tmp_path / "lone.onnx").write_bytes(b"onnx")  # a voice without its .onnx.json: check says so, as start would
+    code, out, _ = ttt(write_config(tmp_path, "piper", model=str(tmp_path / "lone.onnx"), enabled=True), "check")
+    assert code == 2 and "CANNOT START: voice.model: the Piper voice" in out and "has no lone.onnx.json" in out
 
 
 def test_voice_config_names_registered_voices(tmp_path, monkeypatch):

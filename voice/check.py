@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass, field
 
 from core.config.schema import Config, VoiceSection
@@ -106,8 +105,7 @@ def _check_listen(config: Config, result: VoiceCheck) -> None:
 
 def _check_piper(section: VoiceSection, result: VoiceCheck) -> None:
     """Which Piper voice will speak, and what it needs (its files, the espeak-ng program)."""
-    from voice.speak.phonemes import ESPEAK
-    from voice.speak.piper_engine import voice_path
+    from voice.speak.piper_engine import require_espeak, voice_path
     from voice.speak.tts import VoiceUnavailable
 
     try:
@@ -119,6 +117,8 @@ def _check_piper(section: VoiceSection, result: VoiceCheck) -> None:
     else:
         bundled = " (the default, bundled en_US-joe-medium)" if section.model is None else ""
         result.lines.append(f"voice: piper engine, {path}{bundled}, on the CPU, language {section.language}")
-    if shutil.which(ESPEAK) is None:
-        result.problems.append("voice: the piper engine needs the espeak-ng program: apt-get install espeak-ng")
-        result.lines.append("  CANNOT START: the espeak-ng program is missing (apt-get install espeak-ng)")
+    try:
+        require_espeak()
+    except VoiceUnavailable as exc:
+        result.problems.append(f"voice: {exc}")
+        result.lines.append(f"  CANNOT START: {exc}")

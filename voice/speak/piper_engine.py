@@ -47,7 +47,16 @@ def voice_path(model: str | None) -> Path:
     if path.suffix != ".onnx" or not path.is_file():
         raise VoiceUnavailable(f"voice.model: {model!r} is not a Piper voice: give the path of its .onnx file "
                                "(with its .onnx.json beside it)")
+    if not path.with_name(path.name + ".json").is_file():
+        raise VoiceUnavailable(f"voice.model: the Piper voice {path} has no {path.name}.json beside it")
     return path
+
+
+def require_espeak() -> None:
+    """Piper's phonemes come from the espeak-ng program; raises VoiceUnavailable without it."""
+    if shutil.which(ESPEAK) is None:
+        raise VoiceUnavailable("the piper engine needs the espeak-ng program for its phonemes: "
+                               "apt-get install espeak-ng")
 
 
 class PiperEngine(TextToSpeech):
@@ -74,11 +83,7 @@ class PiperEngine(TextToSpeech):
         to the chat model)."""
         path = voice_path(model)
         config_path = path.with_name(path.name + ".json")
-        if not config_path.is_file():
-            raise VoiceUnavailable(f"voice.model: the Piper voice {path} has no {config_path.name} beside it")
-        if shutil.which(ESPEAK) is None:
-            raise VoiceUnavailable("the piper engine needs the espeak-ng program for its phonemes: "
-                                   "apt-get install espeak-ng")
+        require_espeak()
         try:
             import onnxruntime
         except ImportError:
