@@ -224,6 +224,9 @@ def test_build_dataset_dedupes_splits_by_thread_and_reports_consistent_counts(tm
     card = (tmp_path / "out" / "README.md").read_text()
     assert "r/parks" in card and "2023-07-22" in card and "2023-11-14" in card
     assert "max_turn_words" in card and f"{len(train)}" in card
+    assert "pruned with its replies" in card
+    build_dataset(raw, tmp_path / "chat", replace(cfg, skip_dropped_turns=True))
+    assert "the turn after it starts a new session" in (tmp_path / "chat" / "README.md").read_text()
 
     again = build_dataset(raw, tmp_path / "again", cfg)
     assert read(tmp_path / "again" / "validation.jsonl") == validation and again.to_dict() == report.to_dict()

@@ -42,6 +42,9 @@ def dataset_card(report: dict, table: str) -> str:
     splits = [name for name in ("train", "validation") if report[f"{name}_sessions"]]
     data_files = "".join(f"  - split: {name}\n    path: {name}.jsonl\n" for name in splits)
     imported = report["imported"]
+    rule = ("A turn failing a rule is skipped: the turn after it starts a new session. A path longer than "
+            "`max_turns` is cut into windows." if report["config"].get("skip_dropped_turns")
+            else "A turn failing a rule is pruned with its replies; paths through it end at its parent.")
     first, last = _date(report["first_utc"]), _date(report["last_utc"])
     if imported:
         counts = imported["counts"]
@@ -57,14 +60,10 @@ def dataset_card(report: dict, table: str) -> str:
                   f"{counts['excluded_people']} people left out. Authors are pseudonymised (user1, user2, ...; "
                   f"mentions too): no platform id or name is in these files.\n\n"
                   f"**Consent**: {imported['consent']}")
-        rule = ("A turn failing a rule is skipped: the turn after it starts a new session. A path longer than "
-                "`max_turns` is cut into windows." if report["config"].get("skip_dropped_turns")
-                else "A turn failing a rule is pruned with its replies; paths through it end at its parent.")
     else:
         title = f"Reddit sessions from {source}"
         origin = (f"Multi-turn sessions (root-to-leaf paths through comment trees) scraped from {source}, posted\n"
                   f"between {first} and {last} (UTC).")
-        rule = "A comment failing a rule is pruned with its replies; paths through it end at its parent."
     return f"""---
 configs:
 - config_name: default
