@@ -384,3 +384,25 @@ def test_eval_skips_a_held_out_context_too_long_to_reply_to(finished_run, data_d
     (held_out / "validation.jsonl").write_text(json.dumps(too_long) + "\n" + json.dumps(normal) + "\n")
     result = evaluate(EvalConfig(personality=cfg.out_dir, data_dir=held_out, samples=2, report=tmp_path / "eval.md"))
     assert [s.human for s in result.samples] == [normal["turns"][-1]["text"]]
+
+
+@pytest.mark.timeout(30)
+def test_cpu_threads_try_each_count_and_leave_the_process_count_as_it_was():
+    """Training and validation passes run at the count timed fastest for their kind (each count tried
+    first); after each, even one that failed, the process runs at its own count again (`ttt eval`
+    generates replies after validating)."""
+    from training.cpu_threads import CpuThreads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads, used = CpuThreads("cpu"), []
+        for _ in range(2):
+            with threads.timed("step", 10):
+                used.append(torch.get_num_threads())
+            assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError), threads.timed("step", 10):
+            raise ValueError
+        assert torch.get_num_threads() == 2 and sorted(used) == [1, 2]
+    finally:
+        torch.set_num_threads(before)

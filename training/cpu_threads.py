@@ -28,15 +28,16 @@ class CpuThreads:
 
     @contextmanager
     def timed(self, kind: str, tokens: int) -> Iterator[None]:
+        """The pass runs at its kind's count; the process's count is back as it was afterwards."""
         if self._tuner is None:
             yield
             return
         threads = self._tuner.choose((kind,))
         torch.set_num_threads(threads)
         started = time.perf_counter()
-        yield
-        self._tuner.record((kind,), threads, (time.perf_counter() - started) / max(1, tokens))
-
-    def restore(self) -> None:
-        """Back to the thread count there was before."""
-        torch.set_num_threads(self._initial)
+        try:
+            yield
+            seconds = time.perf_counter() - started
+        finally:
+            torch.set_num_threads(self._initial)
+        self._tuner.record((kind,), threads, seconds / max(1, tokens))

@@ -243,7 +243,6 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> TrainResult:
         record_ending(cfg.out_dir, final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    threads.restore()
     return TrainResult(
         out_dir=cfg.out_dir, steps=state["step"],
         base_perplexity=final["validation"]["base_perplexity"], perplexity=final["validation"]["perplexity"],
