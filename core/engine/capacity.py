@@ -149,17 +149,19 @@ class SpeedModel:
 
     def record_step(self, rows: int, width: int, seconds: float) -> None:
         with self._lock:
-            self._record(self._step, rows, _step_x(rows, width), seconds)
+            self._record(self._step, rows, _step_x(rows, width), seconds, self._fastest_step)
             self._fastest_step = min(self._fastest_step, seconds)
 
     def record_prefill(self, tokens: int, seconds: float) -> None:
         with self._lock:
-            self._record(self._prefill, tokens, _prefill_x(tokens), seconds)
+            self._record(self._prefill, tokens, _prefill_x(tokens), seconds, self._fastest_token * tokens)
             self._fastest_token = min(self._fastest_token, seconds / max(tokens, 1))
 
-    def _record(self, fit: _Fit, size: int, x: list[float], seconds: float) -> None:
+    def _record(self, fit: _Fit, size: int, x: list[float], seconds: float, fastest: float) -> None:
         if fit.measured(size):  # the shape is known at this size: how fast it ran says how busy we are
-            self._ratios.append(seconds / max(fit.predict(size, x), 1e-12))
+            # Against the estimate admission makes: never below the fastest pass seen (a fit's line can
+            # pass near zero at a size, and one such ratio would multiply every estimate).
+            self._ratios.append(seconds / max(fit.predict(size, x), fastest, 1e-12))
         fit.add(size, x, seconds / self.pace)
 
     def step_seconds(self, rows: int, width: int) -> float:
