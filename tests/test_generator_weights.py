@@ -152,15 +152,24 @@ async def test_an_engine_whose_kernel_is_wrong_does_not_start(tmp_path, tokenize
     broken = quantized_layers(model)[0]  # the first of its shape: the one checked
     broken.packed.zero_()
     engine = LocalEngine(model, tokenizer)
-    waiting = engine.submit([5, 6, 7], Decoding(max_new_tokens=2))
+    try:  # the check runs at once in the worker: this lands before it ends or after (a fast CPU)
+        waiting = engine.submit([5, 6, 7], Decoding(max_new_tokens=2))
+    except GenerationFailed as exc:
+        submitted_early = exc
+    else:
+        with pytest.raises(GenerationFailed) as failed:
+            await asyncio.wait_for(waiting.text(), 30)
+        submitted_early = failed.value
     with pytest.raises(KernelMismatch) as refused:
         await asyncio.wait_for(engine.wait_started(), 30)
     message = str(refused.value)
     assert message.startswith("generator.cpu_dtype int4: on this CPU (PyTorch capability ")
     assert cpu_capability() in message and f"{broken.out_features}x{broken.in_features}" in message
     assert message.endswith("set generator.cpu_dtype to float32 (TTT_GENERATOR__CPU_DTYPE=float32)")
-    with pytest.raises(GenerationFailed, match="generator.cpu_dtype int4"):
-        await waiting.text()
+    assert str(submitted_early) == message
+    with pytest.raises(GenerationFailed) as later:  # after the failed start: the same reason
+        engine.submit([5, 6, 7], Decoding(max_new_tokens=2))
+    assert str(later.value) == message
     await engine.close()
 
 

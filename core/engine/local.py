@@ -141,6 +141,9 @@ class LocalEngine(Engine):
                       self.runner.adapters[adapter] if adapter else BASE_ADAPTER)
         with self._cv:
             if self._closing:
+                failed = self._started.exception() if self._started.done() else None
+                if failed is not None:  # it never started: say why, not "shutting down"
+                    raise GenerationFailed(str(failed))
                 self._refuse("closing", "the generator is shutting down")
             if len(self._inflight) >= self.max_queue:
                 self._refuse("queue_full", "the generator's queue is full")
