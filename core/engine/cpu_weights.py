@@ -68,6 +68,7 @@ class Int4Linear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self._padded = self.out_features % 16 != 0
         # The kernel takes outputs in multiples of 16 (a vocabulary such as GPT-2's 50,257 is not):
         # padded with zero rows, cut off after the product.
         padded = F.pad(weight.detach().float(), (0, 0, 0, -self.out_features % 16))
@@ -90,14 +91,18 @@ class Int4Linear(torch.nn.Module):
         return in_features % INT4_GROUP == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
-        if rows > INT4_MAX_ROWS:  # rounded to bfloat16 as the kernel rounds its outputs
-            out = F.linear(flat.to(self.weight.dtype), self.weight).bfloat16()
+        # A decode step calls this ~200 times: as few tensor operations as the result allows.
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if flat.shape[0] > INT4_MAX_ROWS:  # rounded to bfloat16 as the kernel rounds its outputs
+            weight = self.weight
+            out = F.linear(flat.to(weight.dtype), weight).bfloat16()
         else:
-            out = self.product(flat.contiguous())[:, :self.out_features]
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scales_and_zeros)
+            if self._padded:
+                out = out[:, :self.out_features]
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        bias = self.bias
+        return out if bias is None else out + bias
 
     def product(self, rows: torch.Tensor) -> torch.Tensor:
         """The 4-bit kernel on [rows, in_features] bfloat16 inputs: bfloat16 outputs, padded to 16."""
