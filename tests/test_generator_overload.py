@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import threading
 import time
 
@@ -103,9 +104,15 @@ async def test_a_request_alone_is_refused_only_when_it_cannot_finish_at_all(slow
     prompt = list(range(3, 40))
     too_short = 3 * engine.speed.step_seconds(1, len(prompt))  # 3 steps' time for 60 tokens
     started = time.monotonic()
-    with pytest.raises(GeneratorBusy):
+    with pytest.raises(GeneratorBusy) as refused:
         engine.submit(prompt, ENDLESS, timeout=too_short)
     assert time.monotonic() - started < 0.25
+    # The message shows the estimate that refused it: a refusal that surprises can be read.
+    numbers = re.fullmatch(r"the generator could not finish this request before its deadline \(estimated to "
+                           r"finish in ([0-9.]+) s, its deadline is in ([0-9.]+) s; 0 running, 0 waiting, "
+                           r"pace [0-9.]+\)", str(refused.value))
+    assert numbers, str(refused.value)
+    assert float(numbers[1]) > float(numbers[2]) + 0.05
     alone = engine.speed.prefill_seconds(len(prompt)) + 59 * engine.speed.step_seconds(1, len(prompt) + 60)
     admitted = engine.submit(prompt, ENDLESS, timeout=3 * alone + 1)
     with pytest.raises(GeneratorBusy):

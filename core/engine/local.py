@@ -148,7 +148,8 @@ class LocalEngine(Engine):
             if len(self._inflight) >= self.max_queue:
                 self._refuse("queue_full", "the generator's queue is full")
             if generation.deadline is not None and not self._in_time(row):
-                self._refuse("deadline", "the generator could not finish this request before its deadline")
+                self._refuse("deadline", "the generator could not finish this request before its deadline "
+                             f"({self._late_by(row)})")
             self._pending.append(row)
             self._inflight.append(row)
             self._cv.notify()
@@ -169,6 +170,16 @@ class LocalEngine(Engine):
         running, waiting = self._queue()
         return capacity.admits(running, waiting, row.work(), self.max_batch_size, self.speed, time.monotonic(),
                                joinable=self._joinable)
+
+    def _late_by(self, row: Request) -> str:
+        """Called with the lock held, for a refused request: the estimate that refused it (a refusal
+        that surprises can be read from its message)."""
+        running, waiting = self._queue()
+        new = row.work()
+        now = time.monotonic()
+        capacity.plan(running, waiting + [new], self.max_batch_size, self.speed, now, joinable=self._joinable)
+        return (f"estimated to finish in {new.finish - now:.1f} s, its deadline is in {new.deadline - now:.1f} s; "
+                f"{len(running)} running, {len(waiting)} waiting, pace {self.speed.pace:.2f}")
 
     def expected_wait(self) -> float:
         """Estimated seconds before a request arriving now would have its first token: the passes of
