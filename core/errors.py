@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 MEMORY_UNAVAILABLE = "I can't reach my memory right now; please try again in a moment."
 BUSY = "I'm busy with a lot of conversations right now; try again in a moment."
 CONVERSATION_BUSY = "I'm still answering an earlier message here; try again in a moment."
+TIMED_OUT = "That took me too long to answer (a lot of conversations at once); try again in a moment."
 
 
 class ChatError(Exception):
@@ -36,7 +37,7 @@ class Busy(ChatError):
 
 
 class TimedOut(Busy):
-    """The reply ran past its deadline, which under load means the same as busy."""
+    """The reply ran past its deadline: busy, found out late (a refusal at once is plain Busy)."""
 
     outcome = "timeout"
 

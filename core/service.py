@@ -19,8 +19,8 @@ from core.config.schema import Config, Decoding
 from core.conversation import ConversationBusy, ConversationKey, ConversationStore, StoreUnavailable, Turn, current_session
 from core.files import with_files
 from core.errors import (
-    BUSY, CONVERSATION_BUSY, MEMORY_UNAVAILABLE, Busy, ChatError, InputRejected, MemoryUnavailable, OverBudget,
-    PersonaError, ReplyFailed, TimedOut, TooLong, store_trouble,
+    BUSY, CONVERSATION_BUSY, MEMORY_UNAVAILABLE, TIMED_OUT, Busy, ChatError, InputRejected, MemoryUnavailable,
+    OverBudget, PersonaError, ReplyFailed, TimedOut, TooLong, store_trouble,
 )
 from core.engine.generator import Generation, GenerationFailed, GenerationTimeout, GeneratorBusy
 from core.metrics import Metrics
@@ -287,7 +287,7 @@ class ChatService:
                 yield update
         except GenerationTimeout:
             log.warning("generation timed out key=%s persona=%s", key, persona.name)
-            raise TimedOut(BUSY) from None
+            raise TimedOut(TIMED_OUT) from None
         except GenerationFailed:
             log.exception("generation failed key=%s persona=%s", key, persona.name)
             raise ReplyFailed("Sorry, something went wrong while I was thinking. Please try again.") from None

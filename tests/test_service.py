@@ -13,7 +13,7 @@ from core.conversation import ConversationKey, Turn
 from core.personas import PersonaUnavailable
 from fakes.scripted_model import ScriptedModel
 from core.safety import ZWSP, StreamScreen, degeneracy, is_offensive, neutralize_mentions
-from core.errors import Busy, InputRejected, PersonaError, TimedOut, TooLong
+from core.errors import BUSY, TIMED_OUT, Busy, InputRejected, PersonaError, TimedOut, TooLong
 from core.service import open_service
 from fakes.openai_server import FakeOpenAIServer
 from trap_model import PROMPT, TRAPS, cached_trap_model
@@ -298,7 +298,8 @@ async def test_a_reply_past_its_deadline_is_a_clear_busy_answer(tmp_path, word_m
         try:
             with pytest.raises(Busy) as info:
                 await service.reply(KEY, "alice", "hello", adapter="test", persona="remote")
-            assert isinstance(info.value, TimedOut) and "try again in a moment" in info.value.user_message
+            # Not the refusal's text: this person waited, and is told why.
+            assert isinstance(info.value, TimedOut) and info.value.user_message == TIMED_OUT != BUSY
             assert await service.store.recent_turns(KEY, 10) == []
             assert 'outcome="timeout"' in service.metrics.render().decode()
         finally:

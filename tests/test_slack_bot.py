@@ -609,8 +609,8 @@ async def test_failed_or_timed_out_generation_apologizes(tmp_path, fake, models,
         await model.request(1)
         model.say(1, " ".join(str(i) for i in range(1500)))
         await fake.wait_for(lambda: len(bot_messages(fake, "C0GENERAL", slow["ts"])) == 2, 10, "two messages")
-        assert await bot_replies(fake, "C0GENERAL", slow["ts"]) == [  # a timeout is answered as busy
-            "I'm busy with a lot of conversations right now; try again in a moment."]
+        assert await bot_replies(fake, "C0GENERAL", slow["ts"]) == [  # a timeout says so
+            "That took me too long to answer (a lot of conversations at once); try again in a moment."]
         assert len(fake.deleted) == 1
 
         assert "Switched to *broken*" in await command(fake, "persona broken", channel="C0BROKEN")
