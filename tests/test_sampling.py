@@ -43,6 +43,37 @@ def test_warping_keeps_what_transformers_keeps_however_the_scores_tie():
 
 
 @pytest.mark.timeout(60)
+def test_top_p_of_a_peaked_distribution_is_transformers_own():
+    """A chat persona at a low temperature (the default: 0.3, top-p 0.9) keeps a handful of tokens:
+    top-p settles such a row from its highest scores, without sorting the vocabulary. Bit for bit
+    transformers' result, on rows whose cut lies among the few, rows with a cumulative sum a hair
+    from the cut, equal scores on both sides of the cut, banned tokens, and flat rows (sorted)."""
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(64, 49152, generator=generator) * 3
+    rows[1::4] = torch.round(rows[1::4] * 2) / 2  # many equal scores, at the cut too
+    rows[2::4, :1000] = float("-inf")  # banned tokens
+    rows[3::8] *= 0.1  # flat: the cut lies far below the highest few
+    peaked = 0
+    # Cuts exactly at a cumulative sum, as transformers computes it (it removes that token), and a
+    # hair either side of it: one row at a time, for the highest few tokens of peaked rows.
+    for row in rows[0:48:6] / 0.3:
+        ascending = row.sort().values.softmax(-1).cumsum(-1)
+        for place in (-2, -3, -4):
+            for nudge in (0.0, 2e-6, -2e-6):
+                top_p = 1 - float(ascending[place]) + nudge
+                wanted = transformers_warpers(row[None].clone(), 1.0, 0, top_p)
+                assert torch.equal(_warp(row[None], 1.0, 0, top_p), wanted), (place, nudge)
+                peaked += 1
+    for temperature in (0.3, 0.7, 1.0):
+        for top_p in (0.5, 0.9, 0.99):
+            scores = rows / temperature
+            wanted = transformers_warpers(rows.clone(), temperature, 0, top_p)
+            assert torch.equal(_warp(rows, temperature, 0, top_p), wanted), (temperature, top_p)
+            peaked += int((scores.softmax(-1).topk(64).values.sum(-1) > top_p + 1e-3).sum())
+    assert peaked > 8 * 9 + 64 * 9 // 4  # many of these rows have their cut among the highest few
+
+
+@pytest.mark.timeout(60)
 def test_unseeded_draws_follow_the_warped_distribution():
     """An unseeded request draws among the tokens top-k/top-p keep, as often as their probabilities say."""
     logits = torch.full((1, 1000), -5.0)
