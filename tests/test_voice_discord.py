@@ -17,7 +17,7 @@ import pytest
 from bots.discord.voice.speaking import BUSY
 from conftest import make_config
 from core.config.schema import Config, PersonaConfig
-from core.errors import BUSY as TIMED_OUT  # what the text reply says when the model takes too long
+from core.errors import TIMED_OUT  # what the text reply says when the model takes too long
 from fakes.discord_models import P
 from fakes.discord_server import FakeChannel, FakeDiscord, FakeGuild, FakeUser
 from fakes.discord_voice_server import FakeVoiceServer, VoiceSession, trusted_by_aiohttp
