@@ -178,7 +178,7 @@ class LocalEngine(Engine):
         new = row.work()
         now = time.monotonic()
         capacity.plan(running, waiting + [new], self.max_batch_size, self.speed, now, joinable=self._joinable)
-        return (f"estimated to finish in {new.finish - now:.1f} s, its deadline is in {new.deadline - now:.1f} s; "
+        return (f"estimated to finish in {new.finish - now:.3f} s, its deadline is in {new.deadline - now:.3f} s; "
                 f"{len(running)} running, {len(waiting)} waiting, pace {self.speed.pace:.2f}")
 
     def expected_wait(self) -> float:
