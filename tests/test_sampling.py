@@ -71,6 +71,9 @@ def test_top_p_of_a_peaked_distribution_is_transformers_own():
             assert torch.equal(_warp(rows, temperature, 0, top_p), wanted), (temperature, top_p)
             peaked += int((scores.softmax(-1).topk(64).values.sum(-1) > top_p + 1e-3).sum())
     assert peaked > 8 * 9 + 64 * 9 // 4  # many of these rows have their cut among the highest few
+    for vocab in (1, 2, 3):  # fewer scores than the few
+        tiny = torch.randn(3, vocab, generator=generator)
+        assert torch.equal(_warp(tiny, 1.0, 0, 0.5), transformers_warpers(tiny.clone(), 1.0, 0, 0.5)), vocab
 
 
 @pytest.mark.timeout(60)

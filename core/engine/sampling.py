@@ -134,6 +134,8 @@ def _top_p_alone(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     the cut), and each of the few is kept or removed by its cumulative sum, as the sort finds them."""
     cut = 1 - top_p
     few = min(TOP_P_FEW, scores.size(-1) - 1)
+    if few < 1:
+        return _top_p(scores, top_p, _sort(scores))
     probs = scores.softmax(-1)
     top = torch.topk(probs, few)
     ascending, where = top.values.flip(-1), top.indices.flip(-1)
