@@ -104,10 +104,6 @@ class Int4Linear(torch.nn.Module):
         bias = self.bias
         return out if bias is None else out + bias
 
-    def product(self, rows: torch.Tensor) -> torch.Tensor:
-        """The 4-bit kernel on [rows, in_features] bfloat16 inputs: bfloat16 outputs, padded to 16."""
-        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_and_zeros)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 

@@ -45,8 +45,9 @@ class Hearing:
         self.section = section
         self.metrics = metrics
         self._transcriber: LoadOnce[Transcriber] = LoadOnce(lambda: acquire_transcriber(section), Transcriber.release)
+        self.turns_end_by = turn_model_in_use(section)  # "smart-turn" or "silence", decided once
         self._turn_model: LoadOnce[SmartTurn] | None = None
-        if turn_model_in_use(section) == "smart-turn":
+        if self.turns_end_by == "smart-turn":
             self._turn_model = LoadOnce(acquire_smart_turn, SmartTurn.release)
 
     @property
@@ -66,7 +67,7 @@ class Hearing:
             await self._turn_model.get()
         transcriber = await self._transcriber.get()
         log.info("listen: %s speech to text ready (%s on %s); turns end by %s", transcriber.stt.name,
-                 describe_model(self.section), transcriber.stt.device, "smart-turn" if self._turn_model is not None else "silence")
+                 describe_model(self.section), transcriber.stt.device, self.turns_end_by)
 
     async def close(self) -> None:
         await self._transcriber.close()
